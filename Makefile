@@ -1,0 +1,17 @@
+# The README's commands. Each one sets up what it needs (scripts/bootstrap.sh) and reuses it when present.
+SHELL := /bin/bash
+VENV = $(shell scripts/bootstrap.sh)
+
+.PHONY: demo test test-unit crd controlplane bench
+
+demo:  ## run the tiny recipe end to end on this machine
+	$(VENV)/bin/medmo run manifests/samples/medmo-tiny.yaml
+
+test:  ## the whole test suite (builds the Kubernetes binaries on first use)
+	scripts/test.sh
+
+test-unit:
+	$(VENV)/bin/python -m pytest tests/unit -q
+
+crd:  ## regenerate crds/ from the API models
+	$(VENV)/bin/python -m medmo_operator.crd

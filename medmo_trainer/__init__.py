@@ -1,0 +1,1 @@
+"""What runs inside the training pods: stage configs, models, data, strategies, checkpoints, RL."""

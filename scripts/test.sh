@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: sets up the virtualenv and the Kubernetes binaries first (cached).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="$(scripts/bootstrap.sh)"
+export PATH="$venv/bin:$PATH"
+if [ -x tests/controlplane/build.sh ]; then
+  MEDMO_K8S_BIN="$(tests/controlplane/build.sh)"
+  export MEDMO_K8S_BIN
+fi
+exec "$venv/bin/python" -m pytest tests "$@"
