@@ -11,6 +11,10 @@ command -v "$python" >/dev/null || python=python3
 cache="${MEDMO_CACHE:-$HOME/.cache/medmo}"
 key="$( { "$python" -c 'import sys; print(sys.version)'; cat "$root"/requirements/*.txt; } | sha256sum | cut -c1-12)"
 venv="$cache/venv-$key"
+mkdir -p "$cache"
+# Several shells (helpers, CI) may bootstrap at once: one builds, the others wait.
+exec 9>"$cache/bootstrap.lock"
+flock 9
 if [ ! -f "$venv/.complete" ]; then
   echo "bootstrap: creating $venv (first run downloads torch, several GB)" >&2
   rm -rf "$venv"

@@ -9,4 +9,10 @@ if [ -x tests/controlplane/build.sh ]; then
   MEDMO_K8S_BIN="$(tests/controlplane/build.sh)"
   export MEDMO_K8S_BIN
 fi
-exec "$venv/bin/python" -m pytest tests "$@"
+rc=0
+"$venv/bin/python" -m pytest tests "$@" || rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "test.sh: pytest collected no tests in this selection; not a failure"
+  rc=0
+fi
+exit "$rc"

@@ -1,0 +1,256 @@
+"""The stage config a training pod receives, and the section models the operator's API reuses.
+
+Pydantic only: the operator imports this module to render what pods receive, so nothing here may
+import torch or transformers. Field names are snake_case in Python and camelCase on the wire (the
+custom resource and the rendered config files), so one model serves both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+ModuleGroup = Literal["vision", "projector", "language"]
+"""Trainable module groups of a vision-language model: vision tower, projector/merger, language model."""
+
+TaskType = Literal["caption", "vqa", "report", "retrieval", "grounding"]
+"""The five task types of the MedMO data schema."""
+
+StageType = Literal["pretrain", "sft", "rl", "eval"]
+StrategyName = Literal["ddp", "fsdp", "deepspeed"]
+
+ALL_TASKS: tuple[TaskType, ...] = ("caption", "vqa", "report", "retrieval", "grounding")
+ALL_MODULE_GROUPS: tuple[ModuleGroup, ...] = ("vision", "projector", "language")
+
+
+class ConfigModel(BaseModel):
+    """Base of every config section: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
+
+    def to_wire(self) -> dict:
+        """The camelCase dict a YAML or JSON file holds (defaults included, None dropped)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class DatasetSpec(ConfigModel):
+    """One dataset of a stage's weighted mixture."""
+
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+    """Short name, used in progress reports and record counts."""
+    uri: Annotated[str, Field(min_length=1)]
+    """fsspec URI of a JSONL shard or a folder of `*.jsonl` shards (`s3://`, `file://`, a local path)."""
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    """Relative sampling weight in the stage's mixture."""
+    tasks: list[TaskType] = Field(default_factory=list)
+    """Task types to keep from this dataset; empty keeps all five."""
+
+
+class Hyperparameters(ConfigModel):
+    """Optimisation settings of one stage. Defaults follow the MedMO paper's alignment stage."""
+
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 1e-5
+    """Peak learning rate (paper: 1e-5 pretraining, 8e-6 grounding SFT, 5e-6 instruction SFT)."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    """Fraction of the stage's steps spent warming the learning rate up from zero."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """AdamW weight decay."""
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Optimizer steps to run; when unset, `epochs` passes over the mixture decide."""
+    epochs: Annotated[float, Field(gt=0)] = 1.0
+    """Passes over the data when `maxSteps` is unset."""
+    per_device_batch_size: Annotated[int, Field(ge=1)] = 1
+    """Samples per rank per micro-step."""
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    """Micro-steps per optimizer step."""
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    """Gradient clipping threshold; 0 disables clipping."""
+    image_size: Annotated[int, Field(ge=28, le=4096)] = 768
+    """Longest image side in pixels after resizing (paper: 768 alignment, 1280 grounding)."""
+    max_seq_length: Annotated[int, Field(ge=16)] = 2048
+    """Longest packed sequence in tokens; longer samples are truncated and counted."""
+    packing: bool = True
+    """Pack several samples into one padding-free sequence."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """`auto` is bf16 on GPU and fp32 on CPU."""
+    seed: int = 42
+    """Seed of sampling, shuffling and initialisation."""
+
+
+class Strategy(ConfigModel):
+    """How a stage is parallelised across ranks."""
+
+    name: StrategyName = "deepspeed"
+    """`ddp`, `fsdp` (FSDP2 fully_shard) or `deepspeed` (the paper trained with ZeRO-2)."""
+    zero_stage: Annotated[int, Field(ge=1, le=3)] = 2
+    """DeepSpeed ZeRO stage (1, 2 or 3); ignored by the other strategies."""
+    offload: Literal["none", "cpu"] = "none"
+    """Offload optimizer state (and parameters at ZeRO-3) to CPU memory; DeepSpeed only."""
+
+
+class CheckpointPolicy(ConfigModel):
+    """When a stage saves checkpoints and how many it keeps."""
+
+    every_steps: Annotated[int, Field(ge=1)] = 500
+    """Save every N optimizer steps (and always at the end of the stage)."""
+    keep_last: Annotated[int, Field(ge=1)] = 3
+    """Committed checkpoints kept; older ones are deleted after a newer one commits."""
+
+
+class RLAlgorithm(ConfigModel):
+    """GRPO with DAPO's clip-higher and token-level loss, as in the MedMO paper."""
+
+    group_size: Annotated[int, Field(ge=2, le=64)] = 8
+    """Completions sampled per prompt (paper: 4 to 8)."""
+    epsilon_low: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    """Lower clip range of the probability ratio."""
+    epsilon_high: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    """Upper clip range (clip-higher: larger than epsilonLow)."""
+    kl_beta: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of the KL penalty to the reference policy; 0 keeps no reference model."""
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    """`token` averages over all completion tokens of the batch (DAPO); `sequence` per completion first."""
+    mask_truncated: bool = True
+    """Completions cut at maxCompletionLength contribute no loss."""
+    max_prompt_length: Annotated[int, Field(ge=8)] = 1024
+    """Prompt tokens kept (image tokens included)."""
+    max_completion_length: Annotated[int, Field(ge=1)] = 512
+    """Tokens generated per completion."""
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    """Sampling temperature of rollouts."""
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Nucleus sampling threshold of rollouts."""
+    prompts_per_step: Annotated[int, Field(ge=1)] = 16
+    """Prompts sampled per learner step (each yields groupSize completions)."""
+    max_staleness: Annotated[int, Field(ge=0, le=1)] = 0
+    """0 is on-policy; 1 overlaps generation of step t+1 with the update of step t."""
+
+
+class RewardWeights(ConfigModel):
+    """Weights of the verifiable reward components, summed into one scalar per completion."""
+
+    accuracy: Annotated[float, Field(ge=0)] = 1.0
+    """Label accuracy: VQA answers, finding sets of reports."""
+    bbox: Annotated[float, Field(ge=0)] = 1.0
+    """The paper's box reward (Hungarian matching on L1 and GIoU)."""
+    format: Annotated[float, Field(ge=0)] = 0.5
+    """Tag-count format reward for `<think>...</think><answer>...</answer>`."""
+    overlong: Annotated[float, Field(ge=0)] = 1.0
+    """DAPO's soft over-length penalty."""
+    lambda_fn: Annotated[float, Field(ge=0)] = 0.0
+    """Box reward penalty per missed ground-truth box."""
+    lambda_fp: Annotated[float, Field(ge=0)] = 0.0
+    """Box reward penalty per spurious predicted box."""
+    overlong_buffer: Annotated[int, Field(ge=0)] = 64
+    """Tokens before maxCompletionLength where the over-length penalty starts to grow."""
+
+
+class BenchmarkSpec(ConfigModel):
+    """One held-out benchmark of an eval stage."""
+
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+    """Short name; metrics are reported as `<name>/<metric>`."""
+    uri: Annotated[str, Field(min_length=1)]
+    """fsspec URI of the benchmark's JSONL records."""
+    tasks: list[TaskType] = Field(default_factory=list)
+    """Task types to score; empty scores all present."""
+    max_samples: Annotated[int, Field(ge=1)] | None = None
+    """Cap on records scored (all when unset)."""
+
+
+class ModelSource(ConfigModel):
+    """Where a stage's starting weights come from and what trains."""
+
+    base: Annotated[str, Field(min_length=1)]
+    """Hugging Face id, local path, `file://` or `s3://` URI of a Hugging Face model folder, or a
+    built-in tiny preset written `preset:<name>`."""
+    trainable: list[ModuleGroup] = Field(default_factory=lambda: list(ALL_MODULE_GROUPS))
+    """Module groups that receive gradients; the rest are frozen and get no optimizer state."""
+
+
+class StorageConfig(ConfigModel):
+    """Object storage of the run. Credentials come from the environment, never from here."""
+
+    uri: Annotated[str, Field(min_length=1)]
+    """Root URI of the run (`s3://bucket/prefix`, `file:///path`, or a local path)."""
+    endpoint: str | None = None
+    """S3 endpoint URL for S3-compatible servers (SeaweedFS, MinIO); unset for AWS."""
+    region: str | None = None
+    """S3 region, when the server needs one."""
+
+
+class RLStageConfig(ConfigModel):
+    """What an `rl` stage's learner needs beyond a training stage."""
+
+    algorithm: RLAlgorithm = Field(default_factory=RLAlgorithm)
+    rewards: RewardWeights = Field(default_factory=RewardWeights)
+    rollout_urls: list[str] = Field(default_factory=list)
+    """Base URLs of rollout workers (each replica, or one Service)."""
+    reward_urls: list[str] = Field(default_factory=list)
+    """Base URLs of reward-scoring workers."""
+    request_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0
+    """A worker that takes longer is abandoned and the request retried on another replica."""
+
+
+class StageConfig(ConfigModel):
+    """Everything one stage's pods need, rendered by the operator into a ConfigMap (or a file)."""
+
+    run: Annotated[str, Field(min_length=1)]
+    """Name of the MedMOTraining this stage belongs to."""
+    stage: Annotated[str, Field(min_length=1)]
+    """Name of the stage."""
+    type: StageType
+    model: ModelSource
+    storage: StorageConfig
+    output_uri: Annotated[str, Field(min_length=1)]
+    """Where the stage exports its final model in Hugging Face format."""
+    checkpoint_uri: Annotated[str, Field(min_length=1)]
+    """Folder of this stage's checkpoints (`step-N/` folders and the `latest` pointer)."""
+    datasets: list[DatasetSpec] = Field(default_factory=list)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    strategy: Strategy = Field(default_factory=Strategy)
+    checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
+    rl: RLStageConfig | None = None
+    """Set for `rl` stages."""
+    benchmarks: list[BenchmarkSpec] = Field(default_factory=list)
+    """Set for `eval` stages."""
+
+    @model_validator(mode="after")
+    def _check_stage_shape(self) -> StageConfig:
+        if self.type in ("pretrain", "sft") and not self.datasets:
+            raise ValueError(f"stage {self.stage!r} of type {self.type} needs at least one dataset in `datasets`")
+        if self.type == "rl" and self.rl is None:
+            raise ValueError(f"stage {self.stage!r} of type rl needs an `rl` section")
+        if self.type == "eval" and not self.benchmarks:
+            raise ValueError(f"stage {self.stage!r} of type eval needs at least one entry in `benchmarks`")
+        return self
+
+
+def load_stage_config(source: str | Path) -> StageConfig:
+    """Reads a stage config from a local path or an fsspec URI (YAML or JSON)."""
+    text = _read_text(str(source))
+    data = json.loads(text) if str(source).endswith(".json") else yaml.safe_load(text)
+    return StageConfig.model_validate(data)
+
+
+def _read_text(source: str) -> str:
+    if "://" not in source or source.startswith("file://"):
+        return Path(source.removeprefix("file://")).read_text()
+    import fsspec  # only for remote configs; keeps this module light for the operator
+
+    with fsspec.open(source, "r") as handle:
+        return handle.read()
