@@ -4,8 +4,8 @@ VENV = $(shell scripts/bootstrap.sh)
 
 .PHONY: demo test test-unit crd controlplane bench
 
-demo:  ## run the tiny recipe end to end on this machine
-	$(VENV)/bin/medmo run manifests/samples/medmo-tiny.yaml
+demo:  ## today: validate the tiny recipe (the local runner `medmo run` comes next)
+	$(VENV)/bin/medmo validate manifests/samples/medmo-tiny.yaml
 
 test:  ## the whole test suite (builds the Kubernetes binaries on first use)
 	scripts/test.sh

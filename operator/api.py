@@ -1,0 +1,520 @@
+"""The MedMOTraining custom resource: pydantic models of its spec and status.
+
+These models are the one source of truth: `medmo_operator.crd` generates the CRD's OpenAPI schema
+and CEL rules from them, the operator and `medmo run` parse resources with them, and the stage
+configs that pods receive are rendered from them. Every rule the API server enforces through CEL
+is mirrored by a validator here, so a resource is rejected the same way with or without a cluster.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from medmo_trainer.config import (
+    ALL_MODULE_GROUPS,
+    BenchmarkSpec,
+    CheckpointPolicy,
+    ConfigModel,
+    DatasetSpec,
+    Hyperparameters,
+    ModuleGroup,
+    RewardWeights,
+    RLAlgorithm,
+    StageType,
+    Strategy,
+)
+
+GROUP = "medmo.io"
+VERSION = "v1alpha1"
+KIND = "MedMOTraining"
+PLURAL = "medmotrainings"
+SINGULAR = "medmotraining"
+SHORT_NAMES = ["mmt"]
+CATEGORIES = ["medmo"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+MAX_RUN_NAME = 36
+"""Child names are `<run>-<stage>-<attempt>-<index>` and must stay within 63 characters."""
+MAX_STAGES = 16
+MAX_STAGE_NAME = 20
+STORAGE_SCHEMES = ("s3://", "gs://", "az://", "file://")
+DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+"""A Kubernetes resource quantity: `4`, `500m`, `64Gi`."""
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One `x-kubernetes-validations` entry."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def validations(*rules: dict[str, str]) -> dict[str, Any]:
+    """Pydantic `json_schema_extra` carrying CEL rules into the generated CRD."""
+    return {"x-kubernetes-validations": list(rules)}
+
+
+class Resources(ConfigModel):
+    """Container resource requests and limits, as in a Pod spec."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    """Minimum resources, e.g. `{cpu: 16, memory: 200Gi}`."""
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+    """Maximum resources; `nvidia.com/gpu` is set from gpusPerNode when absent."""
+
+
+class Toleration(ConfigModel):
+    """A Pod toleration, so stages can run on tainted GPU nodes."""
+
+    key: str | None = None
+    """Taint key to tolerate; empty with operator Exists tolerates everything."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """`Equal` matches key and value, `Exists` matches the key alone."""
+    value: str | None = None
+    """Taint value, with operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to match; empty matches all effects."""
+    toleration_seconds: Annotated[int, Field(ge=0)] | None = None
+    """How long a NoExecute taint is tolerated before eviction."""
+
+
+class NodePool(ConfigModel):
+    """Where and how big the pods of a stage are. Stage values override the run's defaults."""
+
+    node_selector: dict[str, str] | None = None
+    """Labels a node must have, e.g. `{cloud.google.com/gke-accelerator: nvidia-h100-80gb}`."""
+    tolerations: list[Toleration] | None = None
+    """Taints the pods tolerate."""
+    gpus_per_node: Annotated[int, Field(ge=0, le=16)] | None = None
+    """GPUs each pod requests (`nvidia.com/gpu`) and torchrun processes per pod; 0 runs on CPU."""
+    resources: Resources | None = None
+    """Requests and limits of each pod's trainer container."""
+
+    def merged_over(self, base: NodePool) -> NodePool:
+        """This pool's set fields over `base`'s."""
+        data = base.model_dump(exclude_none=True)
+        data.update(self.model_dump(exclude_none=True))
+        return NodePool.model_validate(data)
+
+
+DEFAULT_GPUS_PER_NODE = 8
+
+
+class SecretReference(ConfigModel):
+    """A Secret in the run's namespace holding object-storage credentials."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253)]
+    """Name of the Secret."""
+    access_key_id_key: Annotated[str, Field(min_length=1)] = "AWS_ACCESS_KEY_ID"
+    """Key of the access key id in the Secret."""
+    secret_access_key_key: Annotated[str, Field(min_length=1)] = "AWS_SECRET_ACCESS_KEY"
+    """Key of the secret access key in the Secret."""
+
+
+class StorageSpec(ConfigModel):
+    """Where checkpoints and exported models go."""
+
+    model_config = ConfigModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.uri.startsWith('s3://') || self.uri.startsWith('gs://') || "
+                "self.uri.startsWith('az://') || self.uri.startsWith('file://')",
+                "storage.uri must start with s3://, gs://, az:// or file://",
+                ".uri",
+            ),
+            cel(
+                "!self.uri.startsWith('s3://') || has(self.secretRef)",
+                "storage.secretRef is required for s3:// storage (credentials are read from a Secret)",
+                ".secretRef",
+            ),
+        )
+    }
+
+    uri: Annotated[str, Field(min_length=6, max_length=1024)]
+    """Root URI of the run, e.g. `s3://medmo/runs/medmo-8b`; stages write under `<uri>/<stage>/`."""
+    secret_ref: SecretReference | None = None
+    """Secret with the storage credentials; never put credentials in the resource itself."""
+    endpoint: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    """S3 endpoint URL for S3-compatible servers (MinIO, SeaweedFS); unset for AWS."""
+    region: str | None = None
+    """S3 region, when the server needs one."""
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, uri: str) -> str:
+        if not uri.startswith(STORAGE_SCHEMES):
+            raise ValueError(f"storage.uri must start with one of {', '.join(STORAGE_SCHEMES)}, got {uri!r}")
+        return uri
+
+    @model_validator(mode="after")
+    def _s3_needs_secret(self) -> StorageSpec:
+        if self.uri.startswith("s3://") and self.secret_ref is None:
+            raise ValueError("storage.secretRef is required for s3:// storage (credentials are read from a Secret)")
+        return self
+
+
+class ModelSpec(ConfigModel):
+    """The base model the first stage starts from."""
+
+    base: Annotated[str, Field(min_length=1, max_length=1024)]
+    """Hugging Face id (`Qwen/Qwen3-VL-8B-Instruct`), `s3://` or `file://` URI of a Hugging Face
+    model folder, or a built-in tiny preset (`preset:tiny-qwen3-vl`)."""
+
+
+class WorkerGroup(ConfigModel):
+    """A separately scaled group of RL workers (a Deployment behind a Service)."""
+
+    replicas: Annotated[int, Field(ge=1, le=256)] = 1
+    """Number of worker pods."""
+    gpus: Annotated[int, Field(ge=0, le=16)] = 0
+    """GPUs per worker pod."""
+    resources: Resources | None = None
+    """Requests and limits of each worker pod."""
+    node_selector: dict[str, str] | None = None
+    """Labels a worker's node must have; defaults to the run's nodePool for GPU workers."""
+    tolerations: list[Toleration] | None = None
+    """Taints the worker pods tolerate."""
+
+
+class RLSpec(ConfigModel):
+    """What an `rl` stage adds: its worker groups, algorithm and reward weights."""
+
+    model_config = ConfigModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "!has(self.algorithm) || !has(self.algorithm.epsilonLow) || !has(self.algorithm.epsilonHigh) "
+                "|| self.algorithm.epsilonHigh >= self.algorithm.epsilonLow",
+                "rl.algorithm.epsilonHigh must be at least epsilonLow (clip-higher)",
+                ".algorithm",
+            ),
+        )
+    }
+
+    rollout: WorkerGroup
+    """Workers that generate completions with the current policy (GPU by default in real runs)."""
+    reward: WorkerGroup
+    """Workers that score completions with the verifiable rewards (CPU)."""
+    algorithm: RLAlgorithm = Field(default_factory=RLAlgorithm)
+    """GRPO settings (group size, clip range, KL weight, lengths)."""
+    rewards: RewardWeights = Field(default_factory=RewardWeights)
+    """Weights of the reward components."""
+
+    @model_validator(mode="after")
+    def _clip_higher(self) -> RLSpec:
+        if self.algorithm.epsilon_high < self.algorithm.epsilon_low:
+            raise ValueError("rl.algorithm.epsilonHigh must be at least epsilonLow (clip-higher)")
+        return self
+
+
+class Stage(ConfigModel):
+    """One step of the recipe. Stages run in order; each starts from the previous one's model."""
+
+    model_config = ConfigModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.type == 'eval' || (has(self.datasets) && size(self.datasets) > 0)",
+                "stages of type pretrain, sft and rl need at least one dataset in `datasets`",
+                ".datasets",
+            ),
+            cel("self.type != 'rl' || has(self.rl)", "a stage of type rl needs an `rl` section with rollout and reward worker groups", ".rl"),
+            cel("self.type == 'rl' || !has(self.rl)", "only stages of type rl may have an `rl` section", ".rl"),
+            cel(
+                "self.type != 'eval' || (has(self.benchmarks) && size(self.benchmarks) > 0)",
+                "a stage of type eval needs at least one entry in `benchmarks`",
+                ".benchmarks",
+            ),
+            cel(
+                "!has(self.strategy) || !has(self.strategy.offload) || self.strategy.offload == 'none' "
+                "|| !has(self.strategy.name) || self.strategy.name == 'deepspeed'",
+                "strategy.offload is only supported with strategy.name deepspeed",
+                ".strategy",
+            ),
+        )
+    }
+
+    name: Annotated[str, Field(min_length=1, max_length=MAX_STAGE_NAME, pattern=DNS_LABEL)]
+    """Unique name of the stage (a DNS label); children and storage paths are named after it."""
+    type: StageType
+    """`pretrain` (cross-modal alignment), `sft`, `rl` (verifiable rewards) or `eval`."""
+    datasets: Annotated[list[DatasetSpec], Field(max_length=32)] = Field(default_factory=list)
+    """Weighted mixture of training datasets (RL: prompts with verifiable answers)."""
+    trainable: Annotated[list[ModuleGroup], Field(max_length=3)] | None = None
+    """Module groups that train: `vision`, `projector`, `language`. Default: projector for
+    pretrain, all for sft and rl."""
+    init_from: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    """Model to start from: the name of an earlier stage or a model URI. Default: the previous
+    training stage's exported model (the run's base model for the first stage)."""
+    nodes: Annotated[int, Field(ge=1, le=1024)] = 1
+    """Pods (one per node) of the learner; each runs gpusPerNode torchrun processes."""
+    node_pool: NodePool | None = None
+    """Overrides of the run's nodePool for this stage."""
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    """Optimisation settings."""
+    strategy: Strategy = Field(default_factory=Strategy)
+    """Parallelism: ddp, fsdp or deepspeed (ZeRO stage, offload)."""
+    checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
+    """Checkpoint cadence and retention."""
+    rl: RLSpec | None = None
+    """Worker groups, algorithm and rewards of an `rl` stage."""
+    benchmarks: Annotated[list[BenchmarkSpec], Field(max_length=32)] = Field(default_factory=list)
+    """Held-out benchmarks an `eval` stage scores."""
+
+    @model_validator(mode="after")
+    def _check_type_sections(self) -> Stage:
+        where = f"stages[{self.name}]"
+        if self.type != "eval" and not self.datasets:
+            raise ValueError(f"{where}.datasets: stages of type {self.type} need at least one dataset")
+        if self.type == "rl" and self.rl is None:
+            raise ValueError(f"{where}.rl: a stage of type rl needs an `rl` section with rollout and reward worker groups")
+        if self.type != "rl" and self.rl is not None:
+            raise ValueError(f"{where}.rl: only stages of type rl may have an `rl` section")
+        if self.type == "eval" and not self.benchmarks:
+            raise ValueError(f"{where}.benchmarks: a stage of type eval needs at least one benchmark")
+        if self.strategy.offload != "none" and self.strategy.name != "deepspeed":
+            raise ValueError(f"{where}.strategy.offload: offload is only supported with strategy.name deepspeed")
+        return self
+
+    def effective_trainable(self) -> list[ModuleGroup]:
+        """The module groups that train, with the per-type default applied."""
+        if self.trainable is not None:
+            return list(self.trainable)
+        if self.type == "pretrain":
+            return ["projector"]
+        if self.type == "eval":
+            return []
+        return list(ALL_MODULE_GROUPS)
+
+    @property
+    def trains(self) -> bool:
+        """Whether the stage produces a new model (every type but eval)."""
+        return self.type != "eval"
+
+
+class RunPolicy(ConfigModel):
+    """Failure, time and clean-up policy of the whole run (as in Kubeflow Trainer)."""
+
+    backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
+    """Restarts of a stage (from its last checkpoint) before the run fails."""
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    """Wall-clock limit of the run from its start; past it the run fails with DeadlineExceeded."""
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+    """Delete the resource this long after it succeeds or fails; unset keeps it."""
+    clean_pod_policy: Literal["None", "Running", "All"] = "Running"
+    """Pods deleted when a stage finishes: `Running` ones (default), `All`, or `None`."""
+    suspend: bool = False
+    """Stop the pods and keep the checkpoints; setting it back to false resumes from them."""
+
+
+class Scheduling(ConfigModel):
+    """How the run's pods are queued and placed."""
+
+    queue_name: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+    """Kueue LocalQueue; Jobs are created suspended with the queue label and Kueue admits them."""
+    priority_class_name: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+    """PriorityClass of every pod."""
+    gang: bool = False
+    """Label learner pods as one pod group so a gang scheduler places all of them or none."""
+
+
+class MedMOTrainingSpec(ConfigModel):
+    """What to train and how: the recipe's stages, the node pool, storage and policies."""
+
+    model_config = ConfigModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.stages.all(s, self.stages.exists_one(t, t.name == s.name))",
+                "stage names must be unique",
+                ".stages",
+            ),
+            cel("size(self.stages) == 0 || self.stages[0].type != 'eval'", "the first stage cannot be of type eval: nothing has been trained yet", ".stages"),
+        )
+    }
+
+    image: Annotated[str, Field(min_length=1, max_length=512)] = "ghcr.io/medmo/trainer:0.1.0"
+    """Trainer container image run by every pod."""
+    model: ModelSpec
+    """Base model of the first stage."""
+    storage: StorageSpec
+    """Object storage for checkpoints and exported models."""
+    node_pool: NodePool = Field(default_factory=NodePool)
+    """Defaults for where stages run; each stage may override any field."""
+    stages: Annotated[list[Stage], Field(min_length=1, max_length=MAX_STAGES)]
+    """The recipe, in order."""
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    """Restarts, deadline, clean-up and suspension."""
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    """Queueing, priority and gang scheduling."""
+
+    @model_validator(mode="after")
+    def _check_recipe(self) -> MedMOTrainingSpec:
+        names = [stage.name for stage in self.stages]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"stages: stage names must be unique, repeated: {', '.join(duplicates)}")
+        if self.stages[0].type == "eval":
+            raise ValueError("stages[0].type: the first stage cannot be of type eval: nothing has been trained yet")
+        for index, stage in enumerate(self.stages):
+            if stage.init_from and "://" not in stage.init_from and ":" not in stage.init_from:
+                earlier = [s.name for s in self.stages[:index] if s.trains]
+                if stage.init_from not in earlier:
+                    raise ValueError(
+                        f"stages[{index}].initFrom: {stage.init_from!r} is not an earlier training stage "
+                        f"(earlier: {', '.join(earlier) or 'none'}) nor a model URI"
+                    )
+        return self
+
+    def stage_node_pool(self, stage: Stage) -> NodePool:
+        """The run's node pool with the stage's overrides applied and defaults filled in."""
+        pool = stage.node_pool.merged_over(self.node_pool) if stage.node_pool else self.node_pool
+        if pool.gpus_per_node is None:
+            pool = pool.model_copy(update={"gpus_per_node": DEFAULT_GPUS_PER_NODE})
+        return pool
+
+
+class Phase(str, Enum):
+    """Lifecycle phase of a run and of each stage."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class ConditionType(str, Enum):
+    """Condition types on the resource; `kubectl wait --for=condition=<type>` works on each."""
+
+    CREATED = "Created"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    WAITING_FOR_RESOURCES = "WaitingForResources"
+
+
+class Condition(BaseModel):
+    """A Kubernetes-style condition (field names are already camelCase)."""
+
+    model_config = {"extra": "forbid", "use_attribute_docstrings": True}
+
+    type: Annotated[str, Field(min_length=1, max_length=64)]
+    """Condition type, one of ConditionType."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: Annotated[str, Field(max_length=128)] = ""
+    """CamelCase machine-readable reason of the last transition."""
+    message: Annotated[str, Field(max_length=4096)] = ""
+    """Human-readable explanation."""
+    lastTransitionTime: datetime | None = None  # noqa: N815 (Kubernetes field name)
+    """When the status last changed."""
+    observedGeneration: int | None = None  # noqa: N815
+    """The spec generation the condition was computed from."""
+
+
+class StageStatus(ConfigModel):
+    """The record of one stage."""
+
+    name: str
+    """Stage name."""
+    phase: Phase = Phase.PENDING
+    """Lifecycle phase of the stage."""
+    step: Annotated[int, Field(ge=0)] = 0
+    """Last optimizer step the trainer reported."""
+    total_steps: Annotated[int, Field(ge=0)] | None = None
+    """Steps the stage will run, once known."""
+    restarts: Annotated[int, Field(ge=0)] = 0
+    """Gang restarts of the stage so far."""
+    last_checkpoint: str | None = None
+    """URI of the last committed checkpoint."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Latest metrics: loss, learningRate, tokensPerSecond, rewards, eval scores."""
+    message: Annotated[str, Field(max_length=4096)] | None = None
+    """Why the stage is in its phase (e.g. the trainer's termination message)."""
+    start_time: datetime | None = None
+    """When the stage first started."""
+    completion_time: datetime | None = None
+    """When the stage succeeded or failed."""
+    output_model: str | None = None
+    """URI of the model the stage exported (Hugging Face format)."""
+
+
+class MedMOTrainingStatus(ConfigModel):
+    """What the operator observed; written only by the operator."""
+
+    model_config = ConfigModel.model_config | {"extra": "allow"}
+
+    phase: Phase = Phase.PENDING
+    """Lifecycle phase of the run."""
+    current_stage: str | None = None
+    """Name of the stage running now (or last run)."""
+    current_step: Annotated[int, Field(ge=0)] | None = None
+    """Step of the current stage."""
+    observed_generation: int | None = None
+    """The spec generation this status reflects."""
+    start_time: datetime | None = None
+    """When the run started."""
+    completion_time: datetime | None = None
+    """When the run succeeded or failed."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Conditions of the run, one per type."""
+    stages: Annotated[list[StageStatus], Field(max_length=MAX_STAGES)] = Field(default_factory=list)
+    """One record per stage, in spec order."""
+    output_model: str | None = None
+    """URI of the final model, in Hugging Face format."""
+
+
+class Metadata(BaseModel):
+    """The part of ObjectMeta the models check (the API server owns the rest)."""
+
+    model_config = {"extra": "allow"}
+
+    name: Annotated[str, Field(min_length=1, max_length=MAX_RUN_NAME, pattern=DNS_LABEL)]
+    namespace: str | None = None
+
+
+class MedMOTraining(BaseModel):
+    """A whole resource as `kubectl apply` sends it."""
+
+    model_config = {"extra": "forbid"}
+
+    apiVersion: Literal["medmo.io/v1alpha1"]  # noqa: N815
+    kind: Literal["MedMOTraining"]
+    metadata: Metadata
+    spec: MedMOTrainingSpec
+    status: MedMOTrainingStatus | None = None
+
+
+def parse_training(obj: dict[str, Any]) -> MedMOTraining:
+    """Validates a resource dict; raises pydantic.ValidationError naming the offending fields."""
+    return MedMOTraining.model_validate(obj)
+
+
+def format_validation_error(error: Exception) -> str:
+    """A ValidationError as lines of `field.path: message`, in the wire's camelCase names."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return str(error)
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"] if not re.fullmatch(r"function-after\[.*\]", str(part)))
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {message}" if path else message)
+    return "\n".join(lines)
