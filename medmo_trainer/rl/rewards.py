@@ -1,0 +1,393 @@
+"""The verifiable rewards of MedMO's RL stage, as plain callables combined with weights.
+
+Every reward is a callable `(prompts, completions, **columns) -> list[float | None]`: one value per
+completion, None where the reward does not apply to that sample (a VQA record has no boxes to
+score). Columns are lists aligned with `completions`:
+
+- `task`: the record's task type (`grounding`, `vqa`, `report`, `retrieval`, `caption`);
+- `answer`: the reference answer text;
+- `boxes`: reference boxes (a list of `[x1, y1, x2, y2]` on the 0-1000 grid), or None to read them
+  from `answer`;
+- `options`: the choices of a multiple-choice question, or None;
+- `completion_length`: the completion's length in tokens (for the over-length penalty).
+
+Text that cannot be read scores 0 and is counted in the reward's `stats` (a Counter the caller
+reads and resets); nothing here raises on model output.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from medmo_trainer.config import RewardWeights
+from medmo_trainer.rl.parsing import (
+    GRID_SIZE,
+    Box,
+    coerce_box,
+    extract_answer,
+    normalize_text,
+    parse_boxes,
+)
+
+RewardFn = Callable[..., list[float | None]]
+
+# The paper's weights inside the box reward: 5 for the L1 term, 2 for the GIoU term.
+L1_WEIGHT = 5.0
+GIOU_WEIGHT = 2.0
+BOX_NORMALIZER = 2.0 * math.sqrt(GRID_SIZE**2 + GRID_SIZE**2)
+"""2*sqrt(H^2 + W^2) of the paper's L1 term, with H = W = the 0-1000 grid."""
+
+
+def _column(columns: dict, name: str, size: int) -> list:
+    values = columns.get(name)
+    return list(values) if values is not None else [None] * size
+
+
+# ---------------------------------------------------------------------------------------------
+# Box reward
+
+
+def normalized_l1(pred: Box, truth: Box) -> float:
+    """(|dx1|+|dy1|+|dx2|+|dy2|) / (2*sqrt(H^2+W^2)) on the grid (can exceed 1 for far boxes)."""
+    return sum(abs(p - t) for p, t in zip(pred, truth)) / BOX_NORMALIZER
+
+
+def generalized_iou(a: Box, b: Box) -> float:
+    """GIoU in [-1, 1]. Zero-area boxes have IoU 0; two identical zero-area boxes have GIoU 1."""
+    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    intersection = inter_w * inter_h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
+    if union <= 0.0:
+        return 1.0 if a == b else -1.0
+    iou = intersection / union
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    # A zero-area hull means both boxes lie on one line; the enclosing term is then undefined.
+    return iou if hull <= 0.0 else iou - (hull - union) / hull
+
+
+def pair_score(pred: Box, truth: Box) -> float:
+    """s_ij = [5*(1-clip01(L1)) + 2*(GIoU+1)/2] / 7, in [0, 1]."""
+    l1 = min(max(normalized_l1(pred, truth), 0.0), 1.0)
+    giou = generalized_iou(pred, truth)
+    return (L1_WEIGHT * (1.0 - l1) + GIOU_WEIGHT * (giou + 1.0) / 2.0) / (L1_WEIGHT + GIOU_WEIGHT)
+
+
+def box_reward(
+    predicted: Sequence[Box],
+    truths: Sequence[Box],
+    malformed: int = 0,
+    lambda_fn: float = 0.0,
+    lambda_fp: float = 0.0,
+) -> float:
+    """The paper's R_bbox for one completion.
+
+    Hungarian matching on C_ij = 5*L1_ij + 2*(1-GIoU_ij); B = sum of matched s_ij / G;
+    Pen = [lambda_fn*(G-|M|) + lambda_fp*(P-|M|)] / max(1, G); R = clip01(B - Pen).
+    `malformed` boxes count in P but are never matched. Edge cases: no truths and no predictions
+    is a correct abstention (1.0); predictions where there are no truths score 0 (B is 0).
+    """
+    g, p = len(truths), len(predicted) + malformed
+    if g == 0:
+        return 1.0 if p == 0 else 0.0
+    matched_scores: list[float] = []
+    if predicted:
+        cost = np.array(
+            [
+                [L1_WEIGHT * normalized_l1(pb, tb) + GIOU_WEIGHT * (1.0 - generalized_iou(pb, tb)) for pb in predicted]
+                for tb in truths
+            ]
+        )
+        rows, cols = linear_sum_assignment(cost)
+        matched_scores = [pair_score(predicted[c], truths[r]) for r, c in zip(rows, cols)]
+    matched = len(matched_scores)
+    coverage = sum(matched_scores) / g
+    penalty = (lambda_fn * (g - matched) + lambda_fp * (p - matched)) / max(1, g)
+    return min(max(coverage - penalty, 0.0), 1.0)
+
+
+class BoxReward:
+    """R_bbox per completion; None for samples without reference boxes (non-grounding tasks)."""
+
+    name = "bbox"
+
+    def __init__(self, lambda_fn: float = 0.0, lambda_fp: float = 0.0):
+        self.lambda_fn = lambda_fn
+        self.lambda_fp = lambda_fp
+        self.stats: Counter[str] = Counter()
+
+    def __call__(self, prompts: Sequence, completions: Sequence[str], **columns) -> list[float | None]:
+        size = len(completions)
+        tasks, answers, boxes = (_column(columns, c, size) for c in ("task", "answer", "boxes"))
+        return [
+            self._score(completion, self._truths(task, answer, reference_boxes))
+            for completion, task, answer, reference_boxes in zip(completions, tasks, answers, boxes)
+        ]
+
+    def _truths(self, task: str | None, answer: str | None, reference_boxes: list | None) -> list[Box] | None:
+        if reference_boxes is not None:
+            truths = [coerce_box(b) for b in reference_boxes]
+            self.stats["malformed_reference"] += sum(t is None for t in truths)
+            return [t for t in truths if t is not None]
+        if task == "grounding" and answer is not None:
+            return parse_boxes(answer).boxes
+        return None
+
+    def _score(self, completion: str, truths: list[Box] | None) -> float | None:
+        if truths is None:
+            return None
+        parsed = parse_boxes(completion)
+        self.stats["malformed_boxes"] += parsed.malformed
+        if truths and not parsed.found_block:
+            self.stats["unparseable"] += 1
+        return box_reward(parsed.boxes, truths, parsed.malformed, self.lambda_fn, self.lambda_fp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label accuracy
+
+_YES_NO = re.compile(r"\b(yes|no)\b")
+_LETTER_ALONE = re.compile(r"^\(?([a-z])\)?$")
+_LETTER_LEADING = re.compile(r"^\(?([A-Za-z])(?:\)|\.|:)(?:\s|$)|^\(([A-Za-z])\)")
+_LETTER_PHRASE = re.compile(r"\b(?:answer|option|choice)(?: is)?:?\s*\(?([A-Za-z])\)?(?:[\s.,)]|$)", re.IGNORECASE)
+
+
+def _letter(index: int) -> str:
+    return chr(ord("a") + index)
+
+
+def _option_letter(text: str, options: Sequence[str] | None) -> str | None:
+    """The option letter a free-text answer picks, or None when it picks none."""
+    stripped = text.strip()
+    normalized = normalize_text(stripped)
+    if match := _LETTER_ALONE.match(stripped.lower().rstrip(".")):
+        return match.group(1)
+    if match := _LETTER_LEADING.match(stripped):
+        return (match.group(1) or match.group(2)).lower()
+    if match := _LETTER_PHRASE.search(stripped):
+        return match.group(1).lower()
+    if options:
+        option_texts = [normalize_text(o) for o in options]
+        if normalized in option_texts:
+            return _letter(option_texts.index(normalized))
+        mentioned = [i for i, o in enumerate(option_texts) if o and re.search(rf"\b{re.escape(o)}\b", normalized)]
+        if len(mentioned) == 1:
+            return _letter(mentioned[0])
+    return None
+
+
+def vqa_accuracy(prediction: str, reference: str, options: Sequence[str] | None = None) -> float | None:
+    """1.0 or 0.0 for a VQA answer; None when the prediction cannot be read.
+
+    Yes/no references compare the first yes/no word; multiple-choice references (a letter, or an
+    answer among `options`) compare option letters; anything else is a normalised exact match.
+    """
+    ref = normalize_text(reference)
+    pred = normalize_text(prediction)
+    if ref in ("yes", "no"):
+        found = _YES_NO.search(pred)
+        return None if found is None else float(found.group(1) == ref)
+    reference_letter = _option_letter(reference, options) if (options or _LETTER_ALONE.match(ref)) else None
+    if reference_letter is not None:
+        predicted_letter = _option_letter(prediction, options)
+        return None if predicted_letter is None else float(predicted_letter == reference_letter)
+    if not pred:
+        return None
+    return float(pred == ref)
+
+
+_CLAUSE_SPLIT = re.compile(r"[.;\n,]|\band\b|\bbut\b")
+_NEGATION_CUES = re.compile(
+    r"\b(?:no evidence of|negative for|free of|absence of|without|no|not|absent|ruled out|none)\b"
+)
+_FILLER = re.compile(
+    r"\b(?:there|is|are|was|were|seen|identified|noted|visible|present|observed|demonstrated|evidence|of)\b"
+)
+
+
+def findings(report: str) -> set[tuple[str, bool]]:
+    """The (finding, negated) pairs of a report: one per clause, negation cues removed from the key."""
+    result = set()
+    for clause in _CLAUSE_SPLIT.split(normalize_text_keep_clauses(report)):
+        clause = " ".join(clause.split())
+        if not clause:
+            continue
+        negated = bool(_NEGATION_CUES.search(clause))
+        key = " ".join(_FILLER.sub(" ", _NEGATION_CUES.sub(" ", clause)).split())
+        if key:
+            result.add((key, negated))
+    return result
+
+
+def normalize_text_keep_clauses(text: object) -> str:
+    """Lower-cased text with clause punctuation kept and other punctuation and articles removed."""
+    if not isinstance(text, str):
+        return ""
+    text = re.sub(r"[^\w\s.;,\n]", " ", text.lower())
+    return re.sub(r"\b(a|an|the)\b", " ", text)
+
+
+def finding_f1(prediction: str, reference: str) -> float | None:
+    """F1 of the (finding, negated) sets; None when the prediction states no finding at all."""
+    predicted, expected = findings(prediction), findings(reference)
+    if not predicted:
+        return None if expected else 1.0
+    if not expected:
+        return 0.0
+    true_positives = len(predicted & expected)
+    return 2.0 * true_positives / (len(predicted) + len(expected))
+
+
+def label_f1(predicted: Sequence[str], expected: Sequence[str]) -> float:
+    """F1 of two label sets (empty labels ignored); 1.0 when both are empty."""
+    p, e = {x for x in predicted if x}, {x for x in expected if x}
+    if not p and not e:
+        return 1.0
+    return 2.0 * len(p & e) / (len(p) + len(e))
+
+
+class AccuracyReward:
+    """Label accuracy (the paper's factuality reward), by task.
+
+    vqa and retrieval: `vqa_accuracy` on the `<answer>` text; report: finding-set F1 with negation;
+    grounding: F1 of the labels written before each box; caption: None (not verifiable).
+    """
+
+    name = "accuracy"
+
+    def __init__(self):
+        self.stats: Counter[str] = Counter()
+
+    def __call__(self, prompts: Sequence, completions: Sequence[str], **columns) -> list[float | None]:
+        size = len(completions)
+        tasks, answers, options = (_column(columns, c, size) for c in ("task", "answer", "options"))
+        return [self._score(*row) for row in zip(completions, tasks, answers, options)]
+
+    def _score(self, completion: str, task: str | None, answer: str | None, options: list | None) -> float | None:
+        if answer is None or task in (None, "caption"):
+            return None
+        if task == "grounding":
+            reference_labels = parse_boxes(answer).labels
+            if not any(reference_labels):
+                return None
+            return label_f1(parse_boxes(completion).labels, reference_labels)
+        prediction = extract_answer(completion)
+        if task == "report":
+            score = finding_f1(prediction, answer)
+        else:
+            score = vqa_accuracy(prediction, answer, options)
+        if score is None:
+            self.stats["unparseable"] += 1
+            return 0.0
+        return score
+
+
+# ---------------------------------------------------------------------------------------------
+# Format and length
+
+FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+class TagCountFormatReward:
+    """0.25 for each of `<think>`, `</think>`, `<answer>`, `</answer>` that appears exactly once."""
+
+    name = "format"
+
+    def __init__(self):
+        self.stats: Counter[str] = Counter()
+
+    def __call__(self, prompts: Sequence, completions: Sequence[str], **columns) -> list[float | None]:
+        return [self._score(c) for c in completions]
+
+    def _score(self, completion: object) -> float:
+        if not isinstance(completion, str):
+            self.stats["unparseable"] += 1
+            return 0.0
+        return sum(0.25 for tag in FORMAT_TAGS if completion.count(tag) == 1)
+
+
+class OverlongPenalty:
+    """DAPO's soft over-length punishment, in [-1, 0].
+
+    With L_max the completion budget and L_cache the buffer: 0 up to L_max - L_cache tokens, then
+    falling linearly to -1 at L_max, and -1 beyond. Needs the `completion_length` column (tokens);
+    None for samples without it.
+    """
+
+    name = "overlong"
+
+    def __init__(self, max_length: int, buffer: int):
+        if buffer > max_length:
+            raise ValueError(f"overlongBuffer ({buffer}) must not exceed maxCompletionLength ({max_length})")
+        self.max_length = max_length
+        self.buffer = buffer
+        self.stats: Counter[str] = Counter()
+
+    def __call__(self, prompts: Sequence, completions: Sequence[str], **columns) -> list[float | None]:
+        lengths = _column(columns, "completion_length", len(completions))
+        return [None if n is None else self.penalty(int(n)) for n in lengths]
+
+    def penalty(self, length: int) -> float:
+        expected = self.max_length - self.buffer
+        if length <= expected:
+            return 0.0
+        if length <= self.max_length:
+            return (expected - length) / self.buffer
+        return -1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Combination
+
+
+@dataclass
+class ScoredBatch:
+    """Rewards of a batch: each component (None where it does not apply) and the weighted total."""
+
+    components: dict[str, list[float | None]]
+    total: list[float]
+
+
+class RewardSuite:
+    """The reward components of an `rl` stage and their weights.
+
+    The total is the weighted sum of the components that apply to a sample (a None counts 0).
+    """
+
+    def __init__(self, weights: RewardWeights, max_completion_length: int):
+        self.weights = {
+            "accuracy": weights.accuracy,
+            "bbox": weights.bbox,
+            "format": weights.format,
+            "overlong": weights.overlong,
+        }
+        self.functions: dict[str, RewardFn] = {
+            "accuracy": AccuracyReward(),
+            "bbox": BoxReward(weights.lambda_fn, weights.lambda_fp),
+            "format": TagCountFormatReward(),
+            "overlong": OverlongPenalty(max_completion_length, min(weights.overlong_buffer, max_completion_length)),
+        }
+
+    def __call__(self, prompts: Sequence, completions: Sequence[str], **columns) -> ScoredBatch:
+        components = {name: fn(prompts, completions, **columns) for name, fn in self.functions.items()}
+        total = [
+            sum(self.weights[name] * values[i] for name, values in components.items() if values[i] is not None)
+            for i in range(len(completions))
+        ]
+        return ScoredBatch(components, total)
+
+    def take_stats(self) -> dict[str, int]:
+        """Parse-failure counts since the last call, as `<component>/<what>`, then reset them."""
+        counts = {
+            f"{name}/{what}": n for name, fn in self.functions.items() for what, n in getattr(fn, "stats", {}).items() if n
+        }
+        for fn in self.functions.values():
+            fn.stats.clear()
+        return counts
