@@ -1,0 +1,114 @@
+"""The reward-scoring worker: a stateless HTTP service that scores batches of completions.
+
+    python -m medmo_trainer.rl.reward_server --port 8000 [--host 0.0.0.0] [--max-request-bytes N]
+
+POST /v1/score  {"weights": {...}, "maxCompletionLength": 512,
+                 "items": [{"prompt": ..., "completion": "...", "completionLength": 37,
+                            "reference": {"task": "grounding", "answer": "...", "boxes": [[...]], "options": [...]}}]}
+  -> 200 {"rewards": [{"total": 1.5, "components": {"accuracy": 1.0, "bbox": 0.9, "format": 0.0, "overlong": 0.0}}],
+          "parseFailures": {"bbox/unparseable": 1}}
+GET /healthz, GET /readyz.
+
+Everything a score needs is in the request (weights included), so replicas are interchangeable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import Field
+
+from medmo_trainer.config import ConfigModel, RewardWeights, TaskType
+from medmo_trainer.rl.http import READY, add_health_routes, json_error, parse_body, serve
+from medmo_trainer.rl.rewards import RewardSuite
+
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+MAX_ITEMS = 8192
+
+
+class Reference(ConfigModel):
+    """What a completion is checked against (the record's verifiable answer)."""
+
+    task: TaskType | None = None
+    answer: str | None = None
+    boxes: list[list[Any]] | None = None
+    """Reference boxes, XYXY on the 0-1000 grid; unset reads them from `answer`."""
+    options: list[str] | None = None
+
+
+class ScoreItem(ConfigModel):
+    prompt: Any = None
+    completion: str
+    completion_length: Annotated[int, Field(ge=0)] | None = None
+    """Completion tokens, for the over-length penalty."""
+    reference: Reference
+
+
+class ScoreRequest(ConfigModel):
+    weights: RewardWeights = Field(default_factory=RewardWeights)
+    max_completion_length: Annotated[int, Field(ge=1)] = 512
+    items: Annotated[list[ScoreItem], Field(min_length=1, max_length=MAX_ITEMS)]
+
+
+def score_request(request: ScoreRequest) -> dict:
+    """The response body for one request (pure: no state kept between requests)."""
+    suite = RewardSuite(request.weights, request.max_completion_length)
+    items = request.items
+    scored = suite(
+        [item.prompt for item in items],
+        [item.completion for item in items],
+        task=[item.reference.task for item in items],
+        answer=[item.reference.answer for item in items],
+        boxes=[item.reference.boxes for item in items],
+        options=[item.reference.options for item in items],
+        completion_length=[item.completion_length for item in items],
+    )
+    rewards = [
+        {"total": total, "components": {name: values[i] for name, values in scored.components.items()}}
+        for i, total in enumerate(scored.total)
+    ]
+    return {"rewards": rewards, "parseFailures": suite.take_stats()}
+
+
+async def handle_score(request: web.Request) -> web.Response:
+    body = await parse_body(request, ScoreRequest)
+    # Scoring is CPU work; a thread keeps /healthz answering while a large batch is scored.
+    return web.json_response(await asyncio.to_thread(score_request, body))
+
+
+@web.middleware
+async def size_errors_as_json(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return json_error(413, f"request body too large ({exc.text}); send fewer items per request")
+
+
+def build_app(max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> web.Application:
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[size_errors_as_json])
+    add_health_routes(app)
+    app.router.add_post("/v1/score", handle_score)
+
+    async def mark_ready(app: web.Application) -> None:
+        app[READY].update(ready=True, reason="")
+
+    app.on_startup.append(mark_ready)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    serve(build_app(args.max_request_bytes), args.host, args.port, "reward server")
+
+
+if __name__ == "__main__":
+    main()
