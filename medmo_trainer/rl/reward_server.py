@@ -35,8 +35,8 @@ class Reference(ConfigModel):
 
     task: TaskType | None = None
     answer: str | None = None
-    boxes: list[list[Any]] | None = None
-    """Reference boxes, XYXY on the 0-1000 grid; unset reads them from `answer`."""
+    boxes: list[Any] | None = None
+    """Reference boxes on the 0-1000 grid, `[x1, y1, x2, y2]` or `{"label", "box"}`; unset reads `answer`."""
     options: list[str] | None = None
 
 

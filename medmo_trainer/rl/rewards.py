@@ -6,8 +6,8 @@ score). Columns are lists aligned with `completions`:
 
 - `task`: the record's task type (`grounding`, `vqa`, `report`, `retrieval`, `caption`);
 - `answer`: the reference answer text;
-- `boxes`: reference boxes (a list of `[x1, y1, x2, y2]` on the 0-1000 grid), or None to read them
-  from `answer`;
+- `boxes`: reference boxes on the 0-1000 grid, each `[x1, y1, x2, y2]` or a record's
+  `{"label": ..., "box": [x1, y1, x2, y2]}`; None (or absent) reads them from `answer`;
 - `options`: the choices of a multiple-choice question, or None;
 - `completion_length`: the completion's length in tokens (for the over-length penalty).
 
@@ -133,7 +133,7 @@ class BoxReward:
 
     def _truths(self, task: str | None, answer: str | None, reference_boxes: list | None) -> list[Box] | None:
         if reference_boxes is not None:
-            truths = [coerce_box(b) for b in reference_boxes]
+            truths = [coerce_box(b.get("box") if isinstance(b, dict) else b) for b in reference_boxes]
             self.stats["malformed_reference"] += sum(t is None for t in truths)
             return [t for t in truths if t is not None]
         if task == "grounding" and answer is not None:

@@ -136,15 +136,16 @@ def test_malformed_entry_next_to_a_good_box_counts_as_false_positive():
     assert values == [pytest.approx(0.5)]
 
 
-def test_reference_boxes_from_answer_text_and_non_grounding_is_none():
+def test_reference_boxes_from_answer_text_record_boxes_and_non_grounding_is_none():
     reward = BoxReward()
     values = reward(
-        [None, None],
-        ["Lesion <box>[[100, 100, 300, 300]]</box>", "yes"],
-        task=["grounding", "vqa"],
-        answer=["Lesion <box>[[100, 100, 300, 300]]</box>", "yes"],
+        [None, None, None],
+        ["Lesion <box>[[100, 100, 300, 300]]</box>", "Nodule <box>[[100, 100, 300, 300]]</box>", "yes"],
+        task=["grounding", "grounding", "vqa"],
+        answer=["Lesion <box>[[100, 100, 300, 300]]</box>", "ignored when boxes are given", "yes"],
+        boxes=[None, [{"label": "nodule", "box": [100, 100, 300, 300]}], None],
     )
-    assert values == [pytest.approx(1.0), None]
+    assert values == [pytest.approx(1.0), pytest.approx(1.0), None]
 
 
 def test_box_reward_function_matches_formula_for_two_pairs():
@@ -175,6 +176,9 @@ def test_option_letter_matching():
     assert vqa_accuracy("The answer is C", "B", options) == 0.0
     assert vqa_accuracy("B.", "Normal", options) == 1.0  # a reference given as text maps to its letter
     assert vqa_accuracy("unsure", "B", options) is None
+    # closed VQA whose options are the answers themselves (a count): the text picks the option
+    assert vqa_accuracy("2", "2", ["0", "1", "2", "3"]) == 1.0
+    assert vqa_accuracy("3", "2", ["0", "1", "2", "3"]) == 0.0
 
 
 def test_normalised_exact_match():
