@@ -1,0 +1,119 @@
+"""Scoring a benchmark: per-record metric observations summed into totals that ranks can all-reduce.
+
+Pure Python (no torch): the eval stage feeds it records and generated texts, and reduces the
+`totals()` vector over ranks before calling `summary()`. Every metric is a mean of observations,
+kept as a (sum, count) pair so that shards combine exactly.
+
+Metrics (a benchmark reports those of the tasks it holds):
+
+    vqa_closed_acc   closed VQA (yes/no, choice among options) accuracy
+    vqa_open_acc     open VQA normalised exact match
+    report_rougeL    ROUGE-L F-measure of generated reports
+    report_f1        finding-set F1 of generated reports (negations kept apart)
+    caption_rougeL   ROUGE-L F-measure of generated captions
+    grounding_miou   mean matched IoU per ground-truth box (see `metrics`)
+    grounding_acc50  fraction of ground-truth boxes found with IoU >= 0.5
+    retrieval_r<k>   recall@k of the matching caption among the candidates, k in RECALL_AT
+
+Counts: `samples`, `unparseable` (outputs from which no answer could be read; they score 0 on the
+metrics read from text) and `unparseable_<task>`. Retrieval is a ranking metric: an answer whose
+letter cannot be read is ranked by the model's letter scores alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from medmo_trainer.data.schema import OPTION_LETTERS, Record
+from medmo_trainer.eval import metrics
+from medmo_trainer.rl.parsing import extract_answer
+from medmo_trainer.rl.rewards import vqa_accuracy
+
+RECALL_AT = (1, 2)
+"""The k of the retrieval recall@k metrics."""
+
+METRIC_NAMES: tuple[str, ...] = (
+    "vqa_closed_acc",
+    "vqa_open_acc",
+    "report_rougeL",
+    "report_f1",
+    "caption_rougeL",
+    "grounding_miou",
+    "grounding_acc50",
+    *(f"retrieval_r{k}" for k in RECALL_AT),
+)
+TASKS = ("caption", "vqa", "report", "retrieval", "grounding")
+COUNT_NAMES: tuple[str, ...] = ("samples", "unparseable", *(f"unparseable_{task}" for task in TASKS))
+
+
+def retrieval_ranking(prediction: str, options: Sequence[str], letter_scores: Mapping[str, float] | None = None) -> list[str]:
+    """Option letters ranked for recall@k: the letter the answer picks first, then the others by
+    descending model score (`letter_scores`, e.g. the log-probability of answering with that letter),
+    ties and missing scores in letter order. Without a readable pick the ranking is by score alone."""
+    letters = list(OPTION_LETTERS[: len(options)])
+    answer = extract_answer(prediction)
+    picked = [letter for letter in letters if vqa_accuracy(answer, letter, options) == 1.0][:1]
+    scores = letter_scores or {}
+    rest = sorted((l for l in letters if l not in picked), key=lambda l: -scores.get(l, float("-inf")))
+    return picked + rest
+
+
+class BenchmarkScorer:
+    """Sums of metric observations and counts of one benchmark on one rank."""
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(METRIC_NAMES, 0.0)
+        self.observations = dict.fromkeys(METRIC_NAMES, 0.0)
+        self.counts = dict.fromkeys(COUNT_NAMES, 0.0)
+
+    def add(self, record: Record, completion: str, letter_scores: Mapping[str, float] | None = None) -> None:
+        """Scores one generated completion against its record."""
+        self.counts["samples"] += 1
+        readable = getattr(self, f"_score_{record.task}")(record, completion, letter_scores)
+        if not readable:
+            self.counts["unparseable"] += 1
+            self.counts[f"unparseable_{record.task}"] += 1
+
+    def _observe(self, name: str, value: float | None) -> bool:
+        """Adds one observation (None scores 0); returns whether the value was readable."""
+        self.sums[name] += 0.0 if value is None else value
+        self.observations[name] += 1
+        return value is not None
+
+    def _score_vqa(self, record: Record, completion: str, _scores) -> bool:
+        if record.answer_type == "closed":
+            return self._observe("vqa_closed_acc", metrics.closed_vqa_accuracy(completion, record.answer, record.options))
+        return self._observe("vqa_open_acc", metrics.open_vqa_accuracy(completion, record.answer))
+
+    def _score_report(self, record: Record, completion: str, _scores) -> bool:
+        self._observe("report_rougeL", metrics.rouge_l(completion, record.answer))
+        return self._observe("report_f1", metrics.report_finding_f1(completion, record.answer))
+
+    def _score_caption(self, record: Record, completion: str, _scores) -> bool:
+        self._observe("caption_rougeL", metrics.rouge_l(completion, record.answer))
+        return bool(extract_answer(completion))
+
+    def _score_grounding(self, record: Record, completion: str, _scores) -> bool:
+        score = metrics.score_grounding(completion, [box.box for box in record.boxes])
+        for iou in score.ious:
+            self._observe("grounding_miou", iou)
+            self._observe("grounding_acc50", float(iou >= metrics.IOU_THRESHOLD))
+        return score.readable
+
+    def _score_retrieval(self, record: Record, completion: str, letter_scores) -> bool:
+        ranking = retrieval_ranking(completion, record.options, letter_scores)
+        for k in RECALL_AT:
+            self._observe(f"retrieval_r{k}", metrics.recall_at_k([ranking], [record.answer], k))
+        return vqa_accuracy(extract_answer(completion), record.answer, record.options) is not None
+
+    def totals(self) -> list[float]:
+        """Sums, observation counts and counts as one flat vector (fixed order) for an all-reduce."""
+        return [*self.sums.values(), *self.observations.values(), *self.counts.values()]
+
+    @staticmethod
+    def summary(totals: Sequence[float]) -> tuple[dict[str, float], dict[str, int]]:
+        """Mean of each metric that had observations, and the counts, from (reduced) `totals()`."""
+        n = len(METRIC_NAMES)
+        sums, observations, counts = totals[:n], totals[n : 2 * n], totals[2 * n :]
+        means = {name: s / o for name, s, o in zip(METRIC_NAMES, sums, observations) if o > 0}
+        return means, {name: int(round(c)) for name, c in zip(COUNT_NAMES, counts)}
