@@ -1,0 +1,104 @@
+"""Reduces the Jobs and Pods of a run, as the API returns them, to what `plan` decides on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from medmo_operator import render
+from medmo_operator.plan import JobObservation, ProgressReport
+
+Obj = Mapping[str, Any]
+
+
+def _get(obj: Obj, *path: str, default: Any = None) -> Any:
+    node: Any = obj
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def latest_jobs(jobs: Iterable[Obj], pods: Iterable[Obj]) -> dict[str, JobObservation]:
+    """The latest-attempt learner Job of each stage, with what its pods say."""
+    pods_by_job: dict[str, list[Obj]] = {}
+    for pod in pods:
+        job_name = _get(pod, "metadata", "labels", "batch.kubernetes.io/job-name") or _get(pod, "metadata", "labels", "job-name")
+        if job_name:
+            pods_by_job.setdefault(job_name, []).append(pod)
+    latest: dict[str, JobObservation] = {}
+    for job in jobs:
+        labels = _get(job, "metadata", "labels", default={}) or {}
+        if labels.get(render.LABEL_ROLE) != "learner" or render.LABEL_STAGE not in labels:
+            continue
+        if _get(job, "metadata", "deletionTimestamp"):
+            continue
+        observation = observe_job(job, pods_by_job.get(_get(job, "metadata", "name"), []))
+        stage = labels[render.LABEL_STAGE]
+        if stage not in latest or observation.attempt > latest[stage].attempt:
+            latest[stage] = observation
+    return latest
+
+
+def observe_job(job: Obj, pods: list[Obj]) -> JobObservation:
+    conditions = {c.get("type"): c for c in _get(job, "status", "conditions", default=[]) or []}
+    failed = conditions.get("Failed", {})
+    exit_code, message = _first_failure(pods)
+    return JobObservation(
+        name=_get(job, "metadata", "name"),
+        attempt=int(_get(job, "metadata", "labels", render.LABEL_ATTEMPT, default="0")),
+        active=int(_get(job, "status", "active", default=0) or 0),
+        succeeded=int(_get(job, "status", "succeeded", default=0) or 0),
+        failed=int(_get(job, "status", "failed", default=0) or 0),
+        complete=conditions.get("Complete", {}).get("status") == "True",
+        failed_condition=failed.get("status") == "True",
+        failure_reason=failed.get("reason"),
+        failure_message=failed.get("message"),
+        exit_code=exit_code,
+        termination_message=message,
+        suspended=bool(_get(job, "spec", "suspend", default=False)),
+        unschedulable_message=_unschedulable(pods),
+    )
+
+
+def _first_failure(pods: list[Obj]) -> tuple[int | None, str | None]:
+    """Exit code and termination message of the earliest failed trainer container."""
+    found: list[tuple[str, int, str | None]] = []
+    for pod in pods:
+        for container in _get(pod, "status", "containerStatuses", default=[]) or []:
+            terminated = _get(container, "state", "terminated") or _get(container, "lastState", "terminated")
+            if terminated and terminated.get("exitCode", 0) != 0:
+                message = (terminated.get("message") or "").strip().splitlines()
+                found.append((terminated.get("finishedAt") or "", int(terminated["exitCode"]), message[-1] if message else None))
+    if not found:
+        return None, None
+    _, code, message = min(found, key=lambda item: item[0])
+    return code, message
+
+
+def _unschedulable(pods: list[Obj]) -> str | None:
+    for pod in pods:
+        if _get(pod, "status", "phase") != "Pending":
+            continue
+        for condition in _get(pod, "status", "conditions", default=[]) or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False" and condition.get("reason") == "Unschedulable":
+                return f"pod {_get(pod, 'metadata', 'name')} cannot be scheduled: {condition.get('message', '')}".strip()
+    return None
+
+
+def progress_report(body: Obj) -> ProgressReport:
+    """A trainer's progress JSON as the plan folds it: numbers other than the step counters are metrics."""
+    metrics = {}
+    nested = body.get("metrics") or {}
+    for key, value in [*body.items(), *nested.items()]:
+        if key in ("step", "totalSteps", "metrics") or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        metrics[key] = float(value)
+    total = body.get("totalSteps")
+    return ProgressReport(
+        step=int(body.get("step", 0)),
+        total_steps=int(total) if isinstance(total, int | float) else None,
+        last_checkpoint=body.get("lastCheckpoint") if isinstance(body.get("lastCheckpoint"), str) else None,
+        metrics=metrics,
+    )

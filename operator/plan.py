@@ -1,0 +1,402 @@
+"""The stage state machine: (spec, status, observed children, now) -> (actions, new status).
+
+Pure functions, readable in one place. The kopf handlers observe the cluster, call `plan`, carry
+out the actions and patch the status; `medmo run` does the same against local processes. Because
+the decision depends only on the status and what is observed, a restarted operator carries on
+where the last one stopped and never creates a child twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from medmo_operator import api, render
+from medmo_operator.api import ConditionType, Phase
+from medmo_trainer.exit_codes import NON_RETRYABLE
+
+# -- what was observed ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobObservation:
+    """The learner Job of a stage's latest attempt, reduced to what the plan decides on."""
+
+    name: str
+    attempt: int
+    active: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    complete: bool = False
+    failed_condition: bool = False
+    failure_reason: str | None = None
+    """The Job's Failed condition reason: `PodFailurePolicy` for a non-retryable exit code."""
+    failure_message: str | None = None
+    exit_code: int | None = None
+    """Exit code of the first failed trainer container, when one was seen."""
+    termination_message: str | None = None
+    """The trainer's one-line termination message, when one was seen."""
+    suspended: bool = False
+    unschedulable_message: str | None = None
+    """Set while a pod of the Job cannot be scheduled (e.g. not enough GPUs)."""
+
+
+@dataclass(frozen=True)
+class ProgressReport:
+    """The latest progress a stage's rank 0 reported."""
+
+    step: int
+    total_steps: int | None = None
+    last_checkpoint: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Children and progress of one run, as seen now."""
+
+    jobs: dict[str, JobObservation] = field(default_factory=dict)
+    """Latest-attempt learner Job by stage name."""
+    progress: dict[str, ProgressReport] = field(default_factory=dict)
+    """Latest progress report by stage name."""
+
+
+# -- what to do -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnsureStage:
+    """Create (if absent) every child of a stage's attempt."""
+
+    stage: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    """Delete a learner Job and its pods (a failed attempt, or a finished stage's pods)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class SuspendJob:
+    name: str
+    suspend: bool
+
+
+@dataclass(frozen=True)
+class DeleteWorkers:
+    """Delete an RL stage's rollout and reward Deployments (and their Services)."""
+
+    stage: str
+
+
+@dataclass(frozen=True)
+class DeleteRun:
+    """ttlSecondsAfterFinished has passed: delete the resource (children are garbage-collected)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event on the run."""
+
+    reason: str
+    message: str
+    warning: bool = False
+
+
+Action = EnsureStage | DeleteJob | SuspendJob | DeleteWorkers | DeleteRun | Event
+
+
+@dataclass
+class Plan:
+    actions: list[Action]
+    status: api.MedMOTrainingStatus
+    requeue_after: float | None = None
+    """Seconds until a time-based decision (deadline, TTL) is due, if any."""
+
+
+# -- the state machine ------------------------------------------------------------------------
+
+
+def plan(
+    spec: api.MedMOTrainingSpec,
+    status: api.MedMOTrainingStatus | None,
+    observed: Observed,
+    now: datetime,
+    generation: int | None = None,
+) -> Plan:
+    """Decides the next actions and the new status of a run."""
+    status = _with_stage_records(spec, status.model_copy(deep=True) if status else api.MedMOTrainingStatus())
+    actions: list[Action] = []
+    status.observed_generation = generation
+    if not _condition(status, ConditionType.CREATED):
+        _set_condition(status, ConditionType.CREATED, True, "RunCreated", f"{len(spec.stages)} stages", now)
+        actions.append(Event("Created", f"run created with stages {', '.join(s.name for s in spec.stages)}"))
+    if status.start_time is None:
+        status.start_time = now
+
+    if status.phase.finished:
+        return _after_finish(spec, status, now, actions)
+
+    _fold_progress(status, observed)
+
+    if _deadline_passed(spec, status, now):
+        stage = _current_stage(spec, status)
+        if stage and stage.name in observed.jobs:
+            actions.append(DeleteJob(observed.jobs[stage.name].name))
+        deadline = spec.run_policy.active_deadline_seconds
+        return _fail(spec, status, now, actions, "DeadlineExceeded", f"the run exceeded activeDeadlineSeconds ({deadline}s)")
+
+    if spec.run_policy.suspend:
+        return _suspend(spec, status, observed, now, actions)
+    if status.phase == Phase.SUSPENDED:
+        _set_condition(status, ConditionType.SUSPENDED, False, "Resumed", "the run was resumed", now)
+        actions.append(Event("Resumed", "resuming from the last checkpoints"))
+        status.phase = Phase.RUNNING
+        for stage_status in status.stages:
+            if stage_status.phase == Phase.SUSPENDED:
+                stage_status.phase = Phase.RUNNING
+        stage = _current_stage(spec, status)
+        if stage and stage.name in observed.jobs and observed.jobs[stage.name].suspended:
+            actions.append(SuspendJob(observed.jobs[stage.name].name, False))
+
+    # Advance through as many stages as the observations allow (a finished stage starts the next).
+    while True:
+        stage = _current_stage(spec, status)
+        if stage is None:
+            return _succeed(spec, status, now, actions)
+        record = _record(status, stage.name)
+        job = observed.jobs.get(stage.name)
+        if job is not None and job.attempt < record.restarts:
+            job = None  # the previous attempt's Job, not yet deleted
+        elif job is not None and job.attempt > record.restarts:
+            record.restarts = job.attempt  # a restart whose status patch was lost: the Job is the truth
+        if job is None:
+            _start_attempt(spec, status, record, stage, now, actions)
+            break
+        if job.complete:
+            _stage_succeeded(spec, status, record, stage, job, now, actions)
+            continue
+        if job.failed_condition:
+            _stage_failed_attempt(spec, status, record, stage, job, now, actions)
+            if status.phase == Phase.FAILED:
+                return _after_finish(spec, status, now, actions)
+            break
+        _stage_running(status, record, stage, job, now, actions)
+        break
+
+    return Plan(actions, status, requeue_after=_next_deadline(spec, status, now))
+
+
+def _with_stage_records(spec: api.MedMOTrainingSpec, status: api.MedMOTrainingStatus) -> api.MedMOTrainingStatus:
+    """One record per spec stage, in spec order: new stages are Pending, removed Pending ones go."""
+    existing = {record.name: record for record in status.stages}
+    records = [existing.pop(stage.name, None) or api.StageStatus(name=stage.name) for stage in spec.stages]
+    # Records of started stages that left the spec are kept (the API server refuses such edits,
+    # but a record of work done is never thrown away).
+    records += [record for record in existing.values() if record.phase != Phase.PENDING]
+    status.stages = records
+    return status
+
+
+def _record(status: api.MedMOTrainingStatus, name: str) -> api.StageStatus:
+    return next(record for record in status.stages if record.name == name)
+
+
+def _current_stage(spec: api.MedMOTrainingSpec, status: api.MedMOTrainingStatus) -> api.Stage | None:
+    for stage in spec.stages:
+        if _record(status, stage.name).phase != Phase.SUCCEEDED:
+            return stage
+    return None
+
+
+def _start_attempt(spec, status, record, stage, now, actions) -> None:
+    first = record.phase == Phase.PENDING
+    actions.append(EnsureStage(stage.name, record.restarts))
+    if first:
+        record.phase = Phase.RUNNING
+        record.start_time = record.start_time or now
+        actions.append(Event("StageStarted", f"stage {stage.name} ({stage.type}) started"))
+    status.phase = Phase.RESTARTING if record.phase == Phase.RESTARTING else Phase.RUNNING
+    status.current_stage = stage.name
+    status.current_step = record.step
+    _set_condition(status, ConditionType.RUNNING, True, "StageRunning", f"stage {stage.name} is running", now)
+
+
+def _stage_running(status, record, stage, job: JobObservation, now, actions) -> None:
+    status.current_stage = stage.name
+    status.current_step = record.step
+    if job.active > 0 and record.phase == Phase.RESTARTING:
+        record.phase = Phase.RUNNING
+        _set_condition(status, ConditionType.RESTARTING, False, "Restarted", f"stage {stage.name} is running again", now)
+    status.phase = Phase.RESTARTING if record.phase == Phase.RESTARTING else Phase.RUNNING
+    if job.unschedulable_message:
+        if _set_condition(status, ConditionType.WAITING_FOR_RESOURCES, True, "Unschedulable", job.unschedulable_message, now):
+            actions.append(Event("WaitingForResources", job.unschedulable_message, warning=True))
+    elif _condition(status, ConditionType.WAITING_FOR_RESOURCES):
+        _set_condition(status, ConditionType.WAITING_FOR_RESOURCES, False, "Scheduled", "all pods are scheduled", now)
+
+
+def _stage_succeeded(spec, status, record, stage, job: JobObservation, now, actions) -> None:
+    record.phase = Phase.SUCCEEDED
+    record.completion_time = now
+    record.message = job.termination_message or record.message
+    if stage.trains:
+        record.output_model = render.stage_output_uri(spec, stage)
+    if record.total_steps and record.step < record.total_steps:
+        record.step = record.total_steps
+    actions.append(Event("StageSucceeded", f"stage {stage.name} succeeded" + (f": {job.termination_message}" if job.termination_message else "")))
+    # cleanPodPolicy: a finished Job has no running pods left, but an rl stage's workers still run.
+    if spec.run_policy.clean_pod_policy == "All":
+        actions.append(DeleteJob(job.name))
+    if spec.run_policy.clean_pod_policy != "None" and stage.type == "rl":
+        actions.append(DeleteWorkers(stage.name))
+
+
+def _stage_failed_attempt(spec, status, record, stage, job: JobObservation, now, actions) -> None:
+    reason_text = job.termination_message or job.failure_message or "the learner Job failed"
+    non_retryable = job.failure_reason == "PodFailurePolicy" or (job.exit_code is not None and job.exit_code in NON_RETRYABLE)
+    if non_retryable:
+        record.phase = Phase.FAILED
+        record.message = reason_text
+        record.completion_time = now
+        _fail(spec, status, now, actions, "NonRetryableFailure", f"stage {stage.name} failed and cannot be retried: {reason_text}")
+        return
+    if record.restarts >= spec.run_policy.backoff_limit:
+        record.phase = Phase.FAILED
+        record.message = reason_text
+        record.completion_time = now
+        _fail(
+            spec, status, now, actions, "BackoffLimitExceeded",
+            f"stage {stage.name} failed {record.restarts + 1} times (backoffLimit {spec.run_policy.backoff_limit}): {reason_text}",
+        )
+        return
+    record.restarts += 1
+    record.phase = Phase.RESTARTING
+    record.message = f"restart {record.restarts} after: {reason_text}"
+    actions.append(DeleteJob(job.name))
+    actions.append(Event("StageRestarting", f"stage {stage.name} restarts from {record.last_checkpoint or 'the start'} (restart {record.restarts}): {reason_text}", warning=True))
+    _set_condition(status, ConditionType.RESTARTING, True, "GangRestart", record.message, now)
+    _start_attempt(spec, status, record, stage, now, actions)
+
+
+def _suspend(spec, status, observed: Observed, now, actions) -> Plan:
+    stage = _current_stage(spec, status)
+    if stage is not None:
+        record = _record(status, stage.name)
+        job = observed.jobs.get(stage.name)
+        if job is not None and not job.suspended:
+            actions.append(SuspendJob(job.name, True))
+        if stage.type == "rl":
+            actions.append(DeleteWorkers(stage.name))
+        if record.phase != Phase.PENDING:
+            record.phase = Phase.SUSPENDED
+    if status.phase != Phase.SUSPENDED:
+        actions.append(Event("Suspended", "pods stopped; checkpoints are kept"))
+    status.phase = Phase.SUSPENDED
+    _set_condition(status, ConditionType.SUSPENDED, True, "Suspended", "runPolicy.suspend is true", now)
+    _set_condition(status, ConditionType.RUNNING, False, "Suspended", "runPolicy.suspend is true", now)
+    return Plan(actions, status)
+
+
+def _succeed(spec, status, now, actions) -> Plan:
+    status.phase = Phase.SUCCEEDED
+    status.completion_time = now
+    status.output_model = render.final_output_model(spec)
+    status.current_stage = spec.stages[-1].name
+    status.current_step = _record(status, spec.stages[-1].name).step
+    _set_condition(status, ConditionType.RUNNING, False, "Succeeded", "every stage succeeded", now)
+    _set_condition(status, ConditionType.SUCCEEDED, True, "Succeeded", f"every stage succeeded; model at {status.output_model}", now)
+    actions.append(Event("Succeeded", f"every stage succeeded; model at {status.output_model}"))
+    return _after_finish(spec, status, now, actions)
+
+
+def _fail(spec, status, now, actions, reason: str, message: str) -> Plan:
+    status.phase = Phase.FAILED
+    status.completion_time = now
+    for record in status.stages:
+        if record.phase in (Phase.RUNNING, Phase.RESTARTING, Phase.SUSPENDED):
+            record.phase = Phase.FAILED
+            record.completion_time = now
+    _set_condition(status, ConditionType.RUNNING, False, reason, message, now)
+    if _condition(status, ConditionType.RESTARTING):
+        _set_condition(status, ConditionType.RESTARTING, False, reason, message, now)
+    _set_condition(status, ConditionType.FAILED, True, reason, message, now)
+    actions.append(Event(reason, message, warning=True))
+    return Plan(actions, status)
+
+
+def _after_finish(spec, status, now, actions) -> Plan:
+    """Clean-up of a finished run: worker Deployments per cleanPodPolicy, then the TTL."""
+    if spec.run_policy.clean_pod_policy != "None":
+        actions += [DeleteWorkers(stage.name) for stage in spec.stages if stage.type == "rl" and not _already(actions, stage.name)]
+    ttl = spec.run_policy.ttl_seconds_after_finished
+    if ttl is None or status.completion_time is None:
+        return Plan(actions, status)
+    expires = status.completion_time + timedelta(seconds=ttl)
+    if now >= expires:
+        actions.append(DeleteRun())
+        return Plan(actions, status)
+    return Plan(actions, status, requeue_after=(expires - now).total_seconds())
+
+
+def _already(actions: list[Action], stage: str) -> bool:
+    return any(isinstance(a, DeleteWorkers) and a.stage == stage for a in actions)
+
+
+def _deadline_passed(spec, status, now) -> bool:
+    deadline = spec.run_policy.active_deadline_seconds
+    return deadline is not None and status.start_time is not None and now >= status.start_time + timedelta(seconds=deadline)
+
+
+def _next_deadline(spec, status, now) -> float | None:
+    deadline = spec.run_policy.active_deadline_seconds
+    if deadline is None or status.start_time is None:
+        return None
+    return max(0.0, (status.start_time + timedelta(seconds=deadline) - now).total_seconds())
+
+
+def _fold_progress(status: api.MedMOTrainingStatus, observed: Observed) -> None:
+    for name, report in observed.progress.items():
+        record = next((r for r in status.stages if r.name == name), None)
+        if record is None or record.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.PENDING):
+            continue
+        record.step = report.step
+        if report.total_steps is not None:
+            record.total_steps = report.total_steps
+        if report.last_checkpoint:
+            record.last_checkpoint = report.last_checkpoint
+        record.metrics = {**record.metrics, **report.metrics}
+
+
+# -- conditions -------------------------------------------------------------------------------
+
+
+def _condition(status: api.MedMOTrainingStatus, kind: ConditionType) -> api.Condition | None:
+    return next((c for c in status.conditions if c.type == kind.value), None)
+
+
+def _set_condition(
+    status: api.MedMOTrainingStatus, kind: ConditionType, value: bool, reason: str, message: str, now: datetime
+) -> bool:
+    """Sets a condition; lastTransitionTime moves only when the status flips. Returns whether it flipped."""
+    text = "True" if value else "False"
+    current = _condition(status, kind)
+    if current is None:
+        status.conditions.append(api.Condition(type=kind.value, status=text, reason=reason, message=message, lastTransitionTime=now))
+        return True
+    flipped = current.status != text
+    current.reason, current.message = reason, message
+    if flipped:
+        current.status, current.lastTransitionTime = text, now
+    return flipped
+
+
+def status_patch(status: api.MedMOTrainingStatus) -> dict[str, Any]:
+    """The status as a merge patch body (camelCase; unset fields as null so they clear)."""
+    body = status.model_dump(mode="json", by_alias=True)
+    body.pop("kopf", None)
+    return body

@@ -1,0 +1,472 @@
+"""Pure builders of a run's child objects: plain dicts, as the Kubernetes API takes them.
+
+Nothing here talks to a cluster: the kopf handlers apply what these return, and `medmo run` hands
+the same objects to the local pod runner. Names are deterministic so applying twice creates nothing
+new, and every child carries an ownerReference to the run so deleting the run removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+import yaml
+
+from medmo_operator import api
+from medmo_trainer.config import (
+    BenchmarkSpec,
+    ModelSource,
+    RLStageConfig,
+    StageConfig,
+    StorageConfig,
+)
+from medmo_trainer.exit_codes import NON_RETRYABLE
+
+LABEL_RUN = "medmo.io/run"
+LABEL_STAGE = "medmo.io/stage"
+LABEL_ROLE = "medmo.io/role"
+LABEL_ATTEMPT = "medmo.io/attempt"
+LABEL_TOKEN = "medmo.io/progress-token"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+POD_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+CONFIG_DIR = "/etc/medmo"
+CONFIG_FILE = "stage.yaml"
+TOKEN_DIR = "/var/run/medmo/progress"
+TOKEN_KEY = "token"
+RENDEZVOUS_PORT = 29500
+WORKER_PORT = 8000
+TRAINER_UID = 1000
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """What every child needs to know about its run: identity for names and ownerReferences."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def owner_reference(self) -> dict:
+        return {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+@dataclass(frozen=True)
+class OperatorEndpoints:
+    """Where pods reach the operator, and the key their progress tokens are derived from."""
+
+    progress_url: str
+    """Base URL of the operator's progress endpoint as pods see it, e.g. `http://medmo-operator.medmo-system:8080`."""
+    token_key: bytes
+    """Secret key of the operator; a run's token is an HMAC of its identity under this key."""
+
+
+# -- names ------------------------------------------------------------------------------------
+
+
+def stage_service_name(run: RunRef, stage: api.Stage) -> str:
+    """Headless Service of a stage's learner pods (the pods' DNS subdomain)."""
+    return f"{run.name}-{stage.name}"
+
+
+def learner_job_name(run: RunRef, stage: api.Stage, attempt: int) -> str:
+    """The Indexed Job of one attempt; a gang restart creates the next attempt's Job."""
+    return f"{run.name}-{stage.name}-{attempt}"
+
+
+def config_map_name(run: RunRef, stage: api.Stage) -> str:
+    return f"{run.name}-{stage.name}-config"
+
+
+def worker_name(run: RunRef, stage: api.Stage, role: str) -> str:
+    """Deployment and Service of an RL worker group (`rollout` or `reward`)."""
+    return f"{run.name}-{stage.name}-{role}"
+
+
+def token_secret_name(run: RunRef) -> str:
+    return f"{run.name}-progress-token"
+
+
+def progress_token(run: RunRef, key: bytes) -> str:
+    """The bearer token of a run's progress reports: an HMAC of its identity, so the operator can
+    check it without storing or reading any Secret."""
+    message = f"{run.namespace}/{run.name}/{run.uid}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def progress_url(run: RunRef, endpoints: OperatorEndpoints) -> str:
+    return f"{endpoints.progress_url.rstrip('/')}/v1/namespaces/{run.namespace}/medmotrainings/{run.name}/progress"
+
+
+# -- where models and checkpoints live -------------------------------------------------------
+
+
+def stage_uri(spec: api.MedMOTrainingSpec, stage: api.Stage) -> str:
+    return f"{spec.storage.uri.rstrip('/')}/{stage.name}"
+
+
+def stage_output_uri(spec: api.MedMOTrainingSpec, stage: api.Stage) -> str:
+    """Where a training stage exports its model in Hugging Face format."""
+    return f"{stage_uri(spec, stage)}/model"
+
+
+def stage_checkpoint_uri(spec: api.MedMOTrainingSpec, stage: api.Stage) -> str:
+    return f"{stage_uri(spec, stage)}/checkpoints"
+
+
+def stage_input_model(spec: api.MedMOTrainingSpec, stage: api.Stage) -> str:
+    """The model a stage starts from: `initFrom`, else the previous training stage's export,
+    else the run's base model."""
+    by_name = {s.name: s for s in spec.stages}
+    if stage.init_from:
+        named = by_name.get(stage.init_from)
+        return stage_output_uri(spec, named) if named else stage.init_from
+    index = spec.stages.index(stage)
+    earlier = [s for s in spec.stages[:index] if s.trains]
+    return stage_output_uri(spec, earlier[-1]) if earlier else spec.model.base
+
+
+def final_output_model(spec: api.MedMOTrainingSpec) -> str | None:
+    """The run's final model: the last training stage's export."""
+    trained = [s for s in spec.stages if s.trains]
+    return stage_output_uri(spec, trained[-1]) if trained else None
+
+
+def comparison_models(spec: api.MedMOTrainingSpec, stage: api.Stage) -> list[tuple[str, str]]:
+    """For an eval stage after RL: the model before the last RL stage, so the report can compare."""
+    index = spec.stages.index(stage)
+    earlier = [s for s in spec.stages[:index] if s.trains]
+    rl_positions = [i for i, s in enumerate(earlier) if s.type == "rl"]
+    if not rl_positions or rl_positions[-1] == 0:
+        return []
+    before_rl = earlier[rl_positions[-1] - 1]
+    return [(f"before-{earlier[rl_positions[-1]].name}", stage_output_uri(spec, before_rl))]
+
+
+# -- the stage config pods receive -----------------------------------------------------------
+
+
+def build_stage_config(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stage) -> StageConfig:
+    """The config of one stage, as its pods read it from their ConfigMap."""
+    rl = None
+    if stage.rl is not None:
+        rl = RLStageConfig(
+            algorithm=stage.rl.algorithm,
+            rewards=stage.rl.rewards,
+            rollout_urls=[f"http://{worker_name(run, stage, 'rollout')}:{WORKER_PORT}"],
+            reward_urls=[f"http://{worker_name(run, stage, 'reward')}:{WORKER_PORT}"],
+        )
+    extra = {}
+    if stage.type == "eval" and "compare_models" in StageConfig.model_fields:
+        extra["compare_models"] = [{"name": name, "uri": uri} for name, uri in comparison_models(spec, stage)]
+    return StageConfig(
+        run=run.name,
+        stage=stage.name,
+        type=stage.type,
+        model=ModelSource(base=stage_input_model(spec, stage), trainable=stage.effective_trainable()),
+        storage=StorageConfig(uri=spec.storage.uri, endpoint=spec.storage.endpoint, region=spec.storage.region),
+        output_uri=stage_output_uri(spec, stage),
+        checkpoint_uri=stage_checkpoint_uri(spec, stage),
+        datasets=stage.datasets,
+        hyperparameters=stage.hyperparameters,
+        strategy=stage.strategy,
+        checkpoint=stage.checkpoint,
+        rl=rl,
+        benchmarks=[BenchmarkSpec.model_validate(b.model_dump()) for b in stage.benchmarks],
+        **extra,
+    )
+
+
+def _meta(run: RunRef, name: str, stage: api.Stage | None = None, role: str | None = None, **extra_labels) -> dict:
+    labels = {LABEL_RUN: run.name}
+    if stage is not None:
+        labels[LABEL_STAGE] = stage.name
+    if role is not None:
+        labels[LABEL_ROLE] = role
+    labels.update({k: str(v) for k, v in extra_labels.items()})
+    return {"name": name, "namespace": run.namespace, "labels": labels, "ownerReferences": [run.owner_reference()]}
+
+
+def build_config_map(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stage) -> dict:
+    config = build_stage_config(run, spec, stage)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(run, config_map_name(run, stage), stage),
+        "data": {CONFIG_FILE: yaml.safe_dump(config.to_wire(), sort_keys=False)},
+    }
+
+
+def build_token_secret(run: RunRef, endpoints: OperatorEndpoints) -> dict:
+    """The run's progress token, mounted into its pods (never written to status or logs)."""
+    meta = _meta(run, token_secret_name(run))
+    meta["labels"][LABEL_TOKEN] = "true"
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": meta,
+        "type": "Opaque",
+        "stringData": {TOKEN_KEY: progress_token(run, endpoints.token_key)},
+    }
+
+
+def build_stage_service(run: RunRef, stage: api.Stage) -> dict:
+    """Headless Service giving learner pods stable names `<job>-<index>.<service>`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(run, stage_service_name(run, stage), stage, "learner"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_RUN: run.name, LABEL_STAGE: stage.name, LABEL_ROLE: "learner"},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
+        },
+    }
+
+
+# -- pods ---------------------------------------------------------------------------------------
+
+
+def _security_context() -> dict:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRAINER_UID,
+        "runAsGroup": TRAINER_UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _storage_env(spec: api.MedMOTrainingSpec) -> list[dict]:
+    """Credentials by secretKeyRef only: their values never appear in the spec, a ConfigMap or status."""
+    env = []
+    ref = spec.storage.secret_ref
+    if ref is not None:
+        for variable, key in (("AWS_ACCESS_KEY_ID", ref.access_key_id_key), ("AWS_SECRET_ACCESS_KEY", ref.secret_access_key_key)):
+            env.append({"name": variable, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}})
+    if spec.storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
+    if spec.storage.region:
+        env.append({"name": "AWS_DEFAULT_REGION", "value": spec.storage.region})
+    return env
+
+
+def _resources(pool: api.NodePool, gpus: int) -> dict:
+    resources = pool.resources or api.Resources()
+    requests = {k: str(v) for k, v in resources.requests.items()}
+    limits = {k: str(v) for k, v in resources.limits.items()}
+    if gpus > 0:
+        limits.setdefault("nvidia.com/gpu", str(gpus))
+        requests.setdefault("nvidia.com/gpu", limits["nvidia.com/gpu"])
+    out = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _placement(pool: api.NodePool, spec: api.MedMOTrainingSpec) -> dict:
+    out: dict = {}
+    if pool.node_selector:
+        out["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        out["tolerations"] = [t.to_wire() for t in pool.tolerations]
+    if spec.scheduling.priority_class_name:
+        out["priorityClassName"] = spec.scheduling.priority_class_name
+    return out
+
+
+def _common_volumes(run: RunRef, stage: api.Stage) -> tuple[list[dict], list[dict]]:
+    volumes = [
+        {"name": "config", "configMap": {"name": config_map_name(run, stage)}},
+        {"name": "progress-token", "secret": {"secretName": token_secret_name(run)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "progress-token", "mountPath": TOKEN_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    return volumes, mounts
+
+
+def _progress_env(run: RunRef, endpoints: OperatorEndpoints) -> list[dict]:
+    return [
+        {"name": "MEDMO_PROGRESS_URL", "value": progress_url(run, endpoints)},
+        {"name": "MEDMO_PROGRESS_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
+    ]
+
+
+def build_learner_job(
+    run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stage, attempt: int, endpoints: OperatorEndpoints
+) -> dict:
+    """The Indexed Job of a stage's learner: one pod per node, torchrun in each, rank = index."""
+    pool = spec.stage_node_pool(stage)
+    gpus = pool.gpus_per_node or 0
+    job_name = learner_job_name(run, stage, attempt)
+    service = stage_service_name(run, stage)
+    volumes, mounts = _common_volumes(run, stage)
+    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    env = [
+        # torchrun reads its options from PET_* variables: the node rank is the completion index.
+        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}},
+        {"name": "PET_NNODES", "value": str(stage.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(max(gpus, 1))},
+        {"name": "PET_MASTER_ADDR", "value": f"{job_name}-0.{service}"},
+        {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "MEDMO_ATTEMPT", "value": str(attempt)},
+        *_progress_env(run, endpoints),
+        *_storage_env(spec),
+    ]
+    labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.name, LABEL_ROLE: "learner", LABEL_ATTEMPT: str(attempt)}
+    if spec.scheduling.gang:
+        labels[POD_GROUP_LABEL] = job_name
+    container = {
+        "name": "trainer",
+        "image": spec.image,
+        "command": ["python", "-m", "medmo_trainer.launch"],
+        "args": ["-m", "medmo_trainer", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "env": env,
+        "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
+        "volumeMounts": mounts,
+        "securityContext": _security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    resources = _resources(pool, gpus)
+    if resources:
+        container["resources"] = resources
+    pod_spec = {
+        "restartPolicy": "Never",
+        "subdomain": service,
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "fsGroup": TRAINER_UID},
+        "automountServiceAccountToken": False,
+        **_placement(pool, spec),
+    }
+    job_meta = _meta(run, job_name, stage, "learner", **{LABEL_ATTEMPT: attempt})
+    if spec.scheduling.queue_name:
+        job_meta["labels"][KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": job_meta,
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": stage.nodes,
+            "parallelism": stage.nodes,
+            # The operator restarts the whole stage (gang restart from the last checkpoint), so the
+            # Job itself never retries a pod: one failed rank fails the attempt.
+            "backoffLimit": 0,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": sorted(NON_RETRYABLE)},
+                    },
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
+            # Kueue admits a queued Job by unsuspending it.
+            "suspend": bool(spec.scheduling.queue_name) or spec.run_policy.suspend,
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stage, role: str) -> dict:
+    """A Deployment of RL workers: `rollout` (generates with the policy) or `reward` (scores)."""
+    assert stage.rl is not None, "worker groups belong to rl stages"
+    group = stage.rl.rollout if role == "rollout" else stage.rl.reward
+    pool = spec.stage_node_pool(stage)
+    name = worker_name(run, stage, role)
+    volumes, mounts = _common_volumes(run, stage)
+    if role == "rollout":
+        command = ["python", "-m", "medmo_trainer.rl.rollout_server"]
+        args = ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--host", "0.0.0.0", "--port", str(WORKER_PORT)]
+        env = _storage_env(spec)
+    else:
+        command = ["python", "-m", "medmo_trainer.rl.reward_server"]
+        args = ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--host", "0.0.0.0", "--port", str(WORKER_PORT)]
+        env = []
+    worker_pool = api.NodePool(
+        node_selector=group.node_selector if group.node_selector is not None else (pool.node_selector if group.gpus else None),
+        tolerations=group.tolerations if group.tolerations is not None else (pool.tolerations if group.gpus else None),
+        resources=group.resources,
+    )
+    container = {
+        "name": role,
+        "image": spec.image,
+        "command": command,
+        "args": args,
+        "env": env,
+        "ports": [{"name": "http", "containerPort": WORKER_PORT}],
+        "volumeMounts": mounts,
+        "securityContext": _security_context(),
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": WORKER_PORT}, "periodSeconds": 2},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": WORKER_PORT}, "periodSeconds": 10, "failureThreshold": 6},
+    }
+    resources = _resources(worker_pool, group.gpus)
+    if resources:
+        container["resources"] = resources
+    labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.name, LABEL_ROLE: role}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(run, name, stage, role),
+        "spec": {
+            "replicas": group.replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "containers": [container],
+                    "volumes": volumes,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "fsGroup": TRAINER_UID},
+                    "automountServiceAccountToken": False,
+                    **_placement(worker_pool, spec),
+                },
+            },
+        },
+    }
+
+
+def build_worker_service(run: RunRef, stage: api.Stage, role: str) -> dict:
+    """Headless, so the learner resolves every replica and retries on another when one fails."""
+    name = worker_name(run, stage, role)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(run, name, stage, role),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_RUN: run.name, LABEL_STAGE: stage.name, LABEL_ROLE: role},
+            "ports": [{"name": "http", "port": WORKER_PORT, "targetPort": WORKER_PORT}],
+        },
+    }
+
+
+def build_stage_children(
+    run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stage, attempt: int, endpoints: OperatorEndpoints
+) -> list[dict]:
+    """Every object one attempt of a stage needs, in the order to create them."""
+    children = [build_token_secret(run, endpoints), build_config_map(run, spec, stage), build_stage_service(run, stage)]
+    if stage.type == "rl":
+        for role in ("reward", "rollout"):
+            children += [build_worker_service(run, stage, role), build_worker_deployment(run, spec, stage, role)]
+    children.append(build_learner_job(run, spec, stage, attempt, endpoints))
+    return children

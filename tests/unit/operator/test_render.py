@@ -1,0 +1,129 @@
+"""Child objects of a run, built without a cluster."""
+
+from __future__ import annotations
+
+import yaml
+from medmo_cases import load_sample
+
+from medmo_operator import api, render
+from medmo_trainer.config import StageConfig
+from medmo_trainer.exit_codes import NON_RETRYABLE
+
+RUN = render.RunRef(name="medmo-8b", namespace="medmo", uid="uid-1")
+ENDPOINTS = render.OperatorEndpoints(progress_url="http://medmo-operator.medmo-system:8080", token_key=b"k" * 32)
+
+
+def _spec(sample="medmo-run.yaml") -> api.MedMOTrainingSpec:
+    return api.parse_training(load_sample(sample)).spec
+
+
+def _stage(spec, name):
+    return next(s for s in spec.stages if s.name == name)
+
+
+def test_learner_job_is_indexed_one_pod_per_node_with_torchrun_rendezvous_on_rank_zero():
+    spec = _spec()
+    job = render.build_learner_job(RUN, spec, _stage(spec, "ground"), attempt=2, endpoints=ENDPOINTS)
+    pod = job["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+
+    assert job["metadata"]["name"] == "medmo-8b-ground-2"
+    assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == ("Indexed", 8, 8)
+    assert pod["subdomain"] == "medmo-8b-ground"
+    assert env["PET_MASTER_ADDR"]["value"] == "medmo-8b-ground-2-0.medmo-8b-ground"
+    assert env["PET_NPROC_PER_NODE"]["value"] == "8"
+    assert "job-completion-index" in env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["priorityClassName"] == "training-high"
+
+
+def test_job_fails_fast_on_non_retryable_exit_codes_and_never_retries_a_pod_itself():
+    spec = _spec()
+    job = render.build_learner_job(RUN, spec, spec.stages[0], 0, ENDPOINTS)
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+
+    assert job["spec"]["backoffLimit"] == 0
+    assert rules[0]["action"] == "FailJob"
+    assert rules[0]["onExitCodes"]["values"] == sorted(NON_RETRYABLE)
+
+
+def test_kueue_queue_label_creates_the_job_suspended_and_gang_labels_pods():
+    spec = _spec()
+    job = render.build_learner_job(RUN, spec, spec.stages[0], 0, ENDPOINTS)
+
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-training"
+    assert job["spec"]["suspend"] is True
+    assert job["spec"]["template"]["metadata"]["labels"][render.POD_GROUP_LABEL] == "medmo-8b-align-0"
+
+
+def test_pods_run_as_non_root_and_read_credentials_only_by_reference():
+    spec = _spec()
+    children = render.build_stage_children(RUN, spec, _stage(spec, "grpo"), 0, ENDPOINTS)
+    text = yaml.safe_dump(children)
+
+    for child in children:
+        if child["kind"] in ("Job", "Deployment"):
+            pod = child["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            for container in pod["containers"]:
+                assert container["securityContext"]["allowPrivilegeEscalation"] is False
+                keys = [e for e in container["env"] if e["name"].startswith("AWS_") and "KEY" in e["name"]]
+                assert all("secretKeyRef" in e["valueFrom"] for e in keys)
+    assert "s3-credentials" in text
+
+
+def test_every_child_is_owned_by_the_run():
+    spec = _spec()
+    for stage in spec.stages:
+        for child in render.build_stage_children(RUN, spec, stage, 0, ENDPOINTS):
+            (owner,) = child["metadata"]["ownerReferences"]
+            assert (owner["kind"], owner["uid"], owner["controller"]) == ("MedMOTraining", "uid-1", True)
+
+
+def test_rl_stage_adds_separately_scaled_rollout_and_reward_workers():
+    spec = _spec()
+    children = render.build_stage_children(RUN, spec, _stage(spec, "grpo"), 0, ENDPOINTS)
+    deployments = {c["metadata"]["name"]: c for c in children if c["kind"] == "Deployment"}
+
+    rollout, reward = deployments["medmo-8b-grpo-rollout"], deployments["medmo-8b-grpo-reward"]
+    assert rollout["spec"]["replicas"] == 4 and reward["spec"]["replicas"] == 2
+    assert rollout["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert "nvidia.com/gpu" not in reward["spec"]["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+    config = StageConfig.model_validate(yaml.safe_load(next(c for c in children if c["kind"] == "ConfigMap")["data"]["stage.yaml"]))
+    assert config.rl.rollout_urls == ["http://medmo-8b-grpo-rollout:8000"]
+    assert config.rl.algorithm.group_size == 8
+
+
+def test_each_stage_starts_from_the_previous_training_stages_export():
+    spec = _spec()
+    configs = [render.build_stage_config(RUN, spec, stage) for stage in spec.stages]
+
+    assert configs[0].model.base == "Qwen/Qwen3-VL-8B-Instruct"
+    assert configs[1].model.base == "s3://medmo-runs/medmo-8b/align/model"
+    assert configs[4].model.base == "s3://medmo-runs/medmo-8b/grpo/model"
+    assert configs[0].model.trainable == ["projector"]
+    assert configs[2].checkpoint_uri == "s3://medmo-runs/medmo-8b/instruct/checkpoints"
+
+
+def test_progress_token_is_per_run_and_mounted_not_inlined():
+    spec = _spec()
+    other = render.RunRef(name="other", namespace="medmo", uid="uid-2")
+    job = render.build_learner_job(RUN, spec, spec.stages[0], 0, ENDPOINTS)
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    assert render.progress_token(RUN, ENDPOINTS.token_key) != render.progress_token(other, ENDPOINTS.token_key)
+    assert render.progress_token(RUN, ENDPOINTS.token_key) not in yaml.safe_dump(job)
+    assert env["MEDMO_PROGRESS_TOKEN_FILE"] == "/var/run/medmo/progress/token"
+    assert env["MEDMO_PROGRESS_URL"].endswith("/v1/namespaces/medmo/medmotrainings/medmo-8b/progress")
+
+
+def test_cpu_pool_runs_one_process_per_pod_and_requests_no_gpu():
+    spec = _spec("medmo-tiny.yaml")
+    job = render.build_learner_job(RUN, spec, spec.stages[0], 0, ENDPOINTS)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+
+    assert env["PET_NPROC_PER_NODE"] == "1"
+    assert "nvidia.com/gpu" not in str(container.get("resources"))
