@@ -1,0 +1,221 @@
+"""The run report: a Markdown page with a metrics table per stage and PNG plots of the run's numbers.
+
+Reads what the stages left in storage: each stage's per-step log (`<storage>/<stage>/metrics/`,
+written by `medmo_trainer.metrics_log`) and an eval stage's `<storage>/<stage>/metrics.json`
+(written by `medmo_trainer.stages.eval`), plus the run's status. Plots:
+
+    loss.png            training loss over steps, one line per stage that logged `loss`
+    rewards.png         RL reward components (`reward/<component>`) over steps, one panel per RL stage
+    grounding_iou.png   grounding mean IoU and Acc@0.5 of every model an eval stage scored
+                        (e.g. before and after RL), one bar group per model and benchmark
+
+Matplotlib's object API renders straight to PNG (the Agg canvas), never through pyplot's global
+state, so the operator can call this from any thread. No torch import.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from medmo_trainer.fsio import join, url_to_fs
+from medmo_trainer.metrics_log import LOSS_KEY, REWARD_PREFIX, read_metrics_log, stage_log_uri
+
+EVAL_METRICS_FILE = "metrics.json"
+GROUNDING_METRICS = ("grounding_miou", "grounding_acc50")
+PLOT_SIZE = (8.0, 4.5)
+PLOT_DPI = 100
+
+
+def write_report(
+    training_status: Mapping, storage_uri: str, out_dir: Path, *, run_name: str | None = None
+) -> Path:
+    """Writes `report.md` and its PNG plots into `out_dir`; returns the path of `report.md`.
+
+    `training_status` is the MedMOTraining's `status` as the API shows it (camelCase keys).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages = [dict(stage) for stage in training_status.get("stages", [])]
+    logs = {stage["name"]: read_metrics_log(stage_log_uri(storage_uri, stage["name"])) for stage in stages}
+    evals = {}
+    for stage in stages:
+        if (evaluation := read_eval_metrics(storage_uri, stage["name"])) is not None:
+            evals[stage["name"]] = evaluation
+
+    plots = {
+        "Training loss": plot_loss(logs, out_dir / "loss.png"),
+        "RL reward components": plot_rewards(logs, out_dir / "rewards.png"),
+        "Grounding before and after RL": plot_grounding(evals, out_dir / "grounding_iou.png"),
+    }
+    lines = [f"# MedMO run report{f': {run_name}' if run_name else ''}", ""]
+    lines += _summary(training_status)
+    lines += _stage_table(stages)
+    for stage in stages:
+        lines += _stage_section(stage, logs[stage["name"]], evals.get(stage["name"]))
+    lines += ["## Plots", ""]
+    for title, path in plots.items():
+        if path is not None:
+            lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def read_eval_metrics(storage_uri: str, stage: str) -> dict | None:
+    """An eval stage's metrics.json, or None when the stage wrote none (not an eval stage, or not run)."""
+    fs, path = url_to_fs(join(storage_uri, stage, EVAL_METRICS_FILE))
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def format_value(value: object) -> str:
+    """Numbers with 4 significant digits (integers as they are); anything else as text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "" if value is None else str(value)
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    cells = [[format_value(c) for c in row] for row in rows]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(row) + " |" for row in cells),
+        "",
+    ]
+
+
+def _summary(status: Mapping) -> list[str]:
+    rows = [
+        ("Phase", status.get("phase")),
+        ("Started", status.get("startTime")),
+        ("Finished", status.get("completionTime")),
+        ("Output model", status.get("outputModel")),
+    ]
+    return markdown_table(["run", ""], [row for row in rows if row[1] is not None])
+
+
+def _stage_table(stages: Sequence[Mapping]) -> list[str]:
+    rows = [
+        (s["name"], s.get("phase"), s.get("step"), s.get("totalSteps"), s.get("restarts", 0), s.get("lastCheckpoint"))
+        for s in stages
+    ]
+    return ["## Stages", ""] + markdown_table(["stage", "phase", "step", "total steps", "restarts", "last checkpoint"], rows)
+
+
+def _stage_section(stage: Mapping, log: Sequence[Mapping], evaluation: Mapping | None) -> list[str]:
+    lines = [f"## Stage {stage['name']}", ""]
+    if stage.get("message"):
+        lines += [str(stage["message"]), ""]
+    if evaluation is not None:
+        lines += _eval_tables(evaluation)
+    elif stage.get("metrics"):
+        lines += markdown_table(["metric", "latest"], sorted(stage["metrics"].items()))
+    losses = [(r["step"], r[LOSS_KEY]) for r in log if isinstance(r.get(LOSS_KEY), (int, float))]
+    if losses:
+        first, last = losses[0], losses[-1]
+        lines += [f"Loss {format_value(first[1])} at step {first[0]} -> {format_value(last[1])} at step {last[0]}.", ""]
+    return lines
+
+
+def _eval_tables(evaluation: Mapping) -> list[str]:
+    """One table per benchmark: a row per metric, a column per model scored."""
+    models = evaluation.get("models", [])
+    lines = []
+    for benchmark in evaluation.get("benchmarks", []):
+        names = sorted({metric for model in models for metric in model.get("benchmarks", {}).get(benchmark, {})})
+        rows = [[name, *(model.get("benchmarks", {}).get(benchmark, {}).get(name) for model in models)] for name in names]
+        lines += [f"Benchmark `{benchmark}`:", ""]
+        lines += markdown_table(["metric", *(m["name"] for m in models)], rows)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=PLOT_DPI)
+    return path
+
+
+def plot_loss(logs: Mapping[str, Sequence[Mapping]], path: Path) -> Path | None:
+    """Loss over steps, one line per stage with a logged loss; None when no stage logged one."""
+    series = {
+        stage: [(r["step"], r[LOSS_KEY]) for r in records if isinstance(r.get(LOSS_KEY), (int, float))]
+        for stage, records in logs.items()
+    }
+    series = {stage: points for stage, points in series.items() if points}
+    if not series:
+        return None
+    figure = Figure(figsize=PLOT_SIZE)
+    axes = figure.subplots()
+    for stage, points in series.items():
+        steps, values = zip(*points)
+        axes.plot(steps, values, marker="." if len(points) < 50 else None, label=stage)
+    axes.set(xlabel="step", ylabel="loss", title="Training loss per stage")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return _save(figure, path)
+
+
+def plot_rewards(logs: Mapping[str, Sequence[Mapping]], path: Path) -> Path | None:
+    """Reward components over steps, one panel per stage that logged `reward/*`; None when none did."""
+    stages = {
+        stage: sorted({key for r in records for key in r if key.startswith(REWARD_PREFIX)})
+        for stage, records in logs.items()
+    }
+    stages = {stage: keys for stage, keys in stages.items() if keys}
+    if not stages:
+        return None
+    figure = Figure(figsize=(PLOT_SIZE[0], PLOT_SIZE[1] * len(stages)))
+    for axes, (stage, keys) in zip(figure.subplots(len(stages), 1, squeeze=False)[:, 0], stages.items()):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in logs[stage] if isinstance(r.get(key), (int, float))]
+            if points:
+                steps, values = zip(*points)
+                axes.plot(steps, values, label=key.removeprefix(REWARD_PREFIX))
+        axes.set(xlabel="step", ylabel="reward", title=f"Reward components, stage {stage}")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        axes.legend()
+    return _save(figure, path)
+
+
+def plot_grounding(evals: Mapping[str, Mapping], path: Path) -> Path | None:
+    """Bars of grounding mIoU and Acc@0.5 per scored model and benchmark; None without grounding scores."""
+    groups = []
+    for stage, evaluation in evals.items():
+        for model in evaluation.get("models", []):
+            for benchmark, scores in model.get("benchmarks", {}).items():
+                if any(m in scores for m in GROUNDING_METRICS):
+                    label = f"{model['name']}\n{benchmark}" + (f" ({stage})" if len(evals) > 1 else "")
+                    groups.append((label, [scores.get(m, 0.0) for m in GROUNDING_METRICS]))
+    if not groups:
+        return None
+    figure = Figure(figsize=PLOT_SIZE)
+    axes = figure.subplots()
+    width = 0.8 / len(GROUNDING_METRICS)
+    for i, metric in enumerate(GROUNDING_METRICS):
+        positions = [g + (i - (len(GROUNDING_METRICS) - 1) / 2) * width for g in range(len(groups))]
+        bars = axes.bar(positions, [values[i] for _, values in groups], width, label=metric)
+        axes.bar_label(bars, fmt="%.3f")
+    axes.set_xticks(range(len(groups)), [label for label, _ in groups])
+    axes.set(ylabel="score", ylim=(0, 1.05), title="Grounding: mean IoU and Acc@0.5 per model")
+    axes.legend()
+    return _save(figure, path)
