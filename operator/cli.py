@@ -33,12 +33,32 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    from medmo_operator import handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(verbose=args.verbose)
+    kopf.run(
+        standalone=True,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or (),
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medmo", description="Train MedMO-style medical vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     validate = commands.add_parser("validate", help="check a MedMOTraining YAML file against the API")
     validate.add_argument("file", type=Path)
     validate.set_defaults(handler=_validate)
+    operator = commands.add_parser("operator", help="run the operator against the cluster of $KUBECONFIG (or in-cluster)")
+    operator.add_argument("--namespace", action="append", help="watch only this namespace (repeatable); default: all")
+    operator.add_argument("--liveness", default=None, help="serve kopf's liveness probe, e.g. http://0.0.0.0:8081/healthz")
+    operator.add_argument("--verbose", action="store_true")
+    operator.set_defaults(handler=_operator)
     return parser
 
 

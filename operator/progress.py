@@ -1,0 +1,87 @@
+"""The operator's progress endpoint: trainer rank 0 posts its progress here, per run, with a token.
+
+Reports are checked (the run's HMAC token), bounded in size, and kept in memory as the latest
+report per stage; the reconcile loop folds them into the resource's status at its own pace, so a
+chatty trainer never turns into a storm of status writes. Nothing here writes to the API server,
+and the operator needs no storage credentials.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from medmo_operator import observe, render
+from medmo_operator.plan import ProgressReport
+
+MAX_REPORT_BYTES = 64 * 1024
+log = logging.getLogger(__name__)
+
+
+class ProgressStore:
+    """Latest report per (namespace, run, stage); thread-safe (handlers run in worker threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reports: dict[tuple[str, str], dict[str, ProgressReport]] = {}
+
+    def put(self, namespace: str, run: str, stage: str, report: ProgressReport) -> None:
+        with self._lock:
+            self._reports.setdefault((namespace, run), {})[stage] = report
+
+    def latest(self, namespace: str, run: str) -> dict[str, ProgressReport]:
+        with self._lock:
+            return dict(self._reports.get((namespace, run), {}))
+
+    def forget(self, namespace: str, run: str) -> None:
+        with self._lock:
+            self._reports.pop((namespace, run), None)
+
+
+@dataclass
+class ProgressEndpoint:
+    """The HTTP side: `POST /v1/namespaces/{ns}/medmotrainings/{name}/progress`."""
+
+    store: ProgressStore
+    token_key: bytes
+    run_uid: Callable[[str, str], str | None]
+    """Looks up a run's uid (from the operator's in-memory index); None when the run is unknown."""
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_REPORT_BYTES)
+        app.router.add_post("/v1/namespaces/{namespace}/medmotrainings/{name}/progress", self.post_progress)
+        app.router.add_get("/healthz", self.healthz)
+        return app
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def post_progress(self, request: web.Request) -> web.Response:
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        uid = self.run_uid(namespace, name)
+        if uid is None:
+            return _error(404, f"no MedMOTraining {namespace}/{name} is known to this operator")
+        expected = render.progress_token(render.RunRef(name=name, namespace=namespace, uid=uid), self.token_key)
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return _error(401, "missing or wrong progress token for this run")
+        try:
+            body = json.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"progress reports are limited to {MAX_REPORT_BYTES} bytes")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "the body must be a JSON object")
+        if not isinstance(body, dict) or not isinstance(body.get("stage"), str) or not isinstance(body.get("step"), int):
+            return _error(400, "a progress report needs `stage` (string) and `step` (integer)")
+        self.store.put(namespace, name, body["stage"], observe.progress_report(body))
+        return web.json_response({"accepted": True}, status=202)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
