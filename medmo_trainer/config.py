@@ -172,6 +172,37 @@ class BenchmarkSpec(ConfigModel):
     """Cap on records scored (all when unset)."""
 
 
+class CompareModel(ConfigModel):
+    """A model an `eval` stage scores besides its own, for comparison (e.g. the model before RL)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+    """Label of the model; its metrics are reported as `<name>/<benchmark>/<metric>`."""
+    uri: Annotated[str, Field(min_length=1)]
+    """Model source, as `model.base` takes it (an earlier stage's export URI, a path, a preset)."""
+
+
+class EvalSettings(ConfigModel):
+    """How an `eval` stage generates answers, and which models it compares."""
+
+    model_name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")] = "final"
+    """Label of the stage's own model (`model.base`) in metrics.json and the report; its metric keys
+    carry no prefix (`<benchmark>/<metric>`)."""
+    compare_models: list[CompareModel] = Field(default_factory=list)
+    """Extra models scored on the same benchmarks."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 96
+    """Greedy generation budget per answer; a longer answer is cut (and usually scores 0)."""
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    """Records generated together on each rank."""
+
+    @model_validator(mode="after")
+    def _check_unique_names(self) -> EvalSettings:
+        names = [self.model_name, *(m.name for m in self.compare_models)]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"evaluation model names must be unique (modelName and compareModels[].name): {duplicates}")
+        return self
+
+
 class ModelSource(ConfigModel):
     """Where a stage's starting weights come from and what trains."""
 
@@ -228,6 +259,8 @@ class StageConfig(ConfigModel):
     """Set for `rl` stages."""
     benchmarks: list[BenchmarkSpec] = Field(default_factory=list)
     """Set for `eval` stages."""
+    evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    """Generation and comparison settings of an `eval` stage."""
 
     @model_validator(mode="after")
     def _check_stage_shape(self) -> StageConfig:
