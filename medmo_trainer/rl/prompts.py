@@ -1,0 +1,83 @@
+"""RL prompts: chat messages plus images, from a data record or given directly, and their model inputs.
+
+The rollout workers and the learner both turn a `Prompt` into model inputs here, so the tokens the
+learner scores are exactly the ones the rollout worker conditioned on.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+from PIL import Image
+from pydantic import model_validator
+
+from medmo_trainer.config import ConfigModel
+from medmo_trainer.fsio import url_to_fs
+
+
+class Prompt(ConfigModel):
+    """One prompt on the wire: a data `record`, or chat `messages` with `images` in placeholder order."""
+
+    id: str | None = None
+    record: dict[str, Any] | None = None
+    """A record of the data schema (camelCase); its `image` must be absolute or a data URI."""
+    messages: list[dict[str, Any]] | None = None
+    """Chat turns; an image is a content part `{"type": "image"}`."""
+    images: list[str] = []
+    """Images of `messages`: fsspec URIs, absolute paths or `data:image/...;base64,` URIs."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Prompt:
+        if (self.record is None) == (self.messages is None):
+            raise ValueError("give exactly one of `record` or `messages`")
+        if self.record is not None and not {"prompt", "image"} <= self.record.keys():
+            raise ValueError("a prompt `record` needs `prompt` and `image`")
+        return self
+
+    def chat(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """(messages, image references) of this prompt."""
+        if self.messages is not None:
+            return self.messages, list(self.images)
+        return record_messages(self.record), [self.record["image"]]
+
+
+def record_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The user turn of a record: its image, then its prompt text (the layout SFT trains on)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["prompt"]}]}]
+
+
+def load_image(reference: str) -> Image.Image:
+    """An image from a data URI, an absolute path or an fsspec URI; raises ValueError naming it."""
+    try:
+        if reference.startswith("data:"):
+            data = base64.b64decode(reference.split(",", 1)[1])
+        else:
+            if "://" not in reference and not reference.startswith("/"):
+                raise ValueError("relative image paths cannot be resolved by a worker; send an absolute URI")
+            fs, path = url_to_fs(reference)
+            with fs.open(path, "rb") as handle:
+                data = handle.read()
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except Exception as error:  # any unreadable image is a bad prompt, reported with its reference
+        shown = reference if len(reference) < 120 else reference[:117] + "..."
+        raise ValueError(f"cannot read image {shown!r}: {error}") from error
+
+
+def prompt_texts_and_images(processor, prompts: list[Prompt]) -> tuple[list[str], list[Image.Image]]:
+    """Chat-templated texts (with a generation prompt) and the images they reference, in order."""
+    texts, images = [], []
+    for prompt in prompts:
+        messages, references = prompt.chat()
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+        images.extend(load_image(ref) for ref in references)
+    return texts, images
+
+
+def encode_prompts(processor, prompts: list[Prompt], image_size: int):
+    """Left-padded model inputs (input_ids, attention_mask, pixel_values, image_grid_thw...) of prompts."""
+    texts, images = prompt_texts_and_images(processor, prompts)
+    return processor(texts, images or None, image_size=image_size, padding_side="left")

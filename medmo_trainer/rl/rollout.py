@@ -1,0 +1,149 @@
+"""Rollout backends: what generates G completions per prompt for a given policy version.
+
+`RolloutBackend` is the swap point: `TransformersBackend` runs `model.generate` (CPU or one GPU);
+a vLLM backend for GPU pools implements the same three members and registers in `BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+import torch
+from pydantic import Field
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from medmo_trainer.config import ConfigModel
+from medmo_trainer.fsio import url_to_fs
+from medmo_trainer.rl.prompts import Prompt, encode_prompts
+
+
+class SamplingParams(ConfigModel):
+    """How completions are sampled."""
+
+    n: Annotated[int, Field(ge=1, le=64)] = 8
+    """Completions per prompt (GRPO's group size)."""
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_new_tokens: Annotated[int, Field(ge=1)] = 512
+    seed: int | None = None
+    """Seed of this request's sampling; unset draws from the worker's running generator."""
+    image_size: Annotated[int, Field(ge=28, le=4096)] = 768
+    """Longest image side after resizing (the stage's hyperparameters.imageSize)."""
+
+
+@dataclass
+class Completion:
+    """One sampled completion."""
+
+    token_ids: list[int]
+    """Generated tokens, the end-of-turn token included when the model stopped by itself."""
+    logprobs: list[float]
+    """log pi(token) per generated token under the temperature-scaled policy that sampled it."""
+    text: str
+    truncated: bool
+    """True when generation hit max_new_tokens before the end-of-turn token."""
+
+    def to_wire(self) -> dict:
+        return {"tokenIds": self.token_ids, "logprobs": self.logprobs, "text": self.text, "truncated": self.truncated}
+
+
+class RolloutBackend(abc.ABC):
+    """Holds one policy version and samples from it."""
+
+    policy_version: int = 0
+
+    @abc.abstractmethod
+    def generate(self, prompts: list[Prompt], sampling: SamplingParams) -> list[list[Completion]]:
+        """`sampling.n` completions for each prompt, in prompt order."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Replaces the policy weights (all or a subset of the parameters) and sets the version."""
+
+
+class TransformersBackend(RolloutBackend):
+    """`model.generate` with per-token log-probabilities from the returned logits."""
+
+    def __init__(self, model: torch.nn.Module, processor, version: int = 0):
+        self.model = model.eval()
+        self.processor = processor
+        self.policy_version = version
+        # generate() and a weight swap must not interleave: one holder of the model at a time.
+        self._lock = threading.Lock()
+
+    def generate(self, prompts: list[Prompt], sampling: SamplingParams) -> list[list[Completion]]:
+        inputs = encode_prompts(self.processor, prompts, sampling.image_size)
+        tokenizer = self.processor.tokenizer
+        with self._lock, torch.no_grad(), torch.random.fork_rng(devices=[]):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            out = self.model.generate(
+                **inputs,
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=0,
+                max_new_tokens=sampling.max_new_tokens,
+                num_return_sequences=sampling.n,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+        generated = out.sequences[:, inputs["input_ids"].shape[1] :]
+        logits = torch.stack(out.logits, dim=1).float() / sampling.temperature
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+        completions = [self._completion(row, lp, tokenizer.eos_token_id) for row, lp in zip(generated, logprobs)]
+        return [completions[i : i + sampling.n] for i in range(0, len(completions), sampling.n)]
+
+    def _completion(self, tokens: torch.Tensor, logprobs: torch.Tensor, eos_id: int) -> Completion:
+        stops = (tokens == eos_id).nonzero()
+        length = int(stops[0]) + 1 if len(stops) else len(tokens)
+        ids = tokens[:length].tolist()
+        return Completion(
+            token_ids=ids,
+            logprobs=logprobs[:length].tolist(),
+            text=self.processor.decode(ids, skip_special_tokens=True),
+            truncated=not len(stops),
+        )
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
+        own = self.model.state_dict()
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ValueError(f"weights name {len(unknown)} parameters this model lacks, e.g. {unknown[:3]}")
+        mismatched = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if mismatched:
+            raise ValueError(f"weights have wrong shapes for {len(mismatched)} parameters, e.g. {mismatched[:3]}")
+        with self._lock:
+            self.model.load_state_dict(state, strict=False)
+            self.policy_version = version
+
+
+def read_weights(uri: str) -> dict[str, torch.Tensor]:
+    """A safetensors file from any fsspec URI or local path."""
+    fs, path = url_to_fs(uri)
+    with fs.open(path, "rb") as handle:
+        return load_safetensors(handle.read())
+
+
+def load_transformers_backend(model_source: str, seed: int = 0) -> TransformersBackend:
+    from medmo_trainer.model.loading import load_model
+
+    loaded = load_model(model_source, seed=seed)
+    return TransformersBackend(loaded.model, loaded.processor)
+
+
+BACKENDS: dict[str, Callable[..., RolloutBackend]] = {"transformers": load_transformers_backend}
+"""Backend name -> loader `(model_source, seed) -> RolloutBackend`."""
+
+
+def weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """A state dict as safetensors bytes (what the learner pushes or uploads)."""
+    return save_safetensors({k: v.detach().contiguous().cpu() for k, v in state.items()})
+

@@ -1,0 +1,169 @@
+"""The rollout worker: an HTTP service holding one policy version and sampling completions from it.
+
+    python -m medmo_trainer.rl.rollout_server --model <source> --port 8000 [--host 0.0.0.0]
+        [--backend transformers] [--seed 0] [--max-request-bytes N] [--threads N]
+
+`<source>` is anything `medmo_trainer.model.load_model` takes (`preset:tiny-qwen3-vl`, a local
+path, `s3://...` or a Hugging Face id). S3 credentials and endpoint come from the environment
+(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `MEDMO_S3_ENDPOINT`).
+
+POST /v1/generate  {"prompts": [{"id": "p0", "record": {...}} | {"messages": [...], "images": [...]}],
+                    "sampling": {"n": 8, "temperature": 1.0, "topP": 1.0, "maxNewTokens": 512,
+                                 "seed": 7, "imageSize": 768}}
+  -> 200 {"policyVersion": 3, "results": [{"id": "p0", "completions": [
+              {"tokenIds": [...], "logprobs": [...], "text": "...", "truncated": false}, ...]}],
+          "generatedTokens": 812, "seconds": 1.9}
+POST /v1/weights   {"version": 4, "uri": "s3://bucket/run/grpo/policy/v4.safetensors"}      (from storage)
+                   or the safetensors bytes with Content-Type application/octet-stream and
+                   header X-Policy-Version: 4                                                (pushed)
+  -> 200 {"policyVersion": 4}; 409 when the version is older than the one held
+GET  /v1/policy    -> {"policyVersion": 3, "model": "<source>"}
+GET  /healthz, GET /readyz (503 until the model is loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from typing import Annotated
+
+import torch
+from aiohttp import web
+from pydantic import Field
+from safetensors.torch import load as load_safetensors
+
+from medmo_trainer.config import ConfigModel
+from medmo_trainer.rl.http import READY, add_health_routes, json_error, parse_body, serve
+from medmo_trainer.rl.prompts import Prompt
+from medmo_trainer.rl.rollout import BACKENDS, RolloutBackend, SamplingParams, read_weights
+
+log = logging.getLogger(__name__)
+
+BACKEND = web.AppKey("backend", list)
+"""One-element list holding the backend once loaded (empty while loading)."""
+MODEL_SOURCE = web.AppKey("model_source", str)
+LOADER = web.AppKey("loader", asyncio.Task)
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024 * 1024
+VERSION_HEADER = "X-Policy-Version"
+
+
+class GenerateRequest(ConfigModel):
+    prompts: Annotated[list[Prompt], Field(min_length=1, max_length=1024)]
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+
+
+class WeightsRequest(ConfigModel):
+    version: Annotated[int, Field(ge=0)]
+    uri: Annotated[str, Field(min_length=1)]
+    """fsspec URI or path of a safetensors file with (a subset of) the policy's parameters."""
+
+
+def _backend(request: web.Request) -> RolloutBackend:
+    held = request.app[BACKEND]
+    if not held:
+        raise web.HTTPServiceUnavailable(text='{"error": "model is still loading"}', content_type="application/json")
+    return held[0]
+
+
+async def handle_generate(request: web.Request) -> web.Response:
+    backend = _backend(request)
+    body = await parse_body(request, GenerateRequest)
+    started = time.monotonic()
+    try:
+        groups = await asyncio.to_thread(backend.generate, body.prompts, body.sampling)
+    except ValueError as error:  # unreadable images, prompts the processor refuses
+        return json_error(422, str(error))
+    results = [
+        {"id": prompt.id, "completions": [c.to_wire() for c in group]} for prompt, group in zip(body.prompts, groups)
+    ]
+    return web.json_response(
+        {
+            "policyVersion": backend.policy_version,
+            "results": results,
+            "generatedTokens": sum(len(c.token_ids) for group in groups for c in group),
+            "seconds": time.monotonic() - started,
+        }
+    )
+
+
+async def handle_weights(request: web.Request) -> web.Response:
+    backend = _backend(request)
+    if request.content_type == "application/octet-stream":
+        try:
+            version = int(request.headers[VERSION_HEADER])
+        except (KeyError, ValueError):
+            return json_error(400, f"pushed weights need an integer {VERSION_HEADER} header")
+        payload = await request.read()
+        load = lambda: load_safetensors(payload)  # noqa: E731
+    else:
+        body = await parse_body(request, WeightsRequest)
+        version = body.version
+        load = lambda: read_weights(body.uri)  # noqa: E731
+    if version < backend.policy_version:
+        return json_error(409, f"policy version {version} is older than the held version {backend.policy_version}")
+    try:
+        state = await asyncio.to_thread(load)
+        await asyncio.to_thread(backend.load_state_dict, state, version)
+    except (ValueError, OSError) as error:
+        return json_error(422, f"cannot load weights of version {version}: {error}")
+    except Exception as error:  # safetensors raises its own error type on corrupt bytes
+        return json_error(422, f"cannot read weights of version {version}: {error}")
+    log.info("loaded policy version %d", version)
+    return web.json_response({"policyVersion": backend.policy_version})
+
+
+async def handle_policy(request: web.Request) -> web.Response:
+    backend = _backend(request)
+    return web.json_response({"policyVersion": backend.policy_version, "model": request.app[MODEL_SOURCE]})
+
+
+def build_app(model_source: str, backend_name: str = "transformers", seed: int = 0,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> web.Application:
+    if backend_name not in BACKENDS:
+        raise SystemExit(f"unknown rollout backend {backend_name!r}; available: {sorted(BACKENDS)}")
+    app = web.Application(client_max_size=max_request_bytes)
+    add_health_routes(app)
+    app[BACKEND] = []
+    app[MODEL_SOURCE] = model_source
+    app.router.add_post("/v1/generate", handle_generate)
+    app.router.add_post("/v1/weights", handle_weights)
+    app.router.add_get("/v1/policy", handle_policy)
+
+    async def load_in_background(app: web.Application) -> None:
+        # Loading can take minutes for real models; /healthz answers meanwhile and /readyz says why not.
+        app[READY].update(ready=False, reason=f"loading {model_source}")
+
+        async def load() -> None:
+            try:
+                app[BACKEND].append(await asyncio.to_thread(BACKENDS[backend_name], model_source, seed))
+                app[READY].update(ready=True, reason="")
+            except Exception as error:  # the reason shows in /readyz; the pod's probe keeps it out of service
+                log.exception("cannot load model %s", model_source)
+                app[READY].update(ready=False, reason=f"cannot load model {model_source!r}: {error}")
+
+        app[LOADER] = asyncio.create_task(load())
+
+    app.on_startup.append(load_in_background)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="model source: preset:<name>, path, s3:// URI or HF id")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--backend", default="transformers", choices=sorted(BACKENDS))
+    parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    serve(build_app(args.model, args.backend, args.seed, args.max_request_bytes), args.host, args.port, "rollout server")
+
+
+if __name__ == "__main__":
+    main()
