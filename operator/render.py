@@ -39,6 +39,8 @@ TOKEN_KEY = "token"
 RENDEZVOUS_PORT = 29500
 WORKER_PORT = 8000
 TRAINER_UID = 1000
+TRAINER_ENTRYPOINT = ["python", "-m", "medmo_trainer.launch"]
+"""The trainer image's ENTRYPOINT (images/trainer/Dockerfile); learner pods set only args."""
 
 
 @dataclass(frozen=True)
@@ -338,7 +340,7 @@ def build_learner_job(
     container = {
         "name": "trainer",
         "image": spec.image,
-        "command": ["python", "-m", "medmo_trainer.launch"],
+        # No command: the trainer image's entrypoint is `python -m medmo_trainer.launch` (torchrun).
         "args": ["-m", "medmo_trainer", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
         "env": env,
         "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
