@@ -1,0 +1,232 @@
+"""The `eval` stage: greedy answers of one or more models on held-out benchmarks, scored with the
+paper's metrics (`medmo_trainer.eval.scoring`).
+
+Each rank generates for its share of every benchmark's records (record i goes to rank i mod world
+size); the metric sums are all-reduced, so every world size gives the same numbers. Results:
+
+- stage metrics in the progress reports (hence in `status.stages[].metrics`): `<benchmark>/<metric>`
+  for the stage's own model, `<name>/<benchmark>/<metric>` for each of `evaluation.compareModels`,
+  plus the counts `.../samples`, `.../unparseable` and `.../skipped` (malformed records, unreadable images);
+- `<storage>/<stage>/metrics.json`, which the run report reads:
+
+      {"stage": ..., "benchmarks": [names], "metrics": {the flat keys above},
+       "models": [{"name", "uri", "benchmarks": {bench: {metric: mean}}, "counts": {bench: {count: n}}}]}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from medmo_trainer.config import BenchmarkSpec, StageConfig
+from medmo_trainer.data.encode import prompt_messages
+from medmo_trainer.data.records import MalformedRecordError, iter_records, load_image
+from medmo_trainer.data.schema import OPTION_LETTERS, Record
+from medmo_trainer.dist import DistContext
+from medmo_trainer.eval.scoring import BenchmarkScorer
+from medmo_trainer.exit_codes import DataError, ModelError, StorageError
+from medmo_trainer.fsio import join, url_to_fs
+from medmo_trainer.progress import Progress, ProgressReporter
+from medmo_trainer.stages import StageResult, register
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+SUMMARY_METRICS = ("grounding_miou", "vqa_closed_acc", "report_rougeL")
+"""Metrics of the stage's own model named in the one-line termination summary."""
+
+
+@dataclass
+class Benchmark:
+    """A benchmark's records on this rank, and how many of its records were skipped here."""
+
+    spec: BenchmarkSpec
+    records: list[Record]
+    skipped: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class ModelResult:
+    name: str
+    uri: str
+    benchmarks: dict[str, dict[str, float]] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@register("eval")
+def run_eval_stage(config: StageConfig, context: DistContext) -> StageResult:
+    evaluator = Evaluator(config, context)
+    try:
+        return evaluator.run()
+    finally:
+        evaluator.reporter.close()
+
+
+class Evaluator:
+    """Scores every model of the stage on every benchmark, reporting progress per generated batch."""
+
+    def __init__(self, config: StageConfig, context: DistContext):
+        self.config = config
+        self.context = context
+        self.reporter = ProgressReporter.from_env(enabled=context.is_main)
+        self.benchmarks = [load_benchmark(spec, context) for spec in config.benchmarks]
+        settings = config.evaluation
+        self.models = [(settings.model_name, config.model.base), *((m.name, m.uri) for m in settings.compare_models)]
+        # Steps are generated batches; rank 0, which reports them, holds the most records.
+        self.total_steps = len(self.models) * sum(-(-len(b.records) // settings.batch_size) for b in self.benchmarks)
+        self.step = 0
+
+    def run(self) -> StageResult:
+        results = [self._evaluate_model(name, uri) for name, uri in self.models]
+        flat = flat_metrics(results, own_model=self.config.evaluation.model_name)
+        if self.context.is_main:
+            self._write_metrics_file(results, flat)
+        self.context.barrier()
+        summary = ", ".join(
+            f"{benchmark.spec.name}/{metric} {value:.4f}"
+            for benchmark in self.benchmarks
+            for metric in SUMMARY_METRICS
+            if (value := results[0].benchmarks[benchmark.spec.name].get(metric)) is not None
+        )
+        self._report("Succeeded", metrics=flat, message=f"metrics written to {self._metrics_uri()}")
+        return StageResult(steps=self.step, output_uri=None, summary=f"eval: {summary or 'no scores'}")
+
+    def _evaluate_model(self, name: str, uri: str) -> ModelResult:
+        model, processor = load_eval_model(uri, self.context.device)
+        result = ModelResult(name, uri)
+        settings = self.config.evaluation
+        for benchmark in self.benchmarks:
+            scorer = BenchmarkScorer()
+            skipped = Counter(benchmark.skipped)
+            for start in range(0, len(benchmark.records), settings.batch_size):
+                batch = benchmark.records[start : start + settings.batch_size]
+                generated = generate_answers(
+                    model, processor, batch, image_size=self.config.hyperparameters.image_size,
+                    max_new_tokens=settings.max_new_tokens, device=self.context.device, skipped=skipped,
+                )
+                for record, text, scores in generated:
+                    scorer.add(record, text, scores)
+                self.step += 1
+                self._report("Running", message=f"model {name}, benchmark {benchmark.spec.name}")
+            totals = self._sum_over_ranks([*scorer.totals(), float(sum(skipped.values()))])
+            means, counts = BenchmarkScorer.summary(totals[:-1])
+            counts["skipped"] = int(round(totals[-1]))
+            if counts["samples"] == 0:
+                raise DataError(f"benchmark {benchmark.spec.name!r} ({benchmark.spec.uri}) has no usable record "
+                                f"({counts['skipped']} skipped)")
+            result.benchmarks[benchmark.spec.name] = means
+            result.counts[benchmark.spec.name] = counts
+            logger.info("model %s on %s: %s (%s)", name, benchmark.spec.name, means, counts)
+        return result
+
+    def _report(self, phase: str, metrics: dict[str, float] | None = None, message: str = "") -> None:
+        self.reporter.report(Progress(
+            run=self.config.run, stage=self.config.stage, phase=phase, step=self.step,
+            total_steps=self.total_steps, metrics=metrics or {}, message=message,
+        ))
+
+    def _metrics_uri(self) -> str:
+        return join(self.config.storage.uri, self.config.stage, METRICS_FILE)
+
+    def _write_metrics_file(self, results: Sequence[ModelResult], flat: dict[str, float]) -> None:
+        document = {
+            "stage": self.config.stage,
+            "benchmarks": [b.spec.name for b in self.benchmarks],
+            "metrics": flat,
+            "models": [vars(result) for result in results],
+        }
+        uri = self._metrics_uri()
+        try:
+            fs, path = url_to_fs(uri)
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            fs.pipe_file(path, json.dumps(document, indent=2).encode())
+        except OSError as error:
+            raise StorageError(f"writing eval metrics to {uri} failed: {error}") from error
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        if not dist.is_initialized() or self.context.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.context.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def load_benchmark(spec: BenchmarkSpec, context: DistContext) -> Benchmark:
+    """This rank's share of a benchmark's valid records (after `maxSamples`); malformed ones are counted."""
+    skipped: Counter = Counter()
+    records = list(iter_records(spec.uri, spec.tasks or None, skipped=skipped))
+    if spec.max_samples is not None:
+        records = records[: spec.max_samples]
+    mine = records[context.rank :: context.world_size]
+    # Malformed records are counted once, on rank 0, so the all-reduced count is the benchmark's.
+    return Benchmark(spec, mine, skipped if context.is_main else Counter())
+
+
+def load_eval_model(uri: str, device: torch.device):
+    """The model (in eval mode, on `device`) and processor of a model source; ModelError when unloadable."""
+    from medmo_trainer.model import load_model
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        loaded = load_model(uri, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelError(f"cannot load model {uri!r} for evaluation: {error}") from error
+    return loaded.model.to(device).eval(), loaded.processor
+
+
+def generate_answers(
+    model, processor, records: Sequence[Record], *, image_size: int, max_new_tokens: int,
+    device: torch.device, skipped: Counter,
+) -> list[tuple[Record, str, dict[str, float] | None]]:
+    """Greedy answers to a batch of records, with retrieval letter scores; records whose image cannot be
+    read are counted in `skipped` and left out."""
+    usable, images = [], []
+    for record in records:
+        try:
+            images.append(load_image(record.image))
+            usable.append(record)
+        except MalformedRecordError as error:
+            skipped[error.reason] += 1
+    if not usable:
+        return []
+    texts = [processor.apply_chat_template(prompt_messages(r), add_generation_prompt=True) for r in usable]
+    inputs = processor(texts, images, image_size=image_size).to(device)
+    tokenizer = processor.tokenizer
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, do_sample=False, max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True, output_logits=True,
+        )
+    answers = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    first_step = torch.log_softmax(out.logits[0].float(), dim=-1)
+    return [
+        (record, answer, letter_scores(tokenizer, first_step[i], len(record.options)) if record.task == "retrieval" else None)
+        for i, (record, answer) in enumerate(zip(usable, answers))
+    ]
+
+
+def letter_scores(tokenizer, log_probs: torch.Tensor, options: int) -> dict[str, float]:
+    """Log-probability of starting the answer with each option letter (its first token)."""
+    return {
+        letter: float(log_probs[tokenizer.encode(letter, add_special_tokens=False)[0]])
+        for letter in OPTION_LETTERS[:options]
+    }
+
+
+def flat_metrics(results: Sequence[ModelResult], own_model: str) -> dict[str, float]:
+    """Flat status metrics: `<benchmark>/<name>` for the stage's own model, `<model>/<benchmark>/<name>` else."""
+    flat: dict[str, float] = {}
+    for result in results:
+        prefix = "" if result.name == own_model else f"{result.name}/"
+        for benchmark, means in result.benchmarks.items():
+            flat.update({f"{prefix}{benchmark}/{metric}": value for metric, value in means.items()})
+            counts = result.counts[benchmark]
+            flat.update({f"{prefix}{benchmark}/{name}": float(counts[name]) for name in ("samples", "unparseable", "skipped")})
+    return flat
