@@ -1,0 +1,160 @@
+"""Turning records into model inputs: chat prompts, answer-only labels, multimodal RoPE positions, packing.
+
+Packing is padding-free: the samples of a micro-batch are concatenated into one row. Each sample
+keeps its own positions, which restart at 0, and no `attention_mask` is passed: transformers then
+derives a block-diagonal causal mask (or flash-attention's cu_seqlens) from the restarting text
+positions, so no token attends across samples and the logits equal those of separate forward passes.
+Qwen-VL models take `position_ids` of shape (4, batch, seq): row 0 the text positions, rows 1-3 the
+multimodal RoPE (time, height, width) positions, computed here per sample exactly as the model's own
+`get_rope_index` would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import BatchFeature
+
+from medmo_trainer.data.records import MalformedRecordError, load_image
+from medmo_trainer.data.schema import Record
+from medmo_trainer.model.processor import VLProcessor
+from medmo_trainer.model.tokenizer import IM_END
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodedSample:
+    """One record as token ids, labels, positions and image patches."""
+
+    input_ids: torch.Tensor
+    """(seq,) prompt then answer tokens."""
+    labels: torch.Tensor
+    """(seq,) IGNORE_INDEX except on the answer tokens (and the end-of-turn token after them)."""
+    position_ids: torch.Tensor
+    """(4, seq): text positions, then multimodal RoPE time/height/width positions."""
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    truncated: bool
+
+
+def prompt_messages(record: Record) -> list[dict]:
+    """The chat turn asking the record's question about its image."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record.prompt}]}]
+
+
+def rope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """(3, seq) multimodal RoPE positions of one unpacked sample of text and images.
+
+    Text tokens advance all three rows together; an image's tokens get its start position in the time
+    row and start + row/column index of the merged patch grid in the height/width rows; text after an
+    image resumes at start + max(grid height, grid width) (what Qwen2.5-VL and Qwen3-VL do for images).
+    """
+    positions = []
+    grids = iter(image_grid_thw.tolist())
+    current, index, length = 0, 0, len(mm_token_type_ids)
+    types = mm_token_type_ids.tolist()
+    while index < length:
+        end = index
+        while end < length and types[end] == types[index]:
+            end += 1
+        if types[index] == 0:
+            span = torch.arange(current, current + end - index)
+            positions.append(span.expand(3, -1))
+            current += end - index
+        else:
+            _, grid_h, grid_w = next(grids)
+            h, w = grid_h // merge_size, grid_w // merge_size
+            rows = torch.arange(h).repeat_interleave(w)
+            cols = torch.arange(w).repeat(h)
+            positions.append(torch.stack([torch.full_like(rows, current), rows + current, cols + current]))
+            current += max(h, w)
+        index = end
+    return torch.cat(positions, dim=1)
+
+
+def encode_sample(processor: VLProcessor, record: Record, image: Image.Image, *, image_size: int,
+                  max_seq_length: int) -> EncodedSample:
+    """Tokenises a record for training; answers longer than the budget are cut (`truncated`), a prompt
+    that alone fills `max_seq_length` raises MalformedRecordError('too_long')."""
+    vision = processor.encode_images([image], image_size)
+    prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+    prompt = processor.expand_image_tokens(prompt, vision["image_grid_thw"])
+    tokenizer = processor.tokenizer
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(record.answer + IM_END, add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) >= max_seq_length:
+        raise MalformedRecordError("too_long", f"prompt of {len(prompt_ids)} tokens >= maxSeqLength {max_seq_length}")
+    room = max_seq_length - len(prompt_ids)
+    truncated = len(answer_ids) > room
+    answer_ids = answer_ids[:room]
+    input_ids = torch.tensor(prompt_ids + answer_ids)
+    labels = torch.tensor([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+    mm_types = (input_ids == processor.image_token_id).long()
+    mrope = rope_positions(mm_types, vision["image_grid_thw"], processor.image_processor.merge_size)
+    text = torch.arange(len(input_ids)).unsqueeze(0)
+    return EncodedSample(input_ids, labels, torch.cat([text, mrope]), vision["pixel_values"],
+                         vision["image_grid_thw"], truncated)
+
+
+def pack(samples: list[EncodedSample], image_token_id: int) -> dict[str, torch.Tensor]:
+    """One padding-free row holding all samples (see the module docstring)."""
+    input_ids = torch.cat([s.input_ids for s in samples]).unsqueeze(0)
+    return {
+        "input_ids": input_ids,
+        "labels": torch.cat([s.labels for s in samples]).unsqueeze(0),
+        "position_ids": torch.cat([s.position_ids for s in samples], dim=1).unsqueeze(1),
+        "mm_token_type_ids": (input_ids == image_token_id).long(),
+        "pixel_values": torch.cat([s.pixel_values for s in samples]),
+        "image_grid_thw": torch.cat([s.image_grid_thw for s in samples]),
+    }
+
+
+def pad(samples: list[EncodedSample], image_token_id: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One row per sample, right-padded to the longest; positions come from the model (it reads the mask)."""
+    longest = max(len(s.input_ids) for s in samples)
+
+    def padded(tensor: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (0, longest - len(tensor)), value=value)
+
+    input_ids = torch.stack([padded(s.input_ids, pad_token_id) for s in samples])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.stack([padded(torch.ones_like(s.input_ids), 0) for s in samples]),
+        "labels": torch.stack([padded(s.labels, IGNORE_INDEX) for s in samples]),
+        "mm_token_type_ids": (input_ids == image_token_id).long(),
+        "pixel_values": torch.cat([s.pixel_values for s in samples]),
+        "image_grid_thw": torch.cat([s.image_grid_thw for s in samples]),
+    }
+
+
+def num_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens of a batch, for throughput."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+@dataclass
+class PromptInputs:
+    """A record prepared for generation: what to feed `model.generate` and what to compare against."""
+
+    record: Record
+    messages: list[dict]
+    text: str
+    image: Image.Image
+    inputs: BatchFeature
+    """input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw (batch of one)."""
+
+    @property
+    def reference(self) -> str:
+        return self.record.answer
+
+
+def build_prompt(processor: VLProcessor, record: Record, *, image_size: int = 768) -> PromptInputs:
+    """The generation prompt of a record (its image loaded and resized to the pixel budget)."""
+    messages = prompt_messages(record)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = load_image(record.image)
+    return PromptInputs(record, messages, text, image, processor([text], [image], image_size=image_size))

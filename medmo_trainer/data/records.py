@@ -1,0 +1,166 @@
+"""Reading JSONL record shards from any fsspec URI, validating records and loading their images.
+
+Malformed records never stop a run: each is counted under a reason (`SKIP_REASONS`) and skipped.
+An unreadable dataset URI raises `DatasetUnavailableError`, whose message names the URI.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
+
+from medmo_trainer.config import ALL_TASKS, TaskType
+from medmo_trainer.data.schema import Record
+from medmo_trainer.fsio import join, url_to_fs
+
+SKIP_REASONS = ("bad_json", "unknown_task", "bad_box", "invalid_record", "missing_image", "bad_image", "too_long")
+"""Why a record was skipped: unparseable line; task not one of the five; a box off the 0-1000 grid or
+not matching the answer; any other schema violation; image not found; image not decodable; prompt
+and image alone longer than `maxSeqLength`."""
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A dataset URI cannot be read or holds no usable record. Not retryable: the config must change."""
+
+    def __init__(self, uri: str, detail: str):
+        super().__init__(f"dataset {uri!r} is unavailable: {detail}")
+        self.uri = uri
+
+
+class MalformedRecordError(ValueError):
+    """One record cannot be used; `reason` is one of `SKIP_REASONS`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One JSONL line, not yet validated, with the folder its relative image paths start from."""
+
+    line: str
+    base: str
+    data: dict | None
+    """The parsed JSON object, or None when the line is not a JSON object."""
+
+    @property
+    def task(self) -> str | None:
+        task = self.data.get("task") if self.data is not None else None
+        return task if isinstance(task, str) else None
+
+
+def list_shards(uri: str) -> list[str]:
+    """The JSONL shards of a dataset URI (itself if it is a file), sorted; raises DatasetUnavailableError."""
+    try:
+        fs, path = url_to_fs(uri)
+        if fs.isfile(path):
+            return [fs.unstrip_protocol(path)]
+        if not fs.isdir(path):
+            raise DatasetUnavailableError(uri, "no such file or folder")
+        shards = sorted(p for p in fs.find(path) if p.endswith(".jsonl"))
+    except DatasetUnavailableError:
+        raise
+    except Exception as error:  # credentials, network, permissions: the URI cannot be read as configured
+        raise DatasetUnavailableError(uri, f"{type(error).__name__}: {error}") from error
+    if not shards:
+        raise DatasetUnavailableError(uri, "the folder holds no *.jsonl shard")
+    return [fs.unstrip_protocol(p) for p in shards]
+
+
+def read_raw_records(uri: str, tasks: list[TaskType] | tuple[TaskType, ...] | None = None) -> list[RawRecord]:
+    """All lines of a dataset, in shard order, keeping only `tasks` (lines whose task is unreadable stay,
+    to be counted as malformed when used)."""
+    keep = set(tasks or ALL_TASKS)
+    records = []
+    for shard in list_shards(uri):
+        try:
+            fs, path = url_to_fs(shard)
+            text = fs.cat_file(path).decode("utf-8", errors="replace")
+        except Exception as error:
+            raise DatasetUnavailableError(uri, f"cannot read shard {shard}: {error}") from error
+        base = shard.rsplit("/", 1)[0]
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                data = None
+            raw = RawRecord(line, base, data if isinstance(data, dict) else None)
+            if raw.task is None or raw.task not in ALL_TASKS or raw.task in keep:
+                records.append(raw)
+    return records
+
+
+def validate(raw: RawRecord) -> Record:
+    """The validated record, its image reference made absolute; raises MalformedRecordError."""
+    if raw.data is None:
+        raise MalformedRecordError("bad_json", raw.line[:80])
+    try:
+        record = Record.model_validate(raw.data)
+    except ValidationError as error:
+        raise MalformedRecordError(_reason(error), str(error.errors()[0]["msg"])) from error
+    return record.model_copy(update={"image": resolve_image_ref(record.image, raw.base)})
+
+
+def _reason(error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = first["loc"]
+    if location and location[0] == "task":
+        return "unknown_task"
+    if (location and location[0] == "boxes") or "box" in first["msg"]:
+        return "bad_box"
+    return "invalid_record"
+
+
+def resolve_image_ref(image: str, base: str) -> str:
+    """An absolute URI (or data URI) for an image reference relative to a shard's folder."""
+    if image.startswith("data:") or "://" in image or image.startswith("/"):
+        return image
+    return join(base, image)
+
+
+@lru_cache(maxsize=512)
+def _image_bytes(ref: str) -> bytes:
+    if ref.startswith("data:"):
+        try:
+            return base64.b64decode(ref.split(",", 1)[1], validate=True)
+        except (IndexError, binascii.Error) as error:
+            raise MalformedRecordError("bad_image", f"embedded image is not base64: {error}") from error
+    try:
+        fs, path = url_to_fs(ref)
+        return fs.cat_file(path)
+    except FileNotFoundError as error:
+        raise MalformedRecordError("missing_image", ref) from error
+
+
+def load_image(ref: str) -> Image.Image:
+    """The image at an absolute reference (URI, path or data URI), as RGB; raises MalformedRecordError."""
+    data = _image_bytes(ref)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise MalformedRecordError("bad_image", f"{ref[:80]}: {error}") from error
+
+
+def iter_records(uri: str, tasks: list[TaskType] | tuple[TaskType, ...] | None = None,
+                 skipped: Counter | None = None) -> Iterator[Record]:
+    """Valid records of a dataset in file order (for evaluation and RL prompts); malformed ones are
+    counted into `skipped` by reason and left out. Images are checked when loaded, not here."""
+    for raw in read_raw_records(uri, tasks):
+        try:
+            yield validate(raw)
+        except MalformedRecordError as error:
+            if skipped is not None:
+                skipped[error.reason] += 1

@@ -1,0 +1,127 @@
+"""The one JSONL record schema of MedMO data, for all five task types.
+
+A dataset is a `.jsonl` file or a folder of `*.jsonl` shards; each line is one `Record`:
+
+    {"id": "train-000012-vqa-1", "task": "vqa", "image": "images/train-000012.png",
+     "prompt": "Is there a nodule?", "answer": "yes", "answerType": "closed", "options": ["yes", "no"]}
+
+`image` is one of
+- a path relative to the folder of the shard that holds the record (`images/x.png`),
+- an absolute fsspec URI (`s3://bucket/images/x.png`, `file:///data/x.png`) or absolute local path,
+- an embedded image, `data:image/png;base64,<...>`.
+
+Per task:
+- `caption`: `answer` is the caption.
+- `vqa`: `answerType` is `closed` (then `options` lists the allowed answers and `answer` is one of
+  them) or `open` (free text).
+- `report`: `answer` is the report; `findings` lists its positive findings, for verifiable rewards.
+- `retrieval`: `options` are candidate captions; `answer` is the letter of the matching one (`A`, `B`...).
+- `grounding`: `boxes` holds the ground truth, XYXY on the 0-1000 grid; `answer` writes them as
+  `<label> <box>[[x1, y1, x2, y2], ...]</box>`, one such group per label, joined with `; `.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from medmo_trainer.config import TaskType
+
+GRID = 1000
+"""Box coordinates are integers on Qwen-VL's relative 0-1000 grid."""
+
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class Box(BaseModel):
+    """One labelled box, XYXY on the 0-1000 grid."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: Annotated[str, Field(min_length=1)]
+    box: tuple[int, int, int, int]
+    """x1, y1, x2, y2 with 0 <= x1 < x2 <= 1000 and 0 <= y1 < y2 <= 1000."""
+
+    @model_validator(mode="after")
+    def _check_box(self) -> Box:
+        x1, y1, x2, y2 = self.box
+        if not (0 <= x1 < x2 <= GRID and 0 <= y1 < y2 <= GRID):
+            raise ValueError(f"box {list(self.box)} is not XYXY inside the 0-{GRID} grid")
+        return self
+
+
+class Record(BaseModel):
+    """One training or evaluation example (camelCase keys in the JSONL)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    id: Annotated[str, Field(min_length=1)]
+    task: TaskType
+    image: Annotated[str, Field(min_length=1)]
+    """Relative path (to the shard's folder), absolute URI/path, or `data:image/...;base64,` URI."""
+    prompt: Annotated[str, Field(min_length=1)]
+    """The user's instruction or question (the image comes before it in the chat turn)."""
+    answer: Annotated[str, Field(min_length=1)]
+    """The target text the model learns to produce (loss is computed on it only)."""
+    answer_type: Literal["closed", "open"] | None = None
+    """For `vqa`: closed (answer among `options`) or open."""
+    options: list[str] = Field(default_factory=list)
+    """Allowed answers of closed VQA, or candidate captions of retrieval."""
+    findings: list[str] = Field(default_factory=list)
+    """Positive findings of a report, for label-accuracy rewards."""
+    boxes: list[Box] = Field(default_factory=list)
+    """Ground-truth boxes of grounding records."""
+    meta: dict = Field(default_factory=dict)
+    """Free-form provenance (generator parameters, source dataset ids)."""
+
+    @model_validator(mode="after")
+    def _check_task_fields(self) -> Record:
+        if self.task == "vqa":
+            if self.answer_type is None:
+                raise ValueError("vqa record needs answerType 'closed' or 'open'")
+            if self.answer_type == "closed" and self.answer not in self.options:
+                raise ValueError(f"closed vqa answer {self.answer!r} is not among options {self.options}")
+        if self.task == "retrieval":
+            letters = OPTION_LETTERS[: len(self.options)]
+            if len(self.options) < 2 or self.answer not in letters:
+                raise ValueError(f"retrieval answer {self.answer!r} must be one of the option letters {list(letters)}")
+        if self.task == "grounding":
+            if not self.boxes:
+                raise ValueError("grounding record needs at least one entry in boxes")
+            if parse_grounding(self.answer) != {(b.label, b.box) for b in self.boxes}:
+                raise ValueError("grounding answer does not write exactly the record's boxes")
+        return self
+
+
+def format_grounding(boxes: list[Box]) -> str:
+    """Writes boxes as `<label> <box>[[x1, y1, x2, y2], ...]</box>`, grouped by label in first-seen order."""
+    by_label: dict[str, list[tuple[int, int, int, int]]] = {}
+    for box in boxes:
+        by_label.setdefault(box.label, []).append(box.box)
+    groups = []
+    for label, coords in by_label.items():
+        inner = ", ".join("[" + ", ".join(str(v) for v in c) + "]" for c in coords)
+        groups.append(f"{label} <box>[{inner}]</box>")
+    return "; ".join(groups)
+
+
+_GROUP = re.compile(r"([^;<>]+?)\s*<box>\s*\[(.*?)\]\s*</box>", re.S)
+_COORDS = re.compile(r"\[\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*\]")
+
+
+def parse_grounding(text: str) -> set[tuple[str, tuple[int, int, int, int]]]:
+    """The (label, box) pairs written in `text`; tolerant of spacing, ignores anything unparseable."""
+    pairs = set()
+    for label, inner in _GROUP.findall(text):
+        for coords in _COORDS.findall(inner):
+            pairs.add((label.strip(), tuple(int(v) for v in coords)))
+    return pairs
+
+
+def retrieval_prompt(question: str, options: list[str]) -> str:
+    """The retrieval prompt: the question, then one lettered option per line."""
+    lines = [question] + [f"{OPTION_LETTERS[i]}. {option}" for i, option in enumerate(options)]
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""fsspec access to URIs (`s3://`, `file://`, local paths) with credentials taken from the environment.
+
+S3 credentials come from the standard `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` variables (read by
+botocore). The endpoint of an S3-compatible server (SeaweedFS, MinIO) comes from, in order,
+`MEDMO_S3_ENDPOINT`, `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL` or `FSSPEC_S3_ENDPOINT_URL`; the region
+from `AWS_REGION` / `AWS_DEFAULT_REGION`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+ENDPOINT_ENV_VARS = ("MEDMO_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL")
+
+
+def s3_options() -> dict:
+    """s3fs keyword arguments built from the environment (endpoint and region only; keys stay with botocore)."""
+    options: dict = {}
+    endpoint = next((os.environ[name] for name in ENDPOINT_ENV_VARS if os.environ.get(name)), None)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    client_kwargs = {}
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        options["client_kwargs"] = client_kwargs
+    return options
+
+
+def url_to_fs(uri: str) -> tuple[AbstractFileSystem, str]:
+    """The filesystem of `uri` and the path inside it; a bare path is a local path."""
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    options = s3_options() if protocol in ("s3", "s3a") else {}
+    return fsspec.core.url_to_fs(uri, **options)
+
+
+def join(base: str, *parts: str) -> str:
+    """Joins URI parts with `/` (fsspec paths use `/` on every protocol)."""
+    return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])
+
+
+def is_remote(uri: str) -> bool:
+    """Whether `uri` names something other than the local filesystem."""
+    return "://" in uri and not uri.startswith("file://")

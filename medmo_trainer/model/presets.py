@@ -1,0 +1,135 @@
+"""Built-in tiny presets: real Qwen-VL classes with random weights, small enough for CPU tests.
+
+Written `preset:<name>` in `ModelSource.base`. Two layers in both towers and hidden sizes of 32/64,
+so a training step on a few synthetic samples takes milliseconds on CPU. Weights are deterministic
+by seed; the tokenizer is `medmo_trainer.model.tokenizer.tiny_tokenizer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import PretrainedConfig, Qwen2_5_VLConfig, Qwen3VLConfig
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from medmo_trainer.model.families import FAMILIES
+from medmo_trainer.model.processor import VLProcessor
+from medmo_trainer.model.tokenizer import IMAGE_PAD, IM_END, PAD_TOKEN, VIDEO_PAD, VISION_END, VISION_START, tiny_tokenizer
+
+TEXT_HIDDEN = 64
+HEAD_DIM = 16
+VISION_HIDDEN = 32
+
+
+def _token_ids(tokenizer) -> dict[str, int]:
+    ids = dict(zip(("image", "video", "start", "end", "eos", "pad"), tokenizer.convert_tokens_to_ids(
+        [IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, IM_END, PAD_TOKEN])))
+    return ids
+
+
+def _vocab_size(tokenizer) -> int:
+    """Tokenizer length rounded up to a multiple of 64 (room for added tokens, friendlier matmuls)."""
+    return (len(tokenizer) + 63) // 64 * 64
+
+
+def tiny_qwen3_vl_config(tokenizer) -> Qwen3VLConfig:
+    ids = _token_ids(tokenizer)
+    return Qwen3VLConfig(
+        text_config={
+            "vocab_size": _vocab_size(tokenizer),
+            "hidden_size": TEXT_HIDDEN,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": HEAD_DIM,
+            "max_position_embeddings": 4096,
+            # mrope sections split head_dim/2 rotary frequencies between time, height and width
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                "mrope_interleaved": True},
+            "pad_token_id": ids["pad"],
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": VISION_HIDDEN,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": FAMILIES["qwen3_vl"].patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": TEXT_HIDDEN,
+            "num_position_embeddings": 256,
+            "deepstack_visual_indexes": [0],
+        },
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=ids["start"],
+        vision_end_token_id=ids["end"],
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_qwen2_5_vl_config(tokenizer) -> Qwen2_5_VLConfig:
+    ids = _token_ids(tokenizer)
+    return Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": _vocab_size(tokenizer),
+            "hidden_size": TEXT_HIDDEN,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "max_window_layers": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "bos_token_id": ids["eos"],
+            "eos_token_id": ids["eos"],
+            "pad_token_id": ids["pad"],
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": VISION_HIDDEN,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": FAMILIES["qwen2_5_vl"].patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+            "out_hidden_size": TEXT_HIDDEN,
+        },
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=ids["start"],
+        vision_end_token_id=ids["end"],
+        tie_word_embeddings=False,
+    )
+
+
+PRESETS: dict[str, tuple[str, Callable[..., PretrainedConfig]]] = {
+    "tiny-qwen3-vl": ("qwen3_vl", tiny_qwen3_vl_config),
+    "tiny-qwen2.5-vl": ("qwen2_5_vl", tiny_qwen2_5_vl_config),
+}
+
+
+def tiny_processor(family_name: str) -> VLProcessor:
+    family = FAMILIES[family_name]
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=family.patch_size, merge_size=2, temporal_patch_size=2,
+        image_mean=list(family.image_mean), image_std=list(family.image_std),
+    )
+    return VLProcessor(tokenizer=tiny_tokenizer(), image_processor=image_processor, family=family_name)
+
+
+def build_preset(name: str, *, seed: int = 0, dtype: torch.dtype | None = None):
+    """(model, processor, family name) of a preset; same seed, same weights."""
+    family_name, make_config = PRESETS[name]
+    processor = tiny_processor(family_name)
+    config = make_config(processor.tokenizer)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
+        torch.manual_seed(seed)
+        model = FAMILIES[family_name].model_class(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model, processor, family_name

@@ -1,0 +1,128 @@
+"""The processor of Qwen-VL family models, assembled by the project.
+
+transformers' own `Qwen3VLProcessor` insists on a video processor, and every video processor needs
+torchvision, which the trainer image does not ship. This processor does the same work for images
+and text with what is installed: transformers' PIL image processor (`Qwen2VLImageProcessorPil`:
+rescale, normalise, and the patch layout the vision tower expects), the model's tokenizer and chat
+template. It saves in the Hugging Face layout, so `AutoProcessor` loads the same folder wherever
+torchvision is present.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from medmo_trainer.model.tokenizer import IMAGE_PAD, VISION_END, VISION_START
+
+HF_PROCESSOR_CLASS = {"qwen3_vl": "Qwen3VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+
+
+@dataclass
+class VLProcessor:
+    """Tokenizer + image preprocessing + chat template of one Qwen-VL family model."""
+
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: Qwen2VLImageProcessorPil
+    family: str
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+    @property
+    def patch_factor(self) -> int:
+        """Image sides must be multiples of this (patch size times spatial merge size)."""
+        return self.image_processor.patch_size * self.image_processor.merge_size
+
+    def resized_shape(self, height: int, width: int, image_size: int) -> tuple[int, int]:
+        """Shrinks (never enlarges) so the longer side is at most `image_size`, sides multiples of the patch factor."""
+        factor = self.patch_factor
+        scale = min(1.0, image_size / max(height, width))
+        limit = max(factor, image_size // factor * factor)
+
+        def side(length: int) -> int:
+            return min(limit, max(factor, round(length * scale / factor) * factor))
+
+        return side(height), side(width)
+
+    def encode_images(self, images: list[Image.Image], image_size: int) -> dict[str, torch.Tensor]:
+        """`pixel_values` (patches of all images, concatenated) and `image_grid_thw` (one row per image)."""
+        resized = []
+        for image in images:
+            height, width = self.resized_shape(image.height, image.width, image_size)
+            resized.append(image.convert("RGB").resize((width, height), Image.BICUBIC))
+        out = self.image_processor(images=resized, do_resize=False, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def image_token_count(self, grid_thw: torch.Tensor) -> int:
+        """LLM tokens one image takes: its patches, merged `merge_size`**2 at a time."""
+        return int(grid_thw.prod()) // self.image_processor.merge_size**2
+
+    def expand_image_tokens(self, text: str, grids: torch.Tensor) -> str:
+        """Replaces each `<|image_pad|>` of `text` by as many as its image needs."""
+        pieces = text.split(IMAGE_PAD)
+        if len(pieces) - 1 != len(grids):
+            raise ValueError(f"text has {len(pieces) - 1} image placeholders but {len(grids)} images were given")
+        out = [pieces[0]]
+        for grid, piece in zip(grids, pieces[1:]):
+            out.append(IMAGE_PAD * self.image_token_count(grid) + piece)
+        return "".join(out)
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def __call__(self, text: list[str], images: list[Image.Image] | None = None, *, image_size: int = 768,
+                 padding_side: str = "left") -> BatchFeature:
+        """Model inputs for a batch of chat texts whose `<|image_pad|>` placeholders match `images` in order.
+
+        Padded on the left by default, which is what generation wants.
+        """
+        features: dict[str, torch.Tensor] = {}
+        if images:
+            features = self.encode_images(images, image_size)
+            grids = iter(features["image_grid_thw"])
+            text = [self.expand_image_tokens(t, torch.stack([next(grids) for _ in range(t.count(IMAGE_PAD))])
+                                             if IMAGE_PAD in t else torch.empty(0, 3)) for t in text]
+        encoded = self.tokenizer(text, padding=True, padding_side=padding_side, return_tensors="pt",
+                                 add_special_tokens=False)
+        features["input_ids"] = encoded["input_ids"]
+        features["attention_mask"] = encoded["attention_mask"]
+        features["mm_token_type_ids"] = (encoded["input_ids"] == self.image_token_id).long()
+        return BatchFeature(features)
+
+    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, ids, *, skip_special_tokens: bool = True) -> list[str]:
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Writes tokenizer, chat template, preprocessor config and processor config to a local folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+        (folder / "processor_config.json").write_text(
+            json.dumps({"processor_class": HF_PROCESSOR_CLASS[self.family]}, indent=2) + "\n"
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, family: str) -> VLProcessor:
+        """Loads a processor saved by `save_pretrained` or shipped with a Hugging Face Qwen-VL checkpoint."""
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder)
+        return cls(tokenizer=tokenizer, image_processor=image_processor, family=family)
+
+
+def vision_markers_present(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer knows the Qwen-VL vision tokens (a single id each)."""
+    unk = tokenizer.unk_token_id
+    ids = tokenizer.convert_tokens_to_ids([IMAGE_PAD, VISION_START, VISION_END])
+    return all(i is not None and i != unk for i in ids)
