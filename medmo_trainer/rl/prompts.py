@@ -6,15 +6,13 @@ learner scores are exactly the ones the rollout worker conditioned on.
 
 from __future__ import annotations
 
-import base64
-import io
+from types import SimpleNamespace
 from typing import Any
 
 from PIL import Image
 from pydantic import model_validator
 
 from medmo_trainer.config import ConfigModel
-from medmo_trainer.fsio import url_to_fs
 
 
 class Prompt(ConfigModel):
@@ -44,25 +42,22 @@ class Prompt(ConfigModel):
 
 
 def record_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The user turn of a record: its image, then its prompt text (the layout SFT trains on)."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["prompt"]}]}]
+    """The user turn of a record, laid out exactly as the SFT stages train on it."""
+    from medmo_trainer.data.encode import prompt_messages
+
+    # prompt_messages reads only the prompt text; a wire record need not carry a full, valid Record.
+    return prompt_messages(SimpleNamespace(prompt=record["prompt"]))
 
 
 def load_image(reference: str) -> Image.Image:
     """An image from a data URI, an absolute path or an fsspec URI; raises ValueError naming it."""
+    from medmo_trainer.data.records import load_image as load_record_image
+
+    if not (reference.startswith(("data:", "/")) or "://" in reference):
+        raise ValueError(f"relative image path {reference!r} cannot be resolved by a worker; send an absolute URI")
     try:
-        if reference.startswith("data:"):
-            data = base64.b64decode(reference.split(",", 1)[1])
-        else:
-            if "://" not in reference and not reference.startswith("/"):
-                raise ValueError("relative image paths cannot be resolved by a worker; send an absolute URI")
-            fs, path = url_to_fs(reference)
-            with fs.open(path, "rb") as handle:
-                data = handle.read()
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
-    except Exception as error:  # any unreadable image is a bad prompt, reported with its reference
+        return load_record_image(reference)
+    except (ValueError, OSError) as error:  # MalformedRecordError is a ValueError
         shown = reference if len(reference) < 120 else reference[:117] + "..."
         raise ValueError(f"cannot read image {shown!r}: {error}") from error
 

@@ -1,6 +1,7 @@
 """The reward-scoring worker: a stateless HTTP service that scores batches of completions.
 
     python -m medmo_trainer.rl.reward_server --port 8000 [--host 0.0.0.0] [--max-request-bytes N]
+        [--config <rl stage config>]
 
 POST /v1/score  {"weights": {...}, "maxCompletionLength": 512,
                  "items": [{"prompt": ..., "completion": "...", "completionLength": 37,
@@ -9,7 +10,7 @@ POST /v1/score  {"weights": {...}, "maxCompletionLength": 512,
           "parseFailures": {"bbox/unparseable": 1}}
 GET /healthz, GET /readyz.
 
-Everything a score needs is in the request (weights included), so replicas are interchangeable.
+Everything a score needs is in the request or the worker's fixed defaults, so replicas are interchangeable.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from aiohttp import web
 from pydantic import Field
 
-from medmo_trainer.config import ConfigModel, RewardWeights, TaskType
+from medmo_trainer.config import ConfigModel, RewardWeights, TaskType, load_stage_config
 from medmo_trainer.rl.http import READY, add_health_routes, json_error, parse_body, serve
 from medmo_trainer.rl.rewards import RewardSuite
 
@@ -49,14 +51,26 @@ class ScoreItem(ConfigModel):
 
 
 class ScoreRequest(ConfigModel):
-    weights: RewardWeights = Field(default_factory=RewardWeights)
-    max_completion_length: Annotated[int, Field(ge=1)] = 512
+    weights: RewardWeights | None = None
+    """Unset: the worker's defaults (its `--config` stage's rewards, else RewardWeights())."""
+    max_completion_length: Annotated[int, Field(ge=1)] | None = None
+    """Unset: the worker's default (its `--config` stage's maxCompletionLength, else 512)."""
     items: Annotated[list[ScoreItem], Field(min_length=1, max_length=MAX_ITEMS)]
 
 
-def score_request(request: ScoreRequest) -> dict:
+@dataclass(frozen=True)
+class Defaults:
+    weights: RewardWeights = field(default_factory=RewardWeights)
+    max_completion_length: int = 512
+
+
+DEFAULTS = web.AppKey("defaults", Defaults)
+
+
+def score_request(request: ScoreRequest, defaults: Defaults) -> dict:
     """The response body for one request (pure: no state kept between requests)."""
-    suite = RewardSuite(request.weights, request.max_completion_length)
+    suite = RewardSuite(request.weights or defaults.weights,
+                        request.max_completion_length or defaults.max_completion_length)
     items = request.items
     scored = suite(
         [item.prompt for item in items],
@@ -77,7 +91,7 @@ def score_request(request: ScoreRequest) -> dict:
 async def handle_score(request: web.Request) -> web.Response:
     body = await parse_body(request, ScoreRequest)
     # Scoring is CPU work; a thread keeps /healthz answering while a large batch is scored.
-    return web.json_response(await asyncio.to_thread(score_request, body))
+    return web.json_response(await asyncio.to_thread(score_request, body, request.app[DEFAULTS]))
 
 
 @web.middleware
@@ -88,8 +102,9 @@ async def size_errors_as_json(request: web.Request, handler):
         return json_error(413, f"request body too large ({exc.text}); send fewer items per request")
 
 
-def build_app(max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> web.Application:
+def build_app(max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, defaults: Defaults | None = None) -> web.Application:
     app = web.Application(client_max_size=max_request_bytes, middlewares=[size_errors_as_json])
+    app[DEFAULTS] = defaults or Defaults()
     add_health_routes(app)
     app.router.add_post("/v1/score", handle_score)
 
@@ -105,9 +120,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    parser.add_argument("--config", help="an rl stage config whose reward weights and maxCompletionLength "
+                        "are the defaults of requests that do not send their own")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    serve(build_app(args.max_request_bytes), args.host, args.port, "reward server")
+    defaults = Defaults()
+    if args.config:
+        config = load_stage_config(args.config)
+        if config.rl is not None:
+            defaults = Defaults(config.rl.rewards, config.rl.algorithm.max_completion_length)
+    serve(build_app(args.max_request_bytes, defaults), args.host, args.port, "reward server")
 
 
 if __name__ == "__main__":

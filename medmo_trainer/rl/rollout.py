@@ -19,7 +19,7 @@ from safetensors.torch import save as save_safetensors
 
 from medmo_trainer.config import ConfigModel
 from medmo_trainer.fsio import url_to_fs
-from medmo_trainer.rl.prompts import Prompt, encode_prompts
+from medmo_trainer.rl.prompts import Prompt, prompt_texts_and_images
 
 
 class SamplingParams(ConfigModel):
@@ -52,17 +52,27 @@ class Completion:
         return {"tokenIds": self.token_ids, "logprobs": self.logprobs, "text": self.text, "truncated": self.truncated}
 
 
+@dataclass
+class GroupResult:
+    """The completions of one prompt, or why it could not be used (its image is unreadable...)."""
+
+    completions: list[Completion]
+    error: str | None = None
+
+
 class RolloutBackend(abc.ABC):
     """Holds one policy version and samples from it."""
 
     policy_version: int = 0
+    policy_uri: str | None = None
+    """Where the held weights came from (None: the model source, or pushed bytes)."""
 
     @abc.abstractmethod
-    def generate(self, prompts: list[Prompt], sampling: SamplingParams) -> list[list[Completion]]:
-        """`sampling.n` completions for each prompt, in prompt order."""
+    def generate(self, prompts: list[Prompt], sampling: SamplingParams) -> list[GroupResult]:
+        """`sampling.n` completions for each prompt, in prompt order; a bad prompt fails alone."""
 
     @abc.abstractmethod
-    def load_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], version: int, uri: str | None = None) -> None:
         """Replaces the policy weights (all or a subset of the parameters) and sets the version."""
 
 
@@ -76,8 +86,21 @@ class TransformersBackend(RolloutBackend):
         # generate() and a weight swap must not interleave: one holder of the model at a time.
         self._lock = threading.Lock()
 
-    def generate(self, prompts: list[Prompt], sampling: SamplingParams) -> list[list[Completion]]:
-        inputs = encode_prompts(self.processor, prompts, sampling.image_size)
+    def generate(self, prompts: list[Prompt], sampling: SamplingParams) -> list[GroupResult]:
+        texts, images, errors = [], [], {}
+        for index, prompt in enumerate(prompts):
+            try:
+                prompt_texts, prompt_images = prompt_texts_and_images(self.processor, [prompt])
+            except ValueError as error:
+                errors[index] = str(error)
+                continue
+            texts.extend(prompt_texts)
+            images.extend(prompt_images)
+        groups = iter(self._sample(texts, images, sampling) if texts else [])
+        return [GroupResult([], errors[i]) if i in errors else GroupResult(next(groups)) for i in range(len(prompts))]
+
+    def _sample(self, texts: list[str], images: list, sampling: SamplingParams) -> list[list[Completion]]:
+        inputs = self.processor(texts, images or None, image_size=sampling.image_size, padding_side="left")
         tokenizer = self.processor.tokenizer
         with self._lock, torch.no_grad(), torch.random.fork_rng(devices=[]):
             if sampling.seed is not None:
@@ -112,7 +135,7 @@ class TransformersBackend(RolloutBackend):
             truncated=not len(stops),
         )
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], version: int) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], version: int, uri: str | None = None) -> None:
         own = self.model.state_dict()
         unknown = sorted(set(state) - set(own))
         if unknown:
@@ -123,6 +146,7 @@ class TransformersBackend(RolloutBackend):
         with self._lock:
             self.model.load_state_dict(state, strict=False)
             self.policy_version = version
+            self.policy_uri = uri
 
 
 def read_weights(uri: str) -> dict[str, torch.Tensor]:

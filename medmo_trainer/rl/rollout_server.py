@@ -1,17 +1,20 @@
 """The rollout worker: an HTTP service holding one policy version and sampling completions from it.
 
-    python -m medmo_trainer.rl.rollout_server --model <source> --port 8000 [--host 0.0.0.0]
-        [--backend transformers] [--seed 0] [--max-request-bytes N] [--threads N]
+    python -m medmo_trainer.rl.rollout_server (--model <source> | --config <stage config>) --port 8000
+        [--host 0.0.0.0] [--backend transformers] [--seed 0] [--max-request-bytes N] [--threads N]
 
-`<source>` is anything `medmo_trainer.model.load_model` takes (`preset:tiny-qwen3-vl`, a local
+`--config` takes the model source, the seed and the storage endpoint from an rl stage's config
+(what the operator mounts). `<source>` is anything `medmo_trainer.model.load_model` takes (`preset:tiny-qwen3-vl`, a local
 path, `s3://...` or a Hugging Face id). S3 credentials and endpoint come from the environment
 (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `MEDMO_S3_ENDPOINT`).
 
 POST /v1/generate  {"prompts": [{"id": "p0", "record": {...}} | {"messages": [...], "images": [...]}],
                     "sampling": {"n": 8, "temperature": 1.0, "topP": 1.0, "maxNewTokens": 512,
-                                 "seed": 7, "imageSize": 768}}
+                                 "seed": 7, "imageSize": 768},
+                    "policy": {"version": 3, "uri": "s3://.../policy/v-3.safetensors"}}     (optional)
   -> 200 {"policyVersion": 3, "results": [{"id": "p0", "completions": [
-              {"tokenIds": [...], "logprobs": [...], "text": "...", "truncated": false}, ...]}],
+              {"tokenIds": [...], "logprobs": [...], "text": "...", "truncated": false}, ...]},
+              {"id": "p1", "completions": [], "error": "cannot read image ..."}],
           "generatedTokens": 812, "seconds": 1.9}
 POST /v1/weights   {"version": 4, "uri": "s3://bucket/run/grpo/policy/v4.safetensors"}      (from storage)
                    or the safetensors bytes with Content-Type application/octet-stream and
@@ -34,7 +37,8 @@ from aiohttp import web
 from pydantic import Field
 from safetensors.torch import load as load_safetensors
 
-from medmo_trainer.config import ConfigModel
+from medmo_trainer.config import ConfigModel, load_stage_config
+from medmo_trainer.__main__ import export_storage_environment
 from medmo_trainer.rl.http import READY, add_health_routes, json_error, parse_body, serve
 from medmo_trainer.rl.prompts import Prompt
 from medmo_trainer.rl.rollout import BACKENDS, RolloutBackend, SamplingParams, read_weights
@@ -45,19 +49,23 @@ BACKEND = web.AppKey("backend", list)
 """One-element list holding the backend once loaded (empty while loading)."""
 MODEL_SOURCE = web.AppKey("model_source", str)
 LOADER = web.AppKey("loader", asyncio.Task)
+WEIGHTS_LOCK = web.AppKey("weights_lock", asyncio.Lock)
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024 * 1024
 VERSION_HEADER = "X-Policy-Version"
-
-
-class GenerateRequest(ConfigModel):
-    prompts: Annotated[list[Prompt], Field(min_length=1, max_length=1024)]
-    sampling: SamplingParams = Field(default_factory=SamplingParams)
 
 
 class WeightsRequest(ConfigModel):
     version: Annotated[int, Field(ge=0)]
     uri: Annotated[str, Field(min_length=1)]
     """fsspec URI or path of a safetensors file with (a subset of) the policy's parameters."""
+
+
+class GenerateRequest(ConfigModel):
+    prompts: Annotated[list[Prompt], Field(min_length=1, max_length=1024)]
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    policy: WeightsRequest | None = None
+    """The policy to sample from; a worker holding other weights loads these first. This is how a
+    restarted worker, or one behind a Service that a push never reached, catches up."""
 
 
 def _backend(request: web.Request) -> RolloutBackend:
@@ -70,22 +78,40 @@ def _backend(request: web.Request) -> RolloutBackend:
 async def handle_generate(request: web.Request) -> web.Response:
     backend = _backend(request)
     body = await parse_body(request, GenerateRequest)
+    if body.policy is not None and body.policy.uri != backend.policy_uri:
+        async with request.app[WEIGHTS_LOCK]:
+            if body.policy.uri != backend.policy_uri:  # another request may have loaded it meanwhile
+                failure = await _load_weights(backend, body.policy.version, lambda: read_weights(body.policy.uri),
+                                              body.policy.uri)
+                if failure is not None:
+                    return failure
     started = time.monotonic()
-    try:
-        groups = await asyncio.to_thread(backend.generate, body.prompts, body.sampling)
-    except ValueError as error:  # unreadable images, prompts the processor refuses
-        return json_error(422, str(error))
-    results = [
-        {"id": prompt.id, "completions": [c.to_wire() for c in group]} for prompt, group in zip(body.prompts, groups)
-    ]
+    groups = await asyncio.to_thread(backend.generate, body.prompts, body.sampling)
+    results = []
+    for prompt, group in zip(body.prompts, groups):
+        result = {"id": prompt.id, "completions": [c.to_wire() for c in group.completions]}
+        if group.error is not None:
+            result["error"] = group.error
+        results.append(result)
     return web.json_response(
         {
             "policyVersion": backend.policy_version,
             "results": results,
-            "generatedTokens": sum(len(c.token_ids) for group in groups for c in group),
+            "generatedTokens": sum(len(c.token_ids) for group in groups for c in group.completions),
             "seconds": time.monotonic() - started,
         }
     )
+
+
+async def _load_weights(backend: RolloutBackend, version: int, read, uri: str | None) -> web.Response | None:
+    """Loads weights in a thread; an error response when they cannot be read or do not fit the model."""
+    try:
+        state = await asyncio.to_thread(read)
+        await asyncio.to_thread(backend.load_state_dict, state, version, uri)
+    except Exception as error:  # unreadable storage, corrupt safetensors (its own error type), wrong names
+        return json_error(422, f"cannot load weights of version {version}: {error}")
+    log.info("loaded policy version %d from %s", version, uri or "pushed bytes")
+    return None
 
 
 async def handle_weights(request: web.Request) -> web.Response:
@@ -96,22 +122,17 @@ async def handle_weights(request: web.Request) -> web.Response:
         except (KeyError, ValueError):
             return json_error(400, f"pushed weights need an integer {VERSION_HEADER} header")
         payload = await request.read()
-        load = lambda: load_safetensors(payload)  # noqa: E731
+        uri = None
+        read = lambda: load_safetensors(payload)  # noqa: E731
     else:
         body = await parse_body(request, WeightsRequest)
-        version = body.version
-        load = lambda: read_weights(body.uri)  # noqa: E731
+        version, uri = body.version, body.uri
+        read = lambda: read_weights(uri)  # noqa: E731
     if version < backend.policy_version:
         return json_error(409, f"policy version {version} is older than the held version {backend.policy_version}")
-    try:
-        state = await asyncio.to_thread(load)
-        await asyncio.to_thread(backend.load_state_dict, state, version)
-    except (ValueError, OSError) as error:
-        return json_error(422, f"cannot load weights of version {version}: {error}")
-    except Exception as error:  # safetensors raises its own error type on corrupt bytes
-        return json_error(422, f"cannot read weights of version {version}: {error}")
-    log.info("loaded policy version %d", version)
-    return web.json_response({"policyVersion": backend.policy_version})
+    async with request.app[WEIGHTS_LOCK]:
+        failure = await _load_weights(backend, version, read, uri)
+    return failure or web.json_response({"policyVersion": backend.policy_version})
 
 
 async def handle_policy(request: web.Request) -> web.Response:
@@ -127,6 +148,7 @@ def build_app(model_source: str, backend_name: str = "transformers", seed: int =
     add_health_routes(app)
     app[BACKEND] = []
     app[MODEL_SOURCE] = model_source
+    app[WEIGHTS_LOCK] = asyncio.Lock()
     app.router.add_post("/v1/generate", handle_generate)
     app.router.add_post("/v1/weights", handle_weights)
     app.router.add_get("/v1/policy", handle_policy)
@@ -151,18 +173,26 @@ def build_app(model_source: str, backend_name: str = "transformers", seed: int =
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="model source: preset:<name>, path, s3:// URI or HF id")
+    parser.add_argument("--model", help="model source: preset:<name>, path, s3:// URI or HF id")
+    parser.add_argument("--config", help="an rl stage config (file or URI): its model, seed and storage settings")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--backend", default="transformers", choices=sorted(BACKENDS))
-    parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    parser.add_argument("--seed", type=int, default=None, help="seed of a preset's random weights (default 0)")
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    model, seed = args.model, args.seed
+    if args.config:
+        config = load_stage_config(args.config)
+        export_storage_environment(config.storage)
+        model, seed = model or config.model.base, config.hyperparameters.seed if args.seed is None else args.seed
+    if not model:
+        parser.error("give --model or --config")
     if args.threads:
         torch.set_num_threads(args.threads)
-    serve(build_app(args.model, args.backend, args.seed, args.max_request_bytes), args.host, args.port, "rollout server")
+    serve(build_app(model, args.backend, seed or 0, args.max_request_bytes), args.host, args.port, "rollout server")
 
 
 if __name__ == "__main__":

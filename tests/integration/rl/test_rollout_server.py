@@ -121,10 +121,29 @@ def test_weights_from_storage_versions_and_errors(server, prompts, tmp_path):
     assert call(f"{server}/v1/policy")[1]["policyVersion"] == 5
 
 
-def test_bad_prompts_are_refused_with_a_message(server):
+def test_bad_prompts_fail_alone_with_a_message(server, prompts):
     status, body = call(f"{server}/v1/generate", {"prompts": [{"id": "x", "messages": [], "record": {}}]})
     assert status == 422 and "exactly one" in body["error"]
-    bad_image = {"record": {"prompt": "Describe.", "image": "/nonexistent/scan.png"}}
-    status, body = call(f"{server}/v1/generate", {"prompts": [bad_image], "sampling": {"n": 2, "maxNewTokens": 2}})
-    assert status == 422 and "/nonexistent/scan.png" in body["error"]
+    bad_image = {"id": "bad", "record": {"prompt": "Describe.", "image": "/nonexistent/scan.png"}}
+    relative = {"id": "rel", "record": {"prompt": "Describe.", "image": "images/scan.png"}}
+    status, body = generate(server, [bad_image, prompts[0], relative], n=2, max_new_tokens=2)
+    assert status == 200
+    bad, good, rel = body["results"]
+    assert bad["completions"] == [] and "/nonexistent/scan.png" in bad["error"]
+    assert rel["completions"] == [] and "absolute URI" in rel["error"]
+    assert len(good["completions"]) == 2 and "error" not in good
     assert call(f"{server}/readyz")[0] == 200
+
+
+def test_generate_names_the_policy_and_a_stale_worker_loads_it(server, prompts, tmp_path):
+    other = load_model("preset:tiny-qwen3-vl", seed=3)
+    path = tmp_path / "v9.safetensors"
+    path.write_bytes(weights_bytes(other.model.state_dict()))
+    policy = {"version": 9, "uri": str(path)}
+    sampling = {"n": 2, "maxNewTokens": 4, "seed": 1, "imageSize": IMAGE_SIZE}
+    status, out = call(f"{server}/v1/generate", {"prompts": prompts[:1], "sampling": sampling, "policy": policy})
+    assert status == 200 and out["policyVersion"] == 9
+    assert call(f"{server}/v1/policy")[1]["policyVersion"] == 9
+    status, body = call(f"{server}/v1/generate", {"prompts": prompts[:1], "sampling": sampling,
+                                                  "policy": {"version": 10, "uri": str(tmp_path / "gone.safetensors")}})
+    assert status == 422 and "gone.safetensors" in body["error"]
