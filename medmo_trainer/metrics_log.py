@@ -115,11 +115,7 @@ class MetricsLog:
         self.close()
 
     def _first_free_part(self) -> int:
-        try:
-            names = self._fs.ls(self._root, detail=False)
-        except FileNotFoundError:
-            return 0
-        numbers = [int(m.group(1)) for name in names if (m := _PART.search(name))]
+        numbers = [number for number, _ in _list_parts(self._fs, self._root)]
         return max(numbers, default=-1) + 1
 
 
@@ -135,13 +131,8 @@ def read_metrics_log(uri: str) -> list[dict]:
     A missing folder reads as no records; unreadable lines (a part cut short) are skipped.
     """
     fs, root = url_to_fs(uri)
-    try:
-        names = fs.ls(root, detail=False)
-    except FileNotFoundError:
-        return []
-    parts = sorted((int(m.group(1)), name) for name in names if (m := _PART.search(name)))
     by_step: dict[int, dict] = {}
-    for _, name in parts:
+    for _, name in _list_parts(fs, root):
         for line in fs.cat_file(name).decode(errors="replace").splitlines():
             try:
                 record = json.loads(line)
@@ -153,3 +144,13 @@ def read_metrics_log(uri: str) -> list[dict]:
             else:
                 by_step[step] = record
     return [by_step[step] for step in sorted(by_step)]
+
+
+def _list_parts(fs, root: str) -> list[tuple[int, str]]:
+    """(number, path) of the part files under `root`, in order; none when the folder is absent."""
+    fs.invalidate_cache(root)  # s3fs caches listings; another writer may have added parts since
+    try:
+        names = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted((int(m.group(1)), name) for name in names if (m := _PART.search(name)))
