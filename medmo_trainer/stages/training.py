@@ -1,0 +1,241 @@
+"""The `pretrain` and `sft` stages: supervised training of a vision-language model on a data mixture.
+
+Both are the same loop; they differ only in their configs (`pretrain` usually trains only the
+projector, `sft` all or chosen groups). Components are built in dependency order in
+`Trainer.build`; `train()` runs steps, checkpoints and exports; `train_step()` is one optimizer
+step over `gradientAccumulationSteps` micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from medmo_trainer.checkpoint import CheckpointManager
+from medmo_trainer.config import StageConfig
+from medmo_trainer.dist import DistContext
+from medmo_trainer.exit_codes import ModelError, StorageError
+from medmo_trainer.progress import Progress, ProgressReporter
+from medmo_trainer.stages import StageResult, register
+from medmo_trainer.strategies import TrainingStrategy, build_strategy
+from medmo_trainer.telemetry import Telemetry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepMetrics:
+    """What one optimizer step measured, summed or averaged over all ranks."""
+
+    loss: float
+    learning_rate: float
+    grad_norm: float
+    tokens: int
+    samples: int
+    seconds: float
+
+
+class Trainer:
+    """Runs one supervised stage; see the module docstring."""
+
+    def __init__(
+        self,
+        config: StageConfig,
+        context: DistContext,
+        loaded: Any,
+        loader: Any,
+        strategy: TrainingStrategy,
+        checkpoints: CheckpointManager,
+        reporter: ProgressReporter,
+        telemetry: Telemetry,
+        total_steps: int,
+    ) -> None:
+        self.config = config
+        self.context = context
+        self.loaded = loaded
+        self.loader = loader
+        self.strategy = strategy
+        self.checkpoints = checkpoints
+        self.reporter = reporter
+        self.telemetry = telemetry
+        self.total_steps = total_steps
+        self.step = 0
+
+    @classmethod
+    def build(cls, config: StageConfig, context: DistContext) -> Trainer:
+        from medmo_trainer.data import build_train_loader
+        from medmo_trainer.model import apply_trainable
+
+        hp = config.hyperparameters
+        seed_everything(hp.seed)
+        loaded = load_stage_model(config)
+        apply_trainable(loaded.model, config.model.trainable)
+        if hp.gradient_checkpointing:
+            enable_gradient_checkpointing(loaded.model)
+        loader = build_train_loader(
+            config.datasets, loaded.processor, hp, rank=context.rank, world_size=context.world_size, seed=hp.seed
+        )
+        total_steps = hp.max_steps or math.ceil(hp.epochs * len(loader) / hp.gradient_accumulation_steps)
+        strategy = build_strategy(config, context)
+        strategy.prepare(loaded.model, total_steps)
+        return cls(
+            config=config,
+            context=context,
+            loaded=loaded,
+            loader=loader,
+            strategy=strategy,
+            checkpoints=CheckpointManager(config, context, strategy),
+            reporter=ProgressReporter.from_env(enabled=context.is_main),
+            telemetry=Telemetry(config.run, config.stage, enabled=context.is_main),
+            total_steps=total_steps,
+        )
+
+    def train(self) -> StageResult:
+        restored = self.checkpoints.restore()
+        if restored is not None:
+            self.loader.load_state_dict(restored.loader_state)
+            self.step = restored.step
+            logger.info("resumed from %s at step %d", restored.uri, restored.step)
+        batches = self._micro_batches()
+        metrics = None
+        while self.step < self.total_steps:
+            with self.telemetry.span("medmo.step", step=self.step + 1):
+                metrics = self.train_step(batches)
+            self.step += 1
+            self._report(metrics, phase="Running")
+            if self.checkpoints.due(self.step, self.total_steps):
+                with self.telemetry.span("medmo.checkpoint", step=self.step):
+                    self.checkpoints.save(self.step, self.loader.state_dict())
+        self._export()
+        summary = f"{self.step} steps" + (f", final loss {metrics.loss:.4f}" if metrics else "")
+        self._report(metrics, phase="Succeeded", message=f"exported to {self.config.output_uri}")
+        return StageResult(steps=self.step, output_uri=self.config.output_uri, summary=summary)
+
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> StepMetrics:
+        started = time.perf_counter()
+        accumulation = self.config.hyperparameters.gradient_accumulation_steps
+        learning_rate = self.strategy.learning_rate()
+        records_before = self._records_used()
+        losses, tokens = [], 0
+        for micro_step in range(accumulation):
+            batch = next(batches)
+            tokens += count_tokens(batch)
+            with self.strategy.autocast():
+                loss = self.strategy.model(**batch).loss
+            self.strategy.backward(loss, last_micro_step=micro_step == accumulation - 1)
+            losses.append(loss.detach().float())
+        grad_norm = self.strategy.optimizer_step()
+        return StepMetrics(
+            loss=self.context.mean(torch.stack(losses).mean().item()),
+            learning_rate=learning_rate,
+            grad_norm=grad_norm,
+            tokens=int(self.context.sum(tokens)),
+            samples=int(self.context.sum(self._records_used() - records_before)),
+            seconds=time.perf_counter() - started,
+        )
+
+    def close(self) -> None:
+        self.reporter.close()
+        self.telemetry.shutdown()
+        self.checkpoints.close()
+
+    def _micro_batches(self) -> Iterator[dict[str, Any]]:
+        """Batches on this rank's device, pass after pass over the mixture."""
+        while True:
+            for batch in self.loader:
+                yield {key: move_to(value, self.context.device) for key, value in batch.items()}
+
+    def _records_used(self) -> int:
+        stats = self.loader.stats
+        return stats.records_read - stats.skipped_total
+
+    def _report(self, metrics: StepMetrics | None, phase: str, message: str = "") -> None:
+        stats = self.loader.stats
+        progress = Progress(
+            run=self.config.run,
+            stage=self.config.stage,
+            phase=phase,
+            step=self.step,
+            total_steps=self.total_steps,
+            records_read=stats.records_read,
+            skipped_records=stats.skipped_total,
+            skipped_by_reason=dict(stats.skipped_by_reason),
+            last_checkpoint=self.checkpoints.last_committed_uri,
+            message=message,
+        )
+        if metrics is not None:
+            progress.loss = metrics.loss
+            progress.learning_rate = metrics.learning_rate
+            progress.grad_norm = metrics.grad_norm
+            progress.tokens_per_second = metrics.tokens / metrics.seconds
+            progress.samples_per_second = metrics.samples / metrics.seconds
+            if phase == "Running":
+                self.telemetry.record_step(metrics.loss, metrics.tokens, metrics.samples, 0, metrics.seconds)
+        self.reporter.report(progress)
+
+    def _export(self) -> None:
+        """Writes the trained model in Hugging Face format to the stage's output URI (rank 0 writes)."""
+        from medmo_trainer.model import export_hf
+
+        state = self.strategy.full_state_dict()
+        if self.context.is_main:
+            # A fresh copy of the base model receives the gathered weights: it is plain (not wrapped
+            # or sharded by the strategy), so it saves as the model's own class.
+            fresh = load_stage_model(self.config)
+            fresh.model.load_state_dict(state)
+            try:
+                export_hf(fresh.model, fresh.processor, self.config.output_uri)
+            except OSError as error:
+                raise StorageError(f"exporting the model to {self.config.output_uri} failed: {error}") from error
+        self.context.barrier()
+
+
+@register("pretrain")
+@register("sft")
+def run_training_stage(config: StageConfig, context: DistContext) -> StageResult:
+    trainer = Trainer.build(config, context)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def load_stage_model(config: StageConfig) -> Any:
+    """The stage's starting model and processor; a source that cannot be loaded is a ModelError."""
+    from medmo_trainer.model import load_model
+
+    try:
+        return load_model(config.model)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"cannot load model {config.model.base!r}: {error}") from error
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Frozen embeddings would cut the graph before the first checkpointed block.
+    model.enable_input_require_grads()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def count_tokens(batch: dict[str, Any]) -> int:
+    """Real (non-padding) tokens of a batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+def move_to(value: Any, device: torch.device) -> Any:
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value

@@ -1,0 +1,308 @@
+"""Parallelism strategies: how a model is wrapped, stepped, checkpointed and gathered for export.
+
+One small interface, one class per strategy, looked up by the config's `strategy.name`. The
+trainer calls only the interface, so it never branches on the strategy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from medmo_trainer.config import Hyperparameters, StageConfig
+from medmo_trainer.dist import DistContext
+from medmo_trainer.optim import build_optimizer, build_scheduler, lr_multiplier
+
+
+def compute_dtype(hp: Hyperparameters, device: torch.device) -> torch.dtype:
+    """bf16 on GPU and fp32 on CPU for `auto`; otherwise what the config says."""
+    if hp.precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if hp.precision == "bf16" else torch.float32
+
+
+class TrainingStrategy(ABC):
+    """Wraps a model for data-parallel training and owns its optimizer and schedule."""
+
+    def __init__(self, config: StageConfig, context: DistContext) -> None:
+        self.config = config
+        self.hp = config.hyperparameters
+        self.context = context
+        self.dtype = compute_dtype(self.hp, context.device)
+
+    @abstractmethod
+    def prepare(self, model: torch.nn.Module, total_steps: int) -> None:
+        """Moves and wraps the model, then builds optimizer and schedule over its trainable parameters."""
+
+    @property
+    @abstractmethod
+    def model(self) -> torch.nn.Module:
+        """The module to call forward on."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context of the forward pass (mixed precision where the strategy needs it)."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
+        """Back-propagates one micro-batch's loss (unscaled: the strategy divides by accumulation)."""
+
+    @abstractmethod
+    def optimizer_step(self) -> float:
+        """Clips, steps optimizer and schedule, zeroes gradients; returns the gradient norm."""
+
+    @abstractmethod
+    def learning_rate(self) -> float:
+        """The learning rate the next optimizer step uses."""
+
+    @abstractmethod
+    def save_state(self, uri: str, storage_options: dict, staging: Path) -> None:
+        """Writes model, optimizer and schedule state under `uri` (a collective)."""
+
+    @abstractmethod
+    def load_state(self, uri: str, storage_options: dict, staging: Path) -> None:
+        """Restores what `save_state` wrote (a collective)."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on rank 0 (on CPU, names of the unwrapped model); {} elsewhere."""
+
+
+class _DistributedCheckpointStrategy(TrainingStrategy):
+    """Common part of the strategies that checkpoint with torch.distributed.checkpoint (DCP)."""
+
+    _module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._module
+
+    def _build_optimizer(self, model: torch.nn.Module, total_steps: int) -> None:
+        self.optimizer = build_optimizer(model.parameters(), self.hp)
+        self.scheduler = build_scheduler(self.optimizer, self.hp, total_steps)
+
+    def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
+        (loss / self.hp.gradient_accumulation_steps).backward()
+
+    def optimizer_step(self) -> float:
+        params = [p for p in self._module.parameters() if p.grad is not None]
+        max_norm = self.hp.max_grad_norm if self.hp.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # Frozen weights are not saved: resume reloads them from the stage's base model.
+    _state_options = StateDictOptions(ignore_frozen_params=True)
+
+    def _app_state(self) -> dict[str, Any]:
+        model_state, optimizer_state = get_state_dict(self._module, self.optimizer, options=self._state_options)
+        return {"model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()}
+
+    def save_state(self, uri: str, storage_options: dict, staging: Path) -> None:
+        from torch.distributed.checkpoint import save
+        from torch.distributed.checkpoint.fsspec_filesystem import FsspecWriter
+
+        save(self._app_state(), storage_writer=FsspecWriter(uri, **storage_options))
+
+    def load_state(self, uri: str, storage_options: dict, staging: Path) -> None:
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.fsspec_filesystem import FsspecReader
+
+        state = self._app_state()
+        load(state, storage_reader=FsspecReader(uri, **storage_options))
+        set_state_dict(
+            self._module,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=self._state_options,
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self._module, options=options)
+        return state if self.context.is_main else {}
+
+
+class DDPStrategy(_DistributedCheckpointStrategy):
+    """Replicated weights, all-reduced gradients (torch DistributedDataParallel)."""
+
+    def prepare(self, model: torch.nn.Module, total_steps: int) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model.to(self.context.device)
+        device_ids = [self.context.device.index] if self.context.device.type == "cuda" else None
+        self._module = DistributedDataParallel(model, device_ids=device_ids)
+        self._build_optimizer(self._module, total_steps)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.context.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
+        # Gradients are all-reduced once per optimizer step, not once per micro-batch.
+        sync = contextlib.nullcontext() if last_micro_step else self._module.no_sync()
+        with sync:
+            super().backward(loss, last_micro_step)
+
+
+class FSDPStrategy(_DistributedCheckpointStrategy):
+    """Sharded weights, gradients and optimizer state (FSDP2 `fully_shard`), one unit per block."""
+
+    def prepare(self, model: torch.nn.Module, total_steps: int) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        model.to(self.context.device)
+        policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        block_classes = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in block_classes:
+                fully_shard(module, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        self._module = model
+        self._build_optimizer(model, total_steps)
+
+
+class DeepSpeedStrategy(TrainingStrategy):
+    """DeepSpeed ZeRO 1/2/3, optionally offloading optimizer state (and parameters at 3) to CPU."""
+
+    def prepare(self, model: torch.nn.Module, total_steps: int) -> None:
+        prepare_deepspeed_environment()
+        import deepspeed
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=trainable,
+            optimizer=lambda params: build_optimizer(params, self.hp),
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lr_multiplier(self.hp, total_steps)
+            ),
+            config=self._deepspeed_config(),
+            dist_init_required=False,
+        )
+
+    def _deepspeed_config(self) -> dict:
+        strategy = self.config.strategy
+        zero: dict[str, Any] = {"stage": strategy.zero_stage}
+        if strategy.zero_stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if strategy.offload == "cpu":
+            zero["offload_optimizer"] = {"device": "cpu"}
+            if strategy.zero_stage == 3:
+                zero["offload_param"] = {"device": "cpu"}
+        return {
+            "train_micro_batch_size_per_gpu": self.hp.per_device_batch_size,
+            "gradient_accumulation_steps": self.hp.gradient_accumulation_steps,
+            "gradient_clipping": self.hp.max_grad_norm,
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            "zero_optimization": zero,
+            # The optimizer is torch's AdamW (DeepSpeed's fused ones need a GPU or a JIT build).
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine
+
+    def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
+        # DeepSpeed divides by the accumulation steps itself and steps only at the boundary.
+        self.engine.backward(loss)
+        if not last_micro_step:
+            self.engine.step()
+
+    def optimizer_step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def learning_rate(self) -> float:
+        return self.engine.lr_scheduler.get_last_lr()[0]
+
+    def save_state(self, uri: str, storage_options: dict, staging: Path) -> None:
+        from fsspec.core import url_to_fs
+
+        local = staging / f"rank-{self.context.rank}"
+        shutil.rmtree(local, ignore_errors=True)
+        self.engine.save_checkpoint(str(local), tag="state", save_latest=False)
+        # Each rank uploads the files it wrote; they are disjoint by construction (names carry the rank).
+        fs, path = url_to_fs(uri, **storage_options)
+        for file in sorted(p for p in local.rglob("*") if p.is_file()):
+            target = f"{path}/{file.relative_to(local).as_posix()}"
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)  # local filesystems need the folder
+            fs.put_file(str(file), target)
+        shutil.rmtree(local, ignore_errors=True)
+
+    def load_state(self, uri: str, storage_options: dict, staging: Path) -> None:
+        from fsspec.core import url_to_fs
+
+        local = staging / f"rank-{self.context.rank}"
+        shutil.rmtree(local, ignore_errors=True)
+        fs, path = url_to_fs(uri, **storage_options)
+        for remote in fs.find(f"{path}/state"):
+            target = local / Path(remote).relative_to(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(target))
+        load_path, _ = self.engine.load_checkpoint(str(local), tag="state")
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {uri}")
+        shutil.rmtree(local, ignore_errors=True)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.config.strategy.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict()
+        if not self.context.is_main:
+            return {}
+        return {name: tensor.detach().cpu() for name, tensor in state.items()}
+
+
+STRATEGIES: dict[str, type[TrainingStrategy]] = {
+    "ddp": DDPStrategy,
+    "fsdp": FSDPStrategy,
+    "deepspeed": DeepSpeedStrategy,
+}
+
+
+def build_strategy(config: StageConfig, context: DistContext) -> TrainingStrategy:
+    return STRATEGIES[config.strategy.name](config, context)
+
+
+def prepare_deepspeed_environment() -> None:
+    """Sets DeepSpeed's accelerator on CPU and caches its JIT-built ops outside the clone, by version."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        from importlib.metadata import version
+
+        cache = Path(os.environ.get("MEDMO_CACHE", Path.home() / ".cache" / "medmo"))
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(cache / f"torch-extensions-{version('deepspeed')}")

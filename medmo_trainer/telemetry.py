@@ -1,0 +1,110 @@
+"""OpenTelemetry spans (one per step, one per checkpoint) and metrics of rank 0.
+
+Configured only through the standard variables: `OTEL_TRACES_EXPORTER` (`otlp` when the OTLP
+exporter package is installed, `console`, `none`), `OTEL_METRICS_EXPORTER` (`prometheus`, served on
+`OTEL_EXPORTER_PROMETHEUS_HOST`:`OTEL_EXPORTER_PROMETHEUS_PORT`, default port 9464; `otlp`; `console`;
+`none`), `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`. With none of them set nothing is
+exported and the API's no-op tracer and meter cost next to nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from opentelemetry import metrics, trace
+
+logger = logging.getLogger(__name__)
+
+
+class Telemetry:
+    """Spans and metrics of one stage, named `medmo.step` and `medmo.checkpoint`."""
+
+    def __init__(self, run: str, stage: str, enabled: bool) -> None:
+        self.attributes = {"medmo.run": run, "medmo.stage": stage}
+        tracer_provider = _tracer_provider() if enabled else None
+        meter_provider = _meter_provider() if enabled else None
+        self._providers = [p for p in (tracer_provider, meter_provider) if p is not None]
+        self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("medmo_trainer")
+        meter = (meter_provider or metrics.NoOpMeterProvider()).get_meter("medmo_trainer")
+        self.loss = meter.create_gauge("medmo.train.loss", description="Training loss of the last step")
+        self.tokens = meter.create_counter("medmo.train.tokens", unit="{token}", description="Tokens trained on")
+        self.samples = meter.create_counter("medmo.train.samples", unit="{sample}", description="Samples trained on")
+        self.skipped = meter.create_counter("medmo.data.skipped", unit="{record}", description="Malformed records skipped")
+        self.step_seconds = meter.create_histogram("medmo.train.step.duration", unit="s", description="Optimizer step time")
+
+    @contextmanager
+    def span(self, name: str, **attributes: object) -> Iterator[None]:
+        with self.tracer.start_as_current_span(name, attributes={**self.attributes, **attributes}):
+            yield
+
+    def record_step(self, loss: float, tokens: int, samples: int, skipped: int, seconds: float) -> None:
+        self.loss.set(loss, self.attributes)
+        self.tokens.add(tokens, self.attributes)
+        self.samples.add(samples, self.attributes)
+        if skipped:
+            self.skipped.add(skipped, self.attributes)
+        self.step_seconds.record(seconds, self.attributes)
+
+    def shutdown(self) -> None:
+        for provider in self._providers:
+            provider.shutdown()
+
+
+def _exporter_name(variable: str) -> str:
+    return os.environ.get(variable, "none").split(",")[0].strip().lower()
+
+
+def _tracer_provider():
+    name = _exporter_name("OTEL_TRACES_EXPORTER")
+    if name == "none":
+        return None
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    if name == "console":
+        exporter = ConsoleSpanExporter()
+    elif name == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            logger.warning("OTEL_TRACES_EXPORTER=otlp but opentelemetry-exporter-otlp is not installed; no traces")
+            return None
+        exporter = OTLPSpanExporter()
+    else:
+        logger.warning("OTEL_TRACES_EXPORTER=%s is not supported (otlp, console, none); no traces", name)
+        return None
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def _meter_provider():
+    name = _exporter_name("OTEL_METRICS_EXPORTER")
+    if name == "none":
+        return None
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+
+    if name == "prometheus":
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        host = os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", "0.0.0.0")
+        start_http_server(int(os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464")), addr=host)
+        reader = PrometheusMetricReader()
+    elif name == "console":
+        reader = PeriodicExportingMetricReader(ConsoleMetricExporter())
+    elif name == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        except ImportError:
+            logger.warning("OTEL_METRICS_EXPORTER=otlp but opentelemetry-exporter-otlp is not installed; no metrics")
+            return None
+        reader = PeriodicExportingMetricReader(OTLPMetricExporter())
+    else:
+        logger.warning("OTEL_METRICS_EXPORTER=%s is not supported (prometheus, otlp, console, none)", name)
+        return None
+    return MeterProvider(metric_readers=[reader])
