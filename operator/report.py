@@ -27,6 +27,8 @@ from medmo_trainer.metrics_log import LOSS_KEY, REWARD_PREFIX, read_metrics_log,
 
 EVAL_METRICS_FILE = "metrics.json"
 GROUNDING_METRICS = ("grounding_miou", "grounding_acc50")
+EVAL_COUNTS = ("samples", "unparseable", "skipped")
+"""Counts of an eval stage's metrics.json shown under its scores."""
 PLOT_SIZE = (8.0, 4.5)
 PLOT_DPI = 100
 
@@ -132,12 +134,15 @@ def _stage_section(stage: Mapping, log: Sequence[Mapping], evaluation: Mapping |
 
 
 def _eval_tables(evaluation: Mapping) -> list[str]:
-    """One table per benchmark: a row per metric, a column per model scored."""
+    """One table per benchmark: a row per metric, then the sample counts, a column per model scored."""
     models = evaluation.get("models", [])
     lines = []
     for benchmark in evaluation.get("benchmarks", []):
-        names = sorted({metric for model in models for metric in model.get("benchmarks", {}).get(benchmark, {})})
-        rows = [[name, *(model.get("benchmarks", {}).get(benchmark, {}).get(name) for model in models)] for name in names]
+        scores = [model.get("benchmarks", {}).get(benchmark, {}) for model in models]
+        counts = [model.get("counts", {}).get(benchmark, {}) for model in models]
+        names = sorted({metric for per_model in scores for metric in per_model})
+        rows = [[name, *(per_model.get(name) for per_model in scores)] for name in names]
+        rows += [[name, *(per_model.get(name) for per_model in counts)] for name in EVAL_COUNTS if any(name in c for c in counts)]
         lines += [f"Benchmark `{benchmark}`:", ""]
         lines += markdown_table(["metric", *(m["name"] for m in models)], rows)
     return lines

@@ -1,6 +1,8 @@
 """The run report, from metric files written as the stages write them: tables and real plots."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -24,9 +26,11 @@ EVAL = {
     "benchmarks": ["heldout"],
     "models": [
         {"name": "final", "uri": "file:///runs/tiny/grpo/model",
-         "benchmarks": {"heldout": {"grounding_miou": 0.4375, "grounding_acc50": 0.3125, "vqa_closed_acc": 0.6875}}},
+         "benchmarks": {"heldout": {"grounding_miou": 0.4375, "grounding_acc50": 0.3125, "vqa_closed_acc": 0.6875}},
+         "counts": {"heldout": {"samples": 34, "unparseable": 5, "skipped": 1}}},
         {"name": "before-rl", "uri": "file:///runs/tiny/instruct/model",
-         "benchmarks": {"heldout": {"grounding_miou": 0.1875, "grounding_acc50": 0.0625, "vqa_closed_acc": 0.5625}}},
+         "benchmarks": {"heldout": {"grounding_miou": 0.1875, "grounding_acc50": 0.0625, "vqa_closed_acc": 0.5625}},
+         "counts": {"heldout": {"samples": 34, "unparseable": 12, "skipped": 1}}},
     ],
 }
 
@@ -65,6 +69,7 @@ def test_report_tables_hold_the_run_numbers(tmp_path):
     assert "| metric | final | before-rl |" in text
     assert "| grounding_miou | 0.4375 | 0.1875 |" in text
     assert "| vqa_closed_acc | 0.6875 | 0.5625 |" in text
+    assert "| unparseable | 5 | 12 |" in text
     assert "| reward/total | 0.61 |" in text  # RL stage: latest status metrics
     for name in ("loss.png", "rewards.png", "grounding_iou.png"):
         assert f"]({name})" in text
@@ -92,3 +97,9 @@ def test_report_without_logs_has_tables_and_no_plots(tmp_path):
     text = report.read_text()
     assert "| align | Failed | 2 |" in text and "exit code 3: bad data" in text
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_report_module_does_not_import_torch():
+    # The operator image renders reports without the trainer's heavy dependencies.
+    code = "import sys, medmo_operator.report; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
