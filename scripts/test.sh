@@ -3,6 +3,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+scripts/system-deps.sh  # Debian packages the local pod runner needs (libnss-wrapper, a C compiler)
 venv="$(scripts/bootstrap.sh)"
 export PATH="$venv/bin:$PATH"
 if [ -x tests/controlplane/build.sh ]; then
