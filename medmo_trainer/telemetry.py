@@ -32,7 +32,6 @@ class Telemetry:
         self.loss = meter.create_gauge("medmo.train.loss", description="Training loss of the last step")
         self.tokens = meter.create_counter("medmo.train.tokens", unit="{token}", description="Tokens trained on")
         self.samples = meter.create_counter("medmo.train.samples", unit="{sample}", description="Samples trained on")
-        self.skipped = meter.create_counter("medmo.data.skipped", unit="{record}", description="Malformed records skipped")
         self.step_seconds = meter.create_histogram("medmo.train.step.duration", unit="s", description="Optimizer step time")
 
     @contextmanager
@@ -40,12 +39,10 @@ class Telemetry:
         with self.tracer.start_as_current_span(name, attributes={**self.attributes, **attributes}):
             yield
 
-    def record_step(self, loss: float, tokens: int, samples: int, skipped: int, seconds: float) -> None:
+    def record_step(self, loss: float, tokens: int, samples: int, seconds: float) -> None:
         self.loss.set(loss, self.attributes)
         self.tokens.add(tokens, self.attributes)
         self.samples.add(samples, self.attributes)
-        if skipped:
-            self.skipped.add(skipped, self.attributes)
         self.step_seconds.record(seconds, self.attributes)
 
     def shutdown(self) -> None:

@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -83,7 +84,8 @@ class Trainer:
         loader = build_train_loader(
             config.datasets, loaded.processor, hp, rank=context.rank, world_size=context.world_size, seed=hp.seed
         )
-        total_steps = hp.max_steps or math.ceil(hp.epochs * len(loader) / hp.gradient_accumulation_steps)
+        global_batch = hp.per_device_batch_size * hp.gradient_accumulation_steps * context.world_size
+        total_steps = hp.max_steps or max(1, math.ceil(hp.epochs * loader.samples_per_epoch / global_batch))
         strategy = build_strategy(config, context)
         strategy.prepare(loaded.model, total_steps)
         return cls(
@@ -123,11 +125,10 @@ class Trainer:
         started = time.perf_counter()
         accumulation = self.config.hyperparameters.gradient_accumulation_steps
         learning_rate = self.strategy.learning_rate()
-        records_before = self._records_used()
-        losses, tokens = [], 0
+        samples_before, tokens_before = self.loader.stats.samples, self.loader.stats.tokens
+        losses = []
         for micro_step in range(accumulation):
             batch = next(batches)
-            tokens += count_tokens(batch)
             with self.strategy.autocast():
                 loss = self.strategy.model(**batch).loss
             self.strategy.backward(loss, last_micro_step=micro_step == accumulation - 1)
@@ -137,8 +138,8 @@ class Trainer:
             loss=self.context.mean(torch.stack(losses).mean().item()),
             learning_rate=learning_rate,
             grad_norm=grad_norm,
-            tokens=int(self.context.sum(tokens)),
-            samples=int(self.context.sum(self._records_used() - records_before)),
+            tokens=int(self.context.sum(self.loader.stats.tokens - tokens_before)),
+            samples=int(self.context.sum(self.loader.stats.samples - samples_before)),
             seconds=time.perf_counter() - started,
         )
 
@@ -153,21 +154,17 @@ class Trainer:
             for batch in self.loader:
                 yield {key: move_to(value, self.context.device) for key, value in batch.items()}
 
-    def _records_used(self) -> int:
-        stats = self.loader.stats
-        return stats.records_read - stats.skipped_total
-
     def _report(self, metrics: StepMetrics | None, phase: str, message: str = "") -> None:
-        stats = self.loader.stats
+        records_read, skipped = self._data_counts()
         progress = Progress(
             run=self.config.run,
             stage=self.config.stage,
             phase=phase,
             step=self.step,
             total_steps=self.total_steps,
-            records_read=stats.records_read,
-            skipped_records=stats.skipped_total,
-            skipped_by_reason=dict(stats.skipped_by_reason),
+            records_read=records_read,
+            skipped_records=sum(skipped.values()),
+            skipped_by_reason=dict(skipped),
             last_checkpoint=self.checkpoints.last_committed_uri,
             message=message,
         )
@@ -178,8 +175,15 @@ class Trainer:
             progress.tokens_per_second = metrics.tokens / metrics.seconds
             progress.samples_per_second = metrics.samples / metrics.seconds
             if phase == "Running":
-                self.telemetry.record_step(metrics.loss, metrics.tokens, metrics.samples, 0, metrics.seconds)
+                self.telemetry.record_step(metrics.loss, metrics.tokens, metrics.samples, metrics.seconds)
         self.reporter.report(progress)
+
+    def _data_counts(self) -> tuple[int, Counter]:
+        """Records read and malformed records skipped (by reason) over all ranks (a collective)."""
+        stats = self.loader.stats
+        gathered: list[Any] = [None] * self.context.world_size
+        torch.distributed.all_gather_object(gathered, (stats.records_read, stats.skipped))
+        return sum(read for read, _ in gathered), sum((skipped for _, skipped in gathered), Counter())
 
     def _export(self) -> None:
         """Writes the trained model in Hugging Face format to the stage's output URI (rank 0 writes)."""
@@ -212,10 +216,12 @@ def load_stage_model(config: StageConfig) -> Any:
     """The stage's starting model and processor; a source that cannot be loaded is a ModelError."""
     from medmo_trainer.model import load_model
 
+    from medmo_trainer.model import ModelUnavailableError, UnsupportedModelError
+
     try:
         return load_model(config.model)
-    except (OSError, ValueError, KeyError) as error:
-        raise ModelError(f"cannot load model {config.model.base!r}: {error}") from error
+    except (ModelUnavailableError, UnsupportedModelError) as error:
+        raise ModelError(str(error)) from error
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -228,13 +234,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def count_tokens(batch: dict[str, Any]) -> int:
-    """Real (non-padding) tokens of a batch."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
 
 
 def move_to(value: Any, device: torch.device) -> Any:
