@@ -1,0 +1,238 @@
+"""The local pod runner without an API server: real processes, real sockets on loopback addresses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from medmo_operator.local import PodRunner, StaticObjects
+from medmo_operator.local.network import dns_records
+
+
+def make_pod(name: str, containers: list[dict], restart_policy: str = "Never", **spec) -> dict:
+    return {"metadata": {"name": name, "namespace": "ns", "uid": str(uuid.uuid4()), "labels": {"app": name}},
+            "spec": {"restartPolicy": restart_policy, "containers": containers, **spec}}
+
+
+def python(code: str) -> list[str]:
+    return ["python", "-c", textwrap.dedent(code)]
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, killed but not yet reaped by its new parent, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Names:
+    """The pods and Services the runner's hosts files are rendered from (the node agent's role)."""
+
+    def __init__(self):
+        self.pods: list = []
+        self.services: list[dict] = []
+
+    def records(self, pod):
+        pods = [p.pod | {"status": {"podIP": p.ip, "phase": "Running"}} for p in self.pods]
+        return dns_records(pod.namespace, pods, self.services)
+
+    def headless_service(self, name: str, selector: dict) -> None:
+        self.services.append({"metadata": {"name": name, "namespace": "ns"},
+                              "spec": {"clusterIP": "None", "selector": selector}})
+
+
+@pytest.fixture
+def names():
+    return Names()
+
+
+@pytest.fixture
+def runner(tmp_path, names):
+    runner = PodRunner(tmp_path, StaticObjects(), cluster_records=names.records, backoff_base_s=0.2, backoff_max_s=1.0)
+    yield runner
+    runner.stop()
+
+
+def test_exit_code_reason_and_termination_message(runner):
+    pod = runner.start(make_pod("fails", [
+        {"name": "main", "command": ["sh", "-c", "echo 'bad input: x' > /dev/termination-log; exit 3"]},
+        {"name": "logs", "command": ["sh", "-c", "echo last words; exit 4"], "terminationMessagePolicy": "FallbackToLogsOnError"},
+    ]))
+    assert pod.wait_finished(30) == "Failed"
+    main, logs = pod.status()["containerStatuses"]
+    assert main["state"]["terminated"]["exitCode"] == 3
+    assert main["state"]["terminated"]["reason"] == "Error"
+    assert main["state"]["terminated"]["message"] == "bad input: x\n"
+    assert logs["state"]["terminated"]["message"] == "last words"
+
+
+def test_init_containers_run_first_and_share_volumes(runner):
+    pod = runner.start(make_pod("init", [{"name": "main", "command": ["cat", "/data/greeting"],
+                                          "volumeMounts": [{"name": "scratch", "mountPath": "/data"}]}],
+                                initContainers=[{"name": "prepare", "command": ["sh", "-c", "echo hi > /data/greeting"],
+                                                 "volumeMounts": [{"name": "scratch", "mountPath": "/data"}]}],
+                                volumes=[{"name": "scratch", "emptyDir": {}}]))
+    assert pod.wait_finished(30) == "Succeeded"
+    assert pod.log_path("main").read_text() == "hi\n"
+    assert pod.status()["initContainerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
+
+
+def test_restart_policy_on_failure_restarts_until_success(runner, tmp_path):
+    counter = tmp_path / "attempts"
+    pod = runner.start(make_pod("flaky", [{"name": "main", "command": python(f"""
+        import pathlib, sys
+        p = pathlib.Path({str(counter)!r}); n = int(p.read_text()) if p.exists() else 0
+        p.write_text(str(n + 1)); sys.exit(0 if n >= 2 else 1)""")}], restart_policy="OnFailure"))
+    assert pod.wait_finished(60) == "Succeeded"
+    status = pod.status()["containerStatuses"][0]
+    assert status["restartCount"] == 2
+    assert status["lastState"]["terminated"]["exitCode"] == 1
+
+
+def test_graceful_stop_then_kill_of_the_whole_process_group(runner, tmp_path):
+    # "polite" exits on SIGTERM; "stubborn" ignores it and leaves a background child behind.
+    pod = runner.start(make_pod("stop-me", [
+        {"name": "polite", "command": python("""
+            import signal, sys, time
+            signal.signal(signal.SIGTERM, lambda *_: (print("terminating", flush=True), sys.exit(0)))
+            time.sleep(600)""")},
+        {"name": "stubborn", "command": ["sh", "-c", "trap '' TERM; sleep 600 & echo $! > child.pid; wait"]},
+    ], restart_policy="Always"))
+    wait_for(lambda: len(pod.pids()) == 2 and (pod.directory / "containers/stubborn/child.pid").exists(), what="containers")
+    child = int((pod.directory / "containers/stubborn/child.pid").read_text())
+    pids = pod.pids()
+    time.sleep(1)  # let python install its handler
+    started = time.monotonic()
+    runner.stop_pod(pod.uid, grace_s=2)
+    assert time.monotonic() - started >= 1.5  # the stubborn one used its grace period
+    assert not any(alive(p) for p in [*pids.values(), child])
+    assert "terminating" in pod.log_path("polite").read_text()
+    states = {c["name"]: c["state"]["terminated"] for c in pod.status()["containerStatuses"]}
+    assert states["polite"]["exitCode"] == 0
+    assert states["stubborn"]["exitCode"] == 128 + signal.SIGKILL
+
+
+def test_what_cannot_run_fails_the_pod_with_a_reason(runner):
+    pod = runner.start(make_pod("privileged", [{"name": "main", "command": ["true"],
+                                                "securityContext": {"privileged": True}}],
+                                volumes=[{"name": "root", "hostPath": {"path": "/"}}]))
+    assert pod.wait_finished(10) == "Failed"
+    status = pod.status()
+    assert status["reason"] == "UnsupportedPodSpec"
+    assert "spec.volumes[root].hostPath" in status["message"]
+    assert "securityContext.privileged" in status["message"]
+
+
+SERVER = """
+    import http.server, socket, sys
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = socket.gethostname().encode()
+            self.send_response(200); self.end_headers(); self.wfile.write(body)
+    http.server.HTTPServer(("0.0.0.0", 8080), Hello).serve_forever()
+"""
+
+
+def test_pods_share_a_port_and_reach_each_other_and_the_host_by_name(runner, names):
+    """Two servers on port 8080 (bound to 0.0.0.0), a client reaching each by name, and the host's loopback."""
+    import http.server
+    import threading
+
+    host_server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=host_server.serve_forever, daemon=True).start()
+    try:
+        names.headless_service("web", {"tier": "web"})
+        servers = []
+        for index in range(2):
+            spec = make_pod(f"web-{index}", [{"name": "main", "command": python(SERVER)}], restart_policy="Always",
+                            hostname=f"web-{index}", subdomain="web")
+            spec["metadata"]["labels"]["tier"] = "web"
+            names.pods.append(running := runner.start(spec))
+            servers.append(running)
+        runner.refresh_hosts()
+        for server in servers:
+            wait_for(lambda: (server.directory / "ports" / "tcp-8080").exists(), what="server listening")
+        client = runner.start(make_pod("client", [{"name": "main", "command": python(f"""
+            import socket, urllib.request
+            for name in ("web-0.web", "web-1.web.ns.svc.cluster.local"):
+                print(name, urllib.request.urlopen(f"http://{{name}}:8080/", timeout=10).read().decode())
+            print("host", urllib.request.urlopen("http://127.0.0.1:{host_server.server_port}/", timeout=10).status)
+            print("service", socket.gethostbyname("web") in ("{servers[0].ip}", "{servers[1].ip}"))""")}]))
+        assert client.wait_finished(60) == "Succeeded", client.log_path("main").read_text()
+        lines = client.log_path("main").read_text().splitlines()
+        assert lines == ["web-0.web web-0", "web-1.web.ns.svc.cluster.local web-1", "host 200", "service True"]
+        assert servers[0].ip != servers[1].ip
+    finally:
+        host_server.shutdown()
+        host_server.server_close()
+
+
+def test_torch_tcp_stores_of_two_pods_on_one_port(runner, names):
+    """torch's TCPStore binds the wildcard address and connects to itself via localhost; both must work per pod."""
+    names.headless_service("rdzv", {"tier": "rdzv"})
+    masters = []
+    for index in range(2):
+        spec = make_pod(f"rank-{index}", [{"name": "main", "command": python(f"""
+            import datetime, time, torch.distributed as dist
+            store = dist.TCPStore("localhost", 29500, 2, True, timeout=datetime.timedelta(seconds=60))
+            store.set("who", "rank-{index}")
+            store.wait(["done"])""")}], hostname=f"rank-{index}", subdomain="rdzv")
+        spec["metadata"]["labels"]["tier"] = "rdzv"
+        names.pods.append(running := runner.start(spec))
+        masters.append(running)
+    runner.refresh_hosts()
+    client = runner.start(make_pod("worker", [{"name": "main", "command": python("""
+        import datetime, torch.distributed as dist
+        for host in ("rank-0.rdzv", "rank-1.rdzv"):
+            store = dist.TCPStore(host, 29500, 2, False, timeout=datetime.timedelta(seconds=60))
+            print(host, store.get("who").decode(), flush=True)
+            store.set("done", "1")""")}]))
+    assert client.wait_finished(120) == "Succeeded", client.log_path("main").read_text()
+    assert [l for l in client.log_path("main").read_text().splitlines() if ".rdzv" in l] == [
+        "rank-0.rdzv rank-0", "rank-1.rdzv rank-1"]
+    for master in masters:
+        assert master.wait_finished(30) == "Succeeded", master.log_path("main").read_text()
+
+
+def test_stop_leaves_no_process_behind(tmp_path):
+    runner = PodRunner(tmp_path, StaticObjects())
+    pods = [runner.start(make_pod(f"sleeper-{i}", [{"name": "main", "command": ["sh", "-c", "sleep 600 & sleep 600"]}]))
+            for i in range(2)]
+    wait_for(lambda: all(p.pids() for p in pods), what="processes")
+    time.sleep(0.5)
+    group_members = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _pgid(int(pid)) in
+                     {pid for p in pods for pid in p.pids().values()}]
+    assert len(group_members) >= 4  # each pod: the shell and its two sleeps
+    runner.stop()
+    assert not any(alive(pid) for pid in group_members)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_python_of_this_environment_runs_pods(runner):
+    pod = runner.start(make_pod("which", [{"name": "main", "command": python("import sys; print(sys.prefix)")}]))
+    assert pod.wait_finished(30) == "Succeeded"
+    assert pod.log_path("main").read_text().strip() == sys.prefix
