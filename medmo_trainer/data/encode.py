@@ -3,7 +3,8 @@
 Packing is padding-free: the samples of a micro-batch are concatenated into one row. Each sample
 keeps its own positions, which restart at 0, and no `attention_mask` is passed: transformers then
 derives a block-diagonal causal mask (or flash-attention's cu_seqlens) from the restarting text
-positions, so no token attends across samples and the logits equal those of separate forward passes.
+positions, so no token attends across samples and the logits equal those of separate forward passes. That
+needs forward passes without a KV cache (`use_cache` off, as `load_model` leaves the model).
 Qwen-VL models take `position_ids` of shape (4, batch, seq): row 0 the text positions, rows 1-3 the
 multimodal RoPE (time, height, width) positions, computed here per sample exactly as the model's own
 `get_rope_index` would.

@@ -139,6 +139,8 @@ class TrainLoader:
             self.records.append(raw)
         self.stream = MixtureStream([len(r) for r in self.records], [s.weight for s in datasets], seed)
         self.stats = LoaderStats()
+        self.last_record_ids: list[str] = []
+        """Ids of the records in the batch yielded last (for logs and debugging)."""
         self._cursor = StreamCursor(rank, [0] * len(datasets))
 
     @property
@@ -152,15 +154,25 @@ class TrainLoader:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         samples: list[EncodedSample] = []
+        ids: list[str] = []
+        skipped_in_a_row = 0
         while len(samples) < self.hp.per_device_batch_size:
             dataset, raw = self._take()
             self.stats.records_read += 1
             try:
-                sample = self._encode(raw)
+                sample, record_id = self._encode(raw)
             except MalformedRecordError as error:
                 self.stats.skipped[error.reason] += 1
+                skipped_in_a_row += 1
+                if skipped_in_a_row > self.samples_per_epoch:  # a whole pass of nothing usable: never ends
+                    raise DatasetUnavailableError(
+                        ", ".join(spec.uri for spec in self.specs),
+                        f"no usable record in {skipped_in_a_row} reads; skipped: {dict(self.stats.skipped)}",
+                    ) from error
                 continue
+            skipped_in_a_row = 0
             samples.append(sample)
+            ids.append(record_id)
             self.stats.samples += 1
             self.stats.truncated += sample.truncated
             self.stats.per_dataset[self.specs[dataset].name] += 1
@@ -170,6 +182,7 @@ class TrainLoader:
         else:
             batch = pad(samples, self.processor.image_token_id, tokenizer.pad_token_id)
         self.stats.tokens += num_tokens(batch)
+        self.last_record_ids = ids
         return batch
 
     def _take(self) -> tuple[int, RawRecord]:
@@ -188,11 +201,12 @@ class TrainLoader:
         cursor.position = next_position
         return dataset, record
 
-    def _encode(self, raw: RawRecord) -> EncodedSample:
+    def _encode(self, raw: RawRecord) -> tuple[EncodedSample, str]:
         record = validate(raw)
         image = load_image(record.image)
-        return encode_sample(self.processor, record, image, image_size=self.hp.image_size,
-                             max_seq_length=self.hp.max_seq_length)
+        sample = encode_sample(self.processor, record, image, image_size=self.hp.image_size,
+                               max_seq_length=self.hp.max_seq_length)
+        return sample, record.id
 
     def state_dict(self) -> dict:
         """Plain data (JSON-able): the stream position of this rank and its statistics."""

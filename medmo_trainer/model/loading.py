@@ -51,12 +51,27 @@ def load_model(source: ModelSource | str, *, dtype: torch.dtype | None = None, s
         if name not in PRESETS:
             raise ModelUnavailableError(f"unknown model preset {base!r}; presets: {sorted(PRESETS)}")
         model, processor, family = build_preset(name, seed=seed, dtype=dtype)
-        return LoadedModel(model, processor, family)
-    folder = resolve_model_folder(base)
-    try:
-        return load_model_folder(folder, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise ModelUnavailableError(f"cannot load model {base!r}: {error}") from error
+        loaded = LoadedModel(model, processor, family)
+    else:
+        folder = resolve_model_folder(base)
+        try:
+            loaded = load_model_folder(folder, dtype=dtype)
+        except (OSError, ValueError) as error:
+            raise ModelUnavailableError(f"cannot load model {base!r}: {error}") from error
+    disable_forward_cache(loaded.model)
+    return loaded
+
+
+def disable_forward_cache(model: PreTrainedModel) -> None:
+    """Makes plain forward passes build no KV cache (`generate` still turns it on for itself).
+
+    Needed for packed batches: transformers only derives the per-sample block-diagonal mask from
+    restarting position ids when no cache is passed, and builds one whenever `use_cache` is set.
+    """
+    model.config.use_cache = False
+    text_config = getattr(model.config, "text_config", None)
+    if text_config is not None:
+        text_config.use_cache = False
 
 
 def load_model_folder(folder: Path, *, dtype: torch.dtype | None = None) -> LoadedModel:
