@@ -33,6 +33,38 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from medmo_operator.local.run import resource_yaml, run_locally
+
+    training = load_training_file(args.file)
+    status = run_locally(training, args.workdir)
+    print(resource_yaml(training, status))
+    if status.phase == api.Phase.SUCCEEDED:
+        _print_results(training, status, args.workdir)
+        return 0
+    if status.phase == api.Phase.FAILED:
+        failed = next((c for c in status.conditions if c.type == "Failed"), None)
+        print(f"run {training.metadata.name} failed: {failed.message if failed else 'see the status above'}", file=sys.stderr)
+        return 1
+    return 130
+
+
+def _print_results(training: api.MedMOTraining, status: api.MedMOTrainingStatus, workdir: Path) -> None:
+    for record in status.stages:
+        stage = next((s for s in training.spec.stages if s.name == record.name), None)
+        if stage is not None and stage.type == "eval":
+            print(f"eval metrics of stage {record.name}:")
+            for key, value in sorted(record.metrics.items()):
+                print(f"  {key:<48} {value:.4f}")
+    try:
+        from medmo_operator.report import write_report
+    except ImportError:
+        return
+    out_dir = workdir / training.metadata.name / "report"
+    report = write_report(status.model_dump(mode="json", by_alias=True), training.spec.storage.uri, out_dir)
+    print(f"report: {report}")
+
+
 def _operator(args: argparse.Namespace) -> int:
     import kopf
 
@@ -54,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a MedMOTraining YAML file against the API")
     validate.add_argument("file", type=Path)
     validate.set_defaults(handler=_validate)
+    run = commands.add_parser("run", help="run a MedMOTraining on this machine, without a cluster")
+    run.add_argument("file", type=Path)
+    run.add_argument("--workdir", type=Path, default=Path(".medmo"), help="state, pod logs and the report (default: .medmo)")
+    run.set_defaults(handler=_run)
     operator = commands.add_parser("operator", help="run the operator against the cluster of $KUBECONFIG (or in-cluster)")
     operator.add_argument("--namespace", action="append", help="watch only this namespace (repeatable); default: all")
     operator.add_argument("--liveness", default=None, help="serve kopf's liveness probe, e.g. http://0.0.0.0:8081/healthz")

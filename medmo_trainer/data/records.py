@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from medmo_trainer.config import ALL_TASKS, TaskType
+from medmo_trainer.data import synthetic
 from medmo_trainer.data.schema import Record
 from medmo_trainer.fsio import join, url_to_fs
 
@@ -61,6 +62,11 @@ class RawRecord:
 
 def list_shards(uri: str) -> list[str]:
     """The JSONL shards of a dataset URI (itself if it is a file), sorted; raises DatasetUnavailableError."""
+    if uri.startswith(synthetic.SCHEME):
+        try:
+            uri = synthetic.materialize(uri)
+        except ValueError as error:
+            raise DatasetUnavailableError(uri, str(error)) from error
     try:
         fs, path = url_to_fs(uri)
         if fs.isfile(path):

@@ -306,3 +306,38 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+SCHEME = "synthetic://"
+
+
+def materialize(uri: str) -> str:
+    """The local folder holding `synthetic://<split>?n=<scans>&seed=<seed>`, generated on first use.
+
+    The tiny sample recipe names its data this way, so it runs anywhere with nothing to upload: each
+    pod generates the same records (deterministic by seed) into a cache shared by the processes of
+    this machine, keyed by the URI and this module's source.
+    """
+    import fcntl
+    import hashlib
+    import os
+    from pathlib import Path
+    from urllib.parse import parse_qs, urlparse
+
+    parsed = urlparse(uri)
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    split = parsed.netloc or parsed.path.strip("/") or "train"
+    unknown = set(query) - {"n", "seed"}
+    if split not in SPLITS or unknown or not query.get("n", "1").isdigit() or not query.get("seed", "0").lstrip("-").isdigit():
+        raise ValueError(f"{uri}: expected synthetic://<{'|'.join(SPLITS)}>?n=<scans>&seed=<int>")
+    n, seed = int(query.get("n", "256")), int(query.get("seed", "0"))
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    cache = Path(os.environ.get("MEDMO_CACHE", Path.home() / ".cache" / "medmo")) / "synthetic"
+    folder = cache / f"{split}-n{n}-seed{seed}-{source}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".complete").exists():
+            generate(str(folder), n, seed, split)
+            (folder / ".complete").touch()
+    return str(folder)
