@@ -113,11 +113,15 @@ _COORDS = re.compile(r"\[\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*
 
 
 def parse_grounding(text: str) -> set[tuple[str, tuple[int, int, int, int]]]:
-    """The (label, box) pairs written in `text`; tolerant of spacing, ignores anything unparseable."""
+    """The (label, box) pairs written in `text`; tolerant of spacing, ignores anything unparseable.
+
+    A label is the text before `<box>` back to the previous sentence or list delimiter.
+    """
     pairs = set()
-    for label, inner in _GROUP.findall(text):
+    for prefix, inner in _GROUP.findall(text):
+        label = re.split(r"[.:;,\n]", prefix)[-1].strip()
         for coords in _COORDS.findall(inner):
-            pairs.add((label.strip(), tuple(int(v) for v in coords)))
+            pairs.add((label, tuple(int(v) for v in coords)))
     return pairs
 
 
