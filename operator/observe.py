@@ -92,7 +92,7 @@ def progress_report(body: Obj) -> ProgressReport:
     metrics = {}
     nested = body.get("metrics") or {}
     for key, value in [*body.items(), *nested.items()]:
-        if key in ("step", "totalSteps", "metrics") or isinstance(value, bool) or not isinstance(value, int | float):
+        if key in ("step", "totalSteps", "metrics", "timestamp", "attempt") or isinstance(value, bool) or not isinstance(value, int | float):
             continue
         metrics[key] = float(value)
     total = body.get("totalSteps")

@@ -331,6 +331,7 @@ def build_learner_job(
         {"name": "PET_MASTER_ADDR", "value": f"{job_name}-0.{service}"},
         {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         {"name": "MEDMO_ATTEMPT", "value": str(attempt)},
+        {"name": "MEDMO_TERMINATION_LOG", "value": "/dev/termination-log"},
         *_progress_env(run, endpoints),
         *_storage_env(spec),
     ]

@@ -16,6 +16,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "manifests" / "samples"
+STANDIN_IMAGE = "medmo-standin-trainer:test"
+"""An image the test node agent runs as tests/integration/operator/standin_trainer.py."""
+TRAINER_IMAGE = "ghcr.io/medmo/trainer:0.1.0"
+"""The trainer image (the samples' default); the node agent runs its entrypoint in this venv."""
 
 
 def load_sample(name: str) -> dict[str, Any]:

@@ -1,0 +1,130 @@
+"""The operator on the real control plane, running as its ServiceAccount with the ClusterRole from
+manifests/base (not as admin), with the node agent running the pods.
+
+  operator_ns   (module)   the CRD and manifests/base's namespace and RBAC applied
+  operator      (module)   a running `medmo operator` process (``.restart()``, ``.kill()``, ``.log``)
+The images STANDIN_IMAGE (entrypoint: standin_trainer.py beside this file) and TRAINER_IMAGE (the
+trainer's entrypoint) are in tests/medmo_cases.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medmo_operator import crd, render
+
+from medmo_cases import REPO, STANDIN_IMAGE, TRAINER_IMAGE
+
+ENTRYPOINTS = {
+    STANDIN_IMAGE: [sys.executable, str(Path(__file__).with_name("standin_trainer.py"))],
+    TRAINER_IMAGE: render.TRAINER_ENTRYPOINT,
+}
+
+
+@pytest.fixture(scope="module")
+def operator_ns(control_plane, node_agent):
+    """CRD, operator namespace and RBAC; the node agent learns the test images' entrypoints."""
+    node_agent.runner.entrypoints.update(ENTRYPOINTS)
+    control_plane.kubectl("apply", "-f", str(crd.CRD_PATH))
+    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/medmotrainings.medmo.io")
+    for manifest in ("namespace.yaml", "rbac.yaml"):
+        control_plane.kubectl("apply", "-f", str(REPO / "manifests" / "base" / manifest))
+    return "medmo-system"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _service_account_kubeconfig(control_plane, path: Path) -> Path:
+    """A kubeconfig that authenticates as medmo-system/medmo-operator: the operator gets exactly
+    the ClusterRole's permissions."""
+    token = control_plane.kubectl("create", "token", "medmo-operator", "-n", "medmo-system", "--duration=4h").stdout.strip()
+    admin = yaml.safe_load(Path(control_plane.kubeconfig).read_text())
+    cluster = admin["clusters"][0]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": "medmo-operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": "medmo-operator"}}],
+        "current-context": "operator",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class OperatorProcess:
+    """`medmo operator` as a child process; stopped by pid."""
+
+    def __init__(self, kubeconfig: Path, workdir: Path):
+        self.port = _free_port()
+        self.kubeconfig = kubeconfig
+        self.workdir = workdir
+        self.log = workdir / "operator.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "MEDMO_PROGRESS_BIND_HOST": "127.0.0.1",
+            "MEDMO_PROGRESS_PORT": str(self.port),
+            "MEDMO_PROGRESS_ADVERTISE_URL": f"http://127.0.0.1:{self.port}",
+            "MEDMO_RECONCILE_INTERVAL": "1",
+            "MEDMO_OPERATOR_NAMESPACE": "medmo-system",
+        }
+        env.pop("MEDMO_TOKEN_KEY", None)
+        with self.log.open("a") as log:
+            log.write(f"--- start {time.strftime('%H:%M:%S')}\n")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "medmo_operator.cli", "operator"],
+            env=env, stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"operator exited: {self.log.read_text()[-3000:]}"
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise AssertionError(f"operator did not start: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: the operator gets no chance to tidy up, as when its node dies."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, operator_ns, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("operator")
+    process = OperatorProcess(_service_account_kubeconfig(control_plane, workdir / "kubeconfig"), workdir)
+    process.start()
+    yield process
+    process.stop()
+    assert "Forbidden" not in process.log.read_text(), "the operator hit an RBAC refusal: the ClusterRole is short"
