@@ -403,8 +403,10 @@ class NodeAgent:
         while not self._stop.is_set():
             self._hosts_event.wait()
             self._hosts_event.clear()
-            if not self._stop.is_set():
+            try:
                 self.runner.refresh_hosts()
+            except OSError as error:  # a full disk, a removed workdir: retried on the next change
+                log.warning("rewriting hosts files: %s", error)
 
     @staticmethod
     def _ignore_missing(call: Callable[[], object]) -> None:

@@ -479,10 +479,10 @@ class PodRunner:
             if uid in self._pods:
                 return self._pods[uid]
             running = RunningPod(self, pod, self._addresses.acquire())
+            for sub in ("logs", "containers", "volumes", "ports"):
+                (running.directory / sub).mkdir(parents=True, exist_ok=True)
+            self.write_hosts(running)
             self._pods[uid] = running
-        for sub in ("logs", "containers", "volumes", "ports"):
-            (running.directory / sub).mkdir(parents=True, exist_ok=True)
-        self.write_hosts(running)
         running.start()
         return running
 
