@@ -1,30 +1,35 @@
 """The training loader: a weighted mixture of datasets, sharded over ranks, packed, exactly resumable.
 
-The sample stream is a pure function of the seed, so resuming needs only a position:
+The sample stream is a pure function of the seed, so a batch is a pure function of its index:
 
 - Global positions 0, 1, 2, ... are assigned to datasets by seeded weighted draws, in chunks of
-  `CHUNK` positions (each chunk drawn from its own seed, so no state beyond the chunk is needed).
+  `CHUNK` positions (each chunk drawn from its own seed).
 - The m-th draw of dataset d reads its record `perm(seed, d, m // n_d)[m % n_d]`: every pass over a
   dataset is a fresh seeded permutation of it.
-- Rank r of w reads positions r, r + w, r + 2w, ...: ranks' shares are disjoint and together cover
-  the stream.
-- A micro-batch is the next `perDeviceBatchSize` usable records of the rank's share; malformed ones
-  are counted by reason and skipped.
+- Rank r of w owns positions r, r + w, r + 2w, ...: ranks' shares are disjoint and together cover
+  the stream. Its batch b holds the usable records among its positions b*B ... b*B + B - 1, where B
+  is `perDeviceBatchSize`; malformed ones are counted by reason and left out (so a batch may hold
+  fewer than B samples; a batch with none is skipped).
 
 The loader is infinite: it cycles each dataset, one fresh permutation per pass. The trainer decides
 how many steps to run (`maxSteps`, or `epochs` x `samples_per_epoch` / global batch size).
-`state_dict()` holds the rank's next position, so a resumed run sees exactly the batches an
-uninterrupted one would (with the same world size).
+`state_dict()` holds the rank's next batch index (and its statistics), so a resumed run sees exactly
+the batches an uninterrupted one would (with the same seed and world size). Because batches do not
+depend on each other, `num_workers` background processes can prepare them (torch's DataLoader),
+in order, without changing what the trainer sees.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import count
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from medmo_trainer.config import DatasetSpec, Hyperparameters
 from medmo_trainer.data.encode import EncodedSample, encode_sample, num_tokens, pack, pad
@@ -40,6 +45,9 @@ from medmo_trainer.model.processor import VLProcessor
 
 CHUNK = 1024
 """Positions whose dataset choices are drawn together."""
+
+WORKERS_ENV = "MEDMO_DATA_WORKERS"
+"""Default number of batch-preparing processes per rank when `build_train_loader` is given none."""
 
 
 @dataclass
@@ -63,6 +71,14 @@ class LoaderStats:
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
 
+    def add(self, other: LoaderStats) -> None:
+        self.records_read += other.records_read
+        self.samples += other.samples
+        self.tokens += other.tokens
+        self.truncated += other.truncated
+        self.skipped.update(other.skipped)
+        self.per_dataset.update(other.per_dataset)
+
     def to_dict(self) -> dict:
         return {
             "recordsRead": self.records_read, "samples": self.samples, "tokens": self.tokens,
@@ -76,130 +92,101 @@ class LoaderStats:
 
 
 class MixtureStream:
-    """Maps global stream positions to (dataset index, record index); pure function of the seed."""
+    """Maps global stream positions to (dataset index, record index); a pure function of the seed."""
 
     def __init__(self, sizes: list[int], weights: list[float], seed: int):
         self.sizes = sizes
         self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.seed = seed
-        self._chunk_cache: dict[int, np.ndarray] = {}
-        self._permutation_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._choices: dict[int, np.ndarray] = {}
+        self._draws_before: list[np.ndarray] = [np.zeros(len(sizes), dtype=np.int64)]
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
 
-    def chunk_choices(self, chunk: int) -> np.ndarray:
-        if chunk not in self._chunk_cache:
+    def locate(self, position: int) -> tuple[int, int]:
+        """The dataset and record index read at a global position."""
+        chunk, offset = divmod(position, CHUNK)
+        choices = self._chunk_choices(chunk)
+        dataset = int(choices[offset])
+        draw = int(self._draws_before_chunk(chunk)[dataset]) + int(np.count_nonzero(choices[:offset] == dataset))
+        return dataset, self._record_index(dataset, draw)
+
+    def _chunk_choices(self, chunk: int) -> np.ndarray:
+        if chunk not in self._choices:
+            if len(self._choices) > 8:
+                self._choices.clear()
             rng = np.random.default_rng([self.seed, 0, chunk])
-            self._chunk_cache = {chunk: rng.choice(len(self.sizes), size=CHUNK, p=self.probabilities)}
-        return self._chunk_cache[chunk]
+            self._choices[chunk] = rng.choice(len(self.sizes), size=CHUNK, p=self.probabilities)
+        return self._choices[chunk]
 
-    def record_index(self, dataset: int, draw: int) -> int:
-        """The record read by the `draw`-th draw of `dataset`."""
+    def _draws_before_chunk(self, chunk: int) -> np.ndarray:
+        """Draws of each dataset in chunks 0 .. chunk-1 (prefix sums, extended on demand)."""
+        while len(self._draws_before) <= chunk:
+            done = len(self._draws_before) - 1
+            counts = np.bincount(self._chunk_choices(done), minlength=len(self.sizes))
+            self._draws_before.append(self._draws_before[-1] + counts)
+        return self._draws_before[chunk]
+
+    def _record_index(self, dataset: int, draw: int) -> int:
         size = self.sizes[dataset]
         key = (dataset, draw // size)
-        if key not in self._permutation_cache:
-            if len(self._permutation_cache) > 4 * len(self.sizes):
-                self._permutation_cache.clear()
-            self._permutation_cache[key] = np.random.default_rng([self.seed, 1, dataset, key[1]]).permutation(size)
-        return int(self._permutation_cache[key][draw % size])
+        if key not in self._permutations:
+            if len(self._permutations) > 4 * len(self.sizes):
+                self._permutations.clear()
+            self._permutations[key] = np.random.default_rng([self.seed, 1, dataset, key[1]]).permutation(size)
+        return int(self._permutations[key][draw % size])
 
 
 @dataclass
-class StreamCursor:
-    """Where a rank is in the stream: its next global position and each dataset's draws before that
-    position's chunk."""
+class PreparedBatch:
+    """A batch ready for the model (None when every record of its positions was malformed), with the
+    statistics of making it and the ids of its records."""
 
-    position: int
-    chunk_draws: list[int]
-
-    def to_dict(self) -> dict:
-        return {"position": self.position, "chunkDraws": list(self.chunk_draws)}
+    batch: dict[str, torch.Tensor] | None
+    stats: LoaderStats
+    record_ids: list[str]
 
 
-class TrainLoader:
-    """Infinite iterator of ready batches for `model(**batch)` (see the module docstring).
+class BatchSource(Dataset):
+    """Batch index -> PreparedBatch for one rank; picklable, so DataLoader workers can run it."""
 
-    Each batch holds `input_ids`, `labels`, `mm_token_type_ids`, `pixel_values`, `image_grid_thw`, and
-    either `position_ids` (packed: one row, no attention mask) or `attention_mask` (padded rows).
-    """
-
-    def __init__(self, datasets: list[DatasetSpec], processor: VLProcessor, hp: Hyperparameters, *,
-                 rank: int, world_size: int, seed: int):
-        if not datasets:
-            raise ValueError("a training loader needs at least one dataset")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.specs = datasets
+    def __init__(self, specs: list[DatasetSpec], records: list[list[RawRecord]], processor: VLProcessor,
+                 hp: Hyperparameters, *, rank: int, world_size: int, seed: int):
+        self.specs = specs
+        self.records = records
         self.processor = processor
         self.hp = hp
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.records: list[list[RawRecord]] = []
-        for spec in datasets:
-            raw = read_raw_records(spec.uri, spec.tasks)
-            if not raw:
-                raise DatasetUnavailableError(spec.uri, f"no record of tasks {spec.tasks or 'any'}")
-            self.records.append(raw)
-        self.stream = MixtureStream([len(r) for r in self.records], [s.weight for s in datasets], seed)
-        self.stats = LoaderStats()
-        self.last_record_ids: list[str] = []
-        """Ids of the records in the batch yielded last (for logs and debugging)."""
-        self._cursor = StreamCursor(rank, [0] * len(datasets))
+        self.rank, self.world_size = rank, world_size
+        self.stream = MixtureStream([len(r) for r in records], [s.weight for s in specs], seed)
 
-    @property
-    def samples_per_epoch(self) -> int:
-        """Records in all datasets (after task filters): one epoch's worth of samples over all ranks."""
-        return sum(len(r) for r in self.records)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> PreparedBatch:
+        size = self.hp.per_device_batch_size
+        stats = LoaderStats()
         samples: list[EncodedSample] = []
         ids: list[str] = []
-        skipped_in_a_row = 0
-        while len(samples) < self.hp.per_device_batch_size:
-            dataset, raw = self._take()
-            self.stats.records_read += 1
+        for slot in range(index * size, (index + 1) * size):
+            dataset, record_index = self.stream.locate(slot * self.world_size + self.rank)
+            stats.records_read += 1
             try:
-                sample, record_id = self._encode(raw)
+                sample, record_id = self._encode(self.records[dataset][record_index])
             except MalformedRecordError as error:
-                self.stats.skipped[error.reason] += 1
-                skipped_in_a_row += 1
-                if skipped_in_a_row > self.samples_per_epoch:  # a whole pass of nothing usable: never ends
-                    raise DatasetUnavailableError(
-                        ", ".join(spec.uri for spec in self.specs),
-                        f"no usable record in {skipped_in_a_row} reads; skipped: {dict(self.stats.skipped)}",
-                    ) from error
+                stats.skipped[error.reason] += 1
                 continue
-            skipped_in_a_row = 0
             samples.append(sample)
             ids.append(record_id)
-            self.stats.samples += 1
-            self.stats.truncated += sample.truncated
-            self.stats.per_dataset[self.specs[dataset].name] += 1
-        tokenizer = self.processor.tokenizer
+            stats.samples += 1
+            stats.truncated += sample.truncated
+            stats.per_dataset[self.specs[dataset].name] += 1
+        if not samples:
+            return PreparedBatch(None, stats, ids)
         if self.hp.packing:
             batch = pack(samples, self.processor.image_token_id)
         else:
-            batch = pad(samples, self.processor.image_token_id, tokenizer.pad_token_id)
-        self.stats.tokens += num_tokens(batch)
-        self.last_record_ids = ids
-        return batch
+            batch = pad(samples, self.processor.image_token_id, self.processor.tokenizer.pad_token_id)
+        stats.tokens = num_tokens(batch)
+        return PreparedBatch(batch, stats, ids)
 
-    def _take(self) -> tuple[int, RawRecord]:
-        """The dataset index and record at the cursor; advances the cursor to this rank's next position."""
-        cursor = self._cursor
-        chunk, offset = divmod(cursor.position, CHUNK)
-        choices = self.stream.chunk_choices(chunk)
-        dataset = int(choices[offset])
-        draw = cursor.chunk_draws[dataset] + int(np.count_nonzero(choices[:offset] == dataset))
-        record = self.records[dataset][self.stream.record_index(dataset, draw)]
-        next_position = cursor.position + self.world_size
-        next_chunk = next_position // CHUNK
-        for skipped_chunk in range(chunk, next_chunk):
-            counts = np.bincount(self.stream.chunk_choices(skipped_chunk), minlength=len(self.specs))
-            cursor.chunk_draws = [a + int(b) for a, b in zip(cursor.chunk_draws, counts)]
-        cursor.position = next_position
-        return dataset, record
+    def __len__(self) -> int:  # infinite in truth; DataLoader only needs the method to exist
+        return 2**62
 
     def _encode(self, raw: RawRecord) -> tuple[EncodedSample, str]:
         record = validate(raw)
@@ -208,24 +195,106 @@ class TrainLoader:
                                max_seq_length=self.hp.max_seq_length)
         return sample, record.id
 
+
+def _as_is(item: PreparedBatch) -> PreparedBatch:
+    return item
+
+
+class TrainLoader:
+    """Infinite iterator of ready batches for `model(**batch)` (see the module docstring).
+
+    Each batch holds `input_ids`, `labels`, `mm_token_type_ids`, `pixel_values`, `image_grid_thw`, and
+    either `position_ids` (packed: one row, no attention mask) or `attention_mask` (padded rows).
+    Call `load_state_dict` before iterating; iterating again continues from the current position.
+    """
+
+    def __init__(self, datasets: list[DatasetSpec], processor: VLProcessor, hp: Hyperparameters, *,
+                 rank: int, world_size: int, seed: int, num_workers: int = 0):
+        if not datasets:
+            raise ValueError("a training loader needs at least one dataset")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        records = []
+        for spec in datasets:
+            raw = read_raw_records(spec.uri, spec.tasks)
+            if not raw:
+                raise DatasetUnavailableError(spec.uri, f"no record of tasks {spec.tasks or 'any'}")
+            records.append(raw)
+        self.source = BatchSource(datasets, records, processor, hp, rank=rank, world_size=world_size, seed=seed)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_workers = num_workers
+        self.stats = LoaderStats()
+        self.last_record_ids: list[str] = []
+        """Ids of the records in the batch yielded last (for logs and debugging)."""
+        self._next_index = 0
+        self._prepared: Iterator[PreparedBatch] | None = None
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Records in all datasets (after task filters): one epoch's worth of samples over all ranks."""
+        return sum(len(r) for r in self.source.records)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        empty_in_a_row = 0
+        while True:
+            prepared = next(self._prepared_batches())
+            self._next_index += 1
+            self.stats.add(prepared.stats)
+            if prepared.batch is not None:
+                self.last_record_ids = prepared.record_ids
+                return prepared.batch
+            empty_in_a_row += 1
+            if empty_in_a_row * self.source.hp.per_device_batch_size > self.samples_per_epoch:
+                # a whole pass without one usable record: waiting longer would never end
+                raise DatasetUnavailableError(
+                    ", ".join(spec.uri for spec in self.source.specs),
+                    f"no usable record in a full pass; skipped: {dict(self.stats.skipped)}",
+                )
+
+    def _prepared_batches(self) -> Iterator[PreparedBatch]:
+        if self._prepared is None:
+            if self.num_workers == 0:
+                self._prepared = map(self.source.__getitem__, count(self._next_index))
+            else:
+                self._prepared = iter(DataLoader(
+                    self.source, batch_size=None, sampler=count(self._next_index), num_workers=self.num_workers,
+                    collate_fn=_as_is, prefetch_factor=2,
+                ))
+        return self._prepared
+
     def state_dict(self) -> dict:
-        """Plain data (JSON-able): the stream position of this rank and its statistics."""
+        """Plain data (JSON-able): the next batch index of this rank and its statistics."""
         return {"seed": self.seed, "rank": self.rank, "worldSize": self.world_size,
-                "cursor": self._cursor.to_dict(), "stats": self.stats.to_dict()}
+                "batchSize": self.source.hp.per_device_batch_size, "nextBatch": self._next_index,
+                "stats": self.stats.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continues from a saved position; the seed, rank and world size must match the saved ones."""
-        saved = (state["seed"], state["rank"], state["worldSize"])
-        if saved != (self.seed, self.rank, self.world_size):
+        """Continues from a saved position; seed, rank, world size and batch size must match the saved ones."""
+        saved = (state["seed"], state["rank"], state["worldSize"], state["batchSize"])
+        mine = (self.seed, self.rank, self.world_size, self.source.hp.per_device_batch_size)
+        if saved != mine:
             raise ValueError(
-                f"loader state was saved with (seed, rank, worldSize) = {saved}, this loader has "
-                f"{(self.seed, self.rank, self.world_size)}; resume with the same seed and number of ranks"
+                f"loader state was saved with (seed, rank, worldSize, perDeviceBatchSize) = {saved}, this loader "
+                f"has {mine}; resume with the same seed, number of ranks and batch size"
             )
-        self._cursor = StreamCursor(state["cursor"]["position"], list(state["cursor"]["chunkDraws"]))
+        self._next_index = state["nextBatch"]
         self.stats = LoaderStats.from_dict(state["stats"])
+        self._prepared = None  # prepared-ahead batches belong to the old position
+
+
+def default_num_workers() -> int:
+    return int(os.environ.get(WORKERS_ENV, "0"))
 
 
 def build_train_loader(datasets: list[DatasetSpec], processor: VLProcessor, hp: Hyperparameters, *,
-                       rank: int, world_size: int, seed: int) -> TrainLoader:
-    """The stage's training loader for one rank (raises DatasetUnavailableError for unreadable URIs)."""
-    return TrainLoader(datasets, processor, hp, rank=rank, world_size=world_size, seed=seed)
+                       rank: int, world_size: int, seed: int, num_workers: int | None = None) -> TrainLoader:
+    """The stage's training loader for one rank (raises DatasetUnavailableError for unreadable URIs).
+
+    `num_workers` background processes prepare batches ahead (default: $MEDMO_DATA_WORKERS, else 0).
+    """
+    workers = default_num_workers() if num_workers is None else num_workers
+    return TrainLoader(datasets, processor, hp, rank=rank, world_size=world_size, seed=seed, num_workers=workers)

@@ -90,11 +90,24 @@ def test_resume_from_state_dict_reproduces_the_following_batches(synthetic_train
     assert resumed.stats == uninterrupted.stats
 
 
+def test_worker_processes_prepare_the_same_batches_in_order(synthetic_train, synthetic_other, tiny_qwen3):
+    specs = [DatasetSpec(name="big", uri=str(synthetic_train)), DatasetSpec(name="small", uri=str(synthetic_other))]
+    hp = Hyperparameters(per_device_batch_size=3, image_size=64)
+    inline = build_train_loader(specs, tiny_qwen3.processor, hp, rank=0, world_size=2, seed=6, num_workers=0)
+    workers = build_train_loader(specs, tiny_qwen3.processor, hp, rank=0, world_size=2, seed=6, num_workers=2)
+    workers.load_state_dict(json.loads(json.dumps(inline.state_dict())))
+    for _ in range(6):
+        want, got = inline.next_batch(), workers.next_batch()
+        assert all(torch.equal(got[key], want[key]) for key in want)
+    assert workers.stats == inline.stats
+    assert workers.state_dict() == inline.state_dict()
+
+
 def test_resume_refuses_a_different_world_size(synthetic_train, tiny_qwen3):
     spec = [DatasetSpec(name="syn", uri=str(synthetic_train))]
     hp = Hyperparameters(per_device_batch_size=1, image_size=32)
     state = _loader(spec, tiny_qwen3.processor, hp, rank=0, world_size=2).state_dict()
-    with pytest.raises(ValueError, match="same seed and number of ranks"):
+    with pytest.raises(ValueError, match="same seed, number of ranks and batch size"):
         _loader(spec, tiny_qwen3.processor, hp, rank=0, world_size=4).load_state_dict(state)
 
 
@@ -121,8 +134,9 @@ def test_labels_cover_only_the_answers(synthetic_train, tiny_qwen3, packing):
         assert num_tokens(batch) == int(batch["attention_mask"].sum()) < batch["input_ids"].numel()
 
 
-def _write_malformed_dataset(folder: Path, source: Path) -> dict[str, int]:
-    """Good records copied from `source` plus one bad record of each kind; returns the expected skips."""
+def _write_malformed_dataset(folder: Path, source: Path) -> tuple[list[str], list[str]]:
+    """Twelve good records copied from `source` plus one bad record of each kind, over two shards;
+    returns the good records' ids and the skip reasons expected (one record each)."""
     good = [json.loads(line) for line in (source / "train-00000.jsonl").read_text().splitlines()[:12]]
     for record in good:
         record["image"] = str(source / record["image"])
@@ -142,24 +156,21 @@ def _write_malformed_dataset(folder: Path, source: Path) -> dict[str, int]:
     folder.mkdir()
     (folder / "part-0.jsonl").write_text("\n".join(json.dumps(r) for r in good[:6]) + "\n")
     (folder / "part-1.jsonl").write_text("\n".join([json.dumps(r) for r in good[6:]] + bad_lines) + "\n")
-    return {"bad_json": 1, "unknown_task": 1, "bad_box": 1, "invalid_record": 1, "missing_image": 1,
-            "bad_image": 1, "too_long": 1}
+    reasons = ["bad_json", "unknown_task", "bad_box", "invalid_record", "missing_image", "bad_image", "too_long"]
+    return [r["id"] for r in good], reasons
 
 
 def test_malformed_records_are_counted_by_reason_and_skipped(tmp_path, synthetic_train, tiny_qwen3):
-    expected = _write_malformed_dataset(tmp_path / "mixed", synthetic_train)
+    good_ids, reasons = _write_malformed_dataset(tmp_path / "mixed", synthetic_train)
     spec = [DatasetSpec(name="mixed", uri=str(tmp_path / "mixed"))]
-    hp = Hyperparameters(per_device_batch_size=1, image_size=32, max_seq_length=128)
+    # a batch of 19 positions is exactly one pass over the 19 records
+    hp = Hyperparameters(per_device_batch_size=19, image_size=32, max_seq_length=128)
     loader = _loader(spec, tiny_qwen3.processor, hp)
-    passes = 3
-    while loader.stats.records_read < passes * 19:
+    for passes in (1, 2):
         loader.next_batch()
-        assert not loader.last_record_ids[0].startswith(("bad", "no-", "too"))
-    skipped = loader.stats.skipped
-    assert set(skipped) == set(expected)
-    # each bad record is met once per pass over the 19 records; the run may be one record into the next pass
-    assert all(passes <= skipped[reason] <= passes + 1 for reason in expected), skipped
-    assert loader.stats.samples + loader.stats.skipped_total == loader.stats.records_read
+        assert sorted(loader.last_record_ids) == sorted(good_ids)
+        assert loader.stats.skipped == Counter({reason: passes for reason in reasons})
+        assert loader.stats.samples == 12 * passes and loader.stats.records_read == 19 * passes
 
     json_level = Counter()
     assert len(list(iter_records(str(tmp_path / "mixed"), skipped=json_level))) == 15
