@@ -163,7 +163,8 @@ def load_benchmark(spec: BenchmarkSpec, context: DistContext) -> Benchmark:
     records = list(iter_records(spec.uri, spec.tasks or None, skipped=skipped))
     if spec.max_samples is not None:
         records = records[: spec.max_samples]
-    mine = records[context.rank :: context.world_size]
+    # Batches of one task finish together: short answers are not held back by long grounding ones.
+    mine = sorted(records[context.rank :: context.world_size], key=lambda record: record.task)
     # Malformed records are counted once, on rank 0, so the all-reduced count is the benchmark's.
     return Benchmark(spec, mine, skipped if context.is_main else Counter())
 
