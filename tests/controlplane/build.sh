@@ -16,6 +16,17 @@ binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl)
 cache_dir="${MEDMO_CACHE:-$HOME/.cache/medmo}/k8s-$K8S_VERSION-etcd-$ETCD_VERSION"
 bin_dir="$cache_dir/bin"
 
+# The harness makes its certificates with the openssl command line.
+if ! command -v openssl >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "build.sh: installing openssl (the test control plane's certificates need it)" >&2
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl; } >&2
+  else
+    echo "build.sh: the openssl command is needed by the test control plane; install it (apt-get install openssl)" >&2
+    exit 1
+  fi
+fi
+
 built() {
   local b
   for b in "${binaries[@]}"; do [ -x "$bin_dir/$b" ] || return 1; done

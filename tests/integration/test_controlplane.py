@@ -135,6 +135,38 @@ def test_garbage_collector_deletes_dependents_of_a_deleted_owner(namespace, k8s_
     assert core.read_namespaced_config_map("bystander", namespace).metadata.name == "bystander"
 
 
+KOPF_OPERATOR = """\
+import kopf
+
+@kopf.on.login()
+def login(**kwargs):
+    # kopf's own kubeconfig reader (used where the kubernetes client is not installed).
+    return kopf.login_with_kubeconfig(**kwargs)
+
+@kopf.on.create("configmaps", labels={"harness-test": "kopf"})
+def on_configmap_create(patch, **_):
+    patch.setdefault("data", {})["seenBy"] = "kopf"
+"""
+
+
+@pytest.mark.controlplane
+def test_kopf_operator_logs_in_with_the_kubeconfig_and_handles_events(namespace, k8s_api, tmp_path):
+    from kopf.testing import KopfRunner
+
+    operator = tmp_path / "operator.py"
+    operator.write_text(KOPF_OPERATOR)
+    core = client.CoreV1Api(k8s_api)
+
+    with KopfRunner(["run", "--standalone", f"--namespace={namespace}", str(operator)], timeout=60) as runner:
+        core.create_namespaced_config_map(namespace, client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name="watched", labels={"harness-test": "kopf"})))
+        wait_for(lambda: (core.read_namespaced_config_map("watched", namespace).data or {}).get("seenBy") == "kopf",
+                 60, "the kopf handler to patch the ConfigMap")
+
+    assert runner.exception is None
+    assert runner.exit_code == 0
+
+
 @pytest.mark.s3
 def test_s3_put_get_list_through_s3fs(s3_server, s3_bucket, tmp_path):
     fs = s3fs.S3FileSystem(**s3_server.storage_options(), skip_instance_cache=True)
