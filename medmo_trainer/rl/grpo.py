@@ -83,9 +83,10 @@ def clipped_policy_loss(
 
     Per token: -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) + beta*KL_k3, with rho =
     exp(logp - old_logp). `token` aggregation divides the masked sum by the number of loss tokens
-    (DAPO), or by `normalizer` when given (the learner passes the global count / world size so that
-    gradient averaging across ranks yields the global token mean); `sequence` averages each
-    completion over its own tokens first, then over completions.
+    (DAPO); `sequence` averages each completion over its own tokens first, then over the completions
+    that carry loss. `normalizer`, when given, replaces that token (or completion) count: the learner
+    passes the global count / world size, so that summing micro-batches and averaging gradients
+    across ranks yields the mean over the whole batch.
     """
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
@@ -105,7 +106,8 @@ def clipped_policy_loss(
         loss = (per_token * mask).sum() / denominator
     elif aggregation == "sequence":
         per_sequence = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        loss = per_sequence.sum() / (mask.sum(dim=1) > 0).sum().clamp(min=1)
+        denominator = (mask.sum(dim=1) > 0).sum().clamp(min=1) if normalizer is None else normalizer
+        loss = per_sequence.sum() / denominator
     else:
         raise ValueError(f"unknown loss aggregation {aggregation!r}: use 'token' or 'sequence'")
     with torch.no_grad():

@@ -1,0 +1,89 @@
+"""The learner's client of a group of worker replicas (rollout or reward), with failover.
+
+A request that fails for infrastructure reasons (connection refused or reset, timeout, 5xx) is
+retried on the next replica, round after round with backoff; every such failover is counted, so
+the progress report shows it. A 4xx is the learner's own mistake and is raised at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from medmo_trainer.exit_codes import ExitCode, StageError
+
+log = logging.getLogger(__name__)
+
+
+class WorkerUnavailableError(StageError):
+    """No replica of a worker group answered; retryable (the Deployment brings replicas back)."""
+
+    exit_code = ExitCode.UNEXPECTED
+
+
+class WorkerRequestError(RuntimeError):
+    """A worker refused a request as malformed (4xx): a bug on the learner's side."""
+
+
+class WorkerPool:
+    """Replicas of one worker kind, called with JSON POSTs."""
+
+    def __init__(self, name: str, urls: list[str], timeout_seconds: float, rounds: int = 3,
+                 backoff_seconds: float = 1.0):
+        if not urls:
+            raise ValueError(f"the {name} worker group has no URLs")
+        self.name = name
+        self.urls = [u.rstrip("/") for u in urls]
+        self.timeout = timeout_seconds
+        self.rounds = rounds
+        self.backoff = backoff_seconds
+        self.failovers: Counter[str] = Counter()
+        """Failed attempts per replica URL since the start (each was retried elsewhere)."""
+        self._lock = threading.Lock()
+
+    def post(self, path: str, body: dict, preferred: int = 0) -> dict:
+        """POSTs `body` to `path`, starting at replica `preferred` and failing over to the others."""
+        data = json.dumps(body).encode()
+        attempts = self.rounds * len(self.urls)
+        last_error = ""
+        for attempt in range(attempts):
+            url = self.urls[(preferred + attempt) % len(self.urls)]
+            try:
+                return self._post_once(url + path, data)
+            except WorkerRequestError:
+                raise
+            except Exception as error:  # refused, reset, timed out, 5xx: try another replica
+                last_error = f"{url}: {error}"
+                with self._lock:
+                    self.failovers[url] += 1
+                log.warning("%s worker %s failed (%s); retrying on another replica", self.name, url, error)
+                if (attempt + 1) % len(self.urls) == 0:
+                    time.sleep(self.backoff * (attempt + 1) // len(self.urls))
+        raise WorkerUnavailableError(f"no {self.name} worker answered {path} after {attempts} attempts; last: {last_error}")
+
+    def map(self, path: str, bodies: list[dict]) -> list[dict]:
+        """POSTs each body concurrently, body i starting at replica i (spreads the work), in order."""
+        with ThreadPoolExecutor(max_workers=max(1, len(bodies))) as pool:
+            futures = [pool.submit(self.post, path, body, i) for i, body in enumerate(bodies)]
+            return [f.result() for f in futures]
+
+    def total_failovers(self) -> int:
+        with self._lock:
+            return sum(self.failovers.values())
+
+    def _post_once(self, url: str, data: bytes) -> dict:
+        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")[:500]
+            if 400 <= error.code < 500 and error.code not in (408, 429):
+                raise WorkerRequestError(f"{self.name} worker refused {url} ({error.code}): {detail}") from None
+            raise RuntimeError(f"HTTP {error.code}: {detail}") from None

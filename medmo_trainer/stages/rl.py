@@ -1,0 +1,297 @@
+"""The `rl` stage: GRPO with DAPO's clip-higher and token-level loss, on torchrun ranks.
+
+One step reads like the algorithm:
+
+    batch  = controller.collect(step, policy)   rank 0: prompts -> rollout workers -> reward workers -> advantages
+    batch  = broadcast(batch)                   every rank takes its share of the completions
+    update(batch)                               clipped token-level loss (+ beta * KL), one optimizer step
+    policy = publish(step)                      weights to storage; rollout workers load them on their next request
+
+On-policy by default (`maxStaleness: 0`). With `maxStaleness: 1` rank 0 gathers step t+1's batch
+with policy t-1 while the ranks update to t, so generation and training overlap; the ratio then
+uses the rollout workers' log-probabilities of the policy that sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from medmo_trainer.checkpoint import CheckpointManager
+from medmo_trainer.config import StageConfig
+from medmo_trainer.dist import DistContext
+from medmo_trainer.exit_codes import ConfigError, StorageError
+from medmo_trainer.fsio import join, url_to_fs
+from medmo_trainer.metrics_log import MetricsLog
+from medmo_trainer.progress import Progress, ProgressReporter
+from medmo_trainer.rl.controller import PolicyRef, PromptSampler, RolloutBatch, RolloutController, Sample
+from medmo_trainer.rl.grpo import clipped_policy_loss, completion_mask
+from medmo_trainer.rl.policy import completion_logprobs
+from medmo_trainer.rl.prompts import Prompt, encode_prompts
+from medmo_trainer.rl.rollout import weights_bytes
+from medmo_trainer.rl.workers import WorkerPool
+from medmo_trainer.stages import StageResult, register
+from medmo_trainer.stages.training import load_stage_model, move_to, seed_everything
+from medmo_trainer.strategies import TrainingStrategy, build_strategy
+
+logger = logging.getLogger(__name__)
+
+POLICY_VERSIONS_KEPT = 2
+"""Published versions kept in storage: the newest, and the one an overlapping rollout may still read."""
+
+
+@dataclass
+class UpdateMetrics:
+    loss: float
+    grad_norm: float
+    learning_rate: float
+    clip_fraction: float
+    kl: float
+    tokens: int
+
+
+class PolicyPublisher:
+    """Writes each policy version's trainable weights to `<storage>/<stage>/policy/<attempt>/v-N.safetensors`.
+
+    The attempt folder is new on every (re)start, so a worker never mistakes a killed attempt's
+    version N for this one's.
+    """
+
+    def __init__(self, config: StageConfig, trainable: list[str]):
+        self.root = join(config.storage.uri, config.stage, "policy", uuid.uuid4().hex[:12])
+        self.trainable = set(trainable)
+        self.fs, self.root_path = url_to_fs(self.root)
+        self.published: list[str] = []
+
+    def publish(self, version: int, state: dict[str, torch.Tensor]) -> PolicyRef:
+        uri = join(self.root, f"v-{version}.safetensors")
+        try:
+            self.fs.makedirs(self.root_path, exist_ok=True)
+            with self.fs.open(join(self.root_path, f"v-{version}.safetensors"), "wb") as handle:
+                handle.write(weights_bytes({k: v for k, v in state.items() if k in self.trainable}))
+            self.published.append(uri)
+            for old in self.published[:-POLICY_VERSIONS_KEPT]:
+                self.fs.rm(url_to_fs(old)[1])
+            self.published = self.published[-POLICY_VERSIONS_KEPT:]
+        except OSError as error:
+            raise StorageError(f"publishing policy version {version} to {uri} failed: {error}") from error
+        return PolicyRef(version, uri)
+
+
+class GRPOLearner:
+    """Runs one `rl` stage; see the module docstring."""
+
+    def __init__(self, config: StageConfig, context: DistContext, loaded: Any, reference: Any,
+                 strategy: TrainingStrategy, sampler: PromptSampler, controller: RolloutController | None,
+                 publisher: PolicyPublisher | None, total_steps: int):
+        assert config.rl is not None
+        self.config = config
+        self.algorithm = config.rl.algorithm
+        self.context = context
+        self.loaded = loaded
+        self.reference = reference
+        self.strategy = strategy
+        self.sampler = sampler
+        self.controller = controller
+        self.publisher = publisher
+        self.total_steps = total_steps
+        self.checkpoints = CheckpointManager(config, context, strategy)
+        self.reporter = ProgressReporter.from_env(enabled=context.is_main)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") if context.is_main else None
+        self.metrics_log: MetricsLog | None = None
+        self.step = 0
+
+    @classmethod
+    def build(cls, config: StageConfig, context: DistContext) -> GRPOLearner:
+        from medmo_trainer.model import apply_trainable
+
+        rl = config.rl
+        if rl is None or not rl.rollout_urls or not rl.reward_urls:
+            raise ConfigError(f"rl stage {config.stage!r} needs rl.rolloutUrls and rl.rewardUrls")
+        if not config.datasets:
+            raise ConfigError(f"rl stage {config.stage!r} needs datasets of prompts with verifiable answers")
+        if rl.algorithm.prompts_per_step * rl.algorithm.group_size < context.world_size:
+            raise ConfigError(f"promptsPerStep x groupSize ({rl.algorithm.prompts_per_step} x "
+                              f"{rl.algorithm.group_size}) must be at least the number of ranks ({context.world_size})")
+        hp = config.hyperparameters
+        seed_everything(hp.seed)
+        sampler = PromptSampler(config.datasets, hp.seed)
+        total_steps = hp.max_steps or math.ceil(hp.epochs * len(sampler) / rl.algorithm.prompts_per_step)
+        loaded = load_stage_model(config)
+        trainable = apply_trainable(loaded.model, config.model.trainable)
+        reference = None
+        if rl.algorithm.kl_beta > 0:
+            reference = load_stage_model(config).model.to(context.device).eval().requires_grad_(False)
+        strategy = build_strategy(config, context)
+        strategy.prepare(loaded.model, total_steps)
+        controller = publisher = None
+        if context.is_main:
+            timeout = rl.request_timeout_seconds
+            controller = RolloutController(config, sampler, WorkerPool("rollout", rl.rollout_urls, timeout),
+                                           WorkerPool("reward", rl.reward_urls, timeout))
+            publisher = PolicyPublisher(config, trainable)
+        return cls(config, context, loaded, reference, strategy, sampler, controller, publisher, total_steps)
+
+    def train(self) -> StageResult:
+        restored = self.checkpoints.restore()
+        self.step = restored.step if restored is not None else 0
+        self.metrics_log = MetricsLog.for_stage(self.config.storage.uri, self.config.stage, self.context.is_main,
+                                                start_step=self.step)
+        policy = self.publish()
+        pending = self.gather(self.step + 1, policy)
+        update = None
+        while self.step < self.total_steps:
+            batch = self.receive(pending)
+            if self.algorithm.max_staleness and self.step + 1 < self.total_steps:
+                pending = self.gather(self.step + 2, policy)  # overlaps the update below
+            update = self.train_step(batch)
+            self.step += 1
+            policy = self.publish()
+            if not self.algorithm.max_staleness and self.step < self.total_steps:
+                pending = self.gather(self.step + 1, policy)
+            self.report(batch, update, "Running")
+            if self.checkpoints.due(self.step, self.total_steps):
+                self.checkpoints.save(self.step, {"step": self.step})
+        self.export()
+        self.report(None, update, "Succeeded", message=f"exported to {self.config.output_uri}")
+        summary = f"{self.step} steps" + (f", final loss {update.loss:.4f}" if update else "")
+        return StageResult(steps=self.step, output_uri=self.config.output_uri, summary=summary)
+
+    def gather(self, step: int, policy: PolicyRef | None) -> Future | None:
+        """Starts gathering `step`'s batch on rank 0 (a background thread); None elsewhere."""
+        if self.executor is None:
+            return None
+        return self.executor.submit(self.controller.collect, step, policy)
+
+    def receive(self, pending: Future | None) -> RolloutBatch:
+        """Rank 0's gathered batch, on every rank."""
+        holder = [pending.result() if pending is not None else None]
+        if self.context.world_size > 1:
+            dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def train_step(self, batch: RolloutBatch) -> UpdateMetrics:
+        """One optimizer step over this rank's share of the batch's completions."""
+        mine = batch.samples[self.context.rank :: self.context.world_size]
+        carrying = [s for s in batch.samples if not (self.algorithm.mask_truncated and s.truncated)]
+        count = sum(len(s.token_ids) for s in carrying) if self.algorithm.loss_aggregation == "token" else len(carrying)
+        normalizer = max(count, 1) / self.context.world_size
+        micro = self.config.hyperparameters.per_device_batch_size
+        chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)]
+        learning_rate = self.strategy.learning_rate()
+        loss = clipped = kl = tokens = 0.0
+        for index, chunk in enumerate(chunks):
+            with self.strategy.autocast():
+                out = self.loss_of(chunk, normalizer)
+            # The strategy divides by gradientAccumulationSteps; the normalizer already averages.
+            accumulation = self.config.hyperparameters.gradient_accumulation_steps
+            self.strategy.backward(out.loss * accumulation, last_micro_step=index == len(chunks) - 1)
+            loss += out.loss.item()
+            clipped += (out.clip_fraction * out.tokens).item()
+            kl += (out.kl * out.tokens).item()
+            tokens += out.tokens.item()
+        grad_norm = self.strategy.optimizer_step()
+        total_tokens = self.context.sum(tokens)
+        return UpdateMetrics(
+            loss=self.context.sum(loss),
+            grad_norm=grad_norm,
+            learning_rate=learning_rate,
+            clip_fraction=self.context.sum(clipped) / max(total_tokens, 1.0),
+            kl=self.context.sum(kl) / max(total_tokens, 1.0),
+            tokens=int(total_tokens),
+        )
+
+    def loss_of(self, samples: list[Sample], normalizer: float):
+        """The clipped GRPO loss of some completions (shapes: B completions, T tokens)."""
+        device = self.context.device
+        inputs = encode_prompts(self.loaded.processor, [Prompt.model_validate(s.prompt) for s in samples],
+                                self.config.hyperparameters.image_size)
+        inputs = {k: move_to(v, device) for k, v in inputs.items()}
+        width = max(len(s.token_ids) for s in samples)
+        ids = torch.tensor([s.token_ids + [0] * (width - len(s.token_ids)) for s in samples], device=device)
+        lengths = torch.tensor([len(s.token_ids) for s in samples], device=device)
+        truncated = torch.tensor([s.truncated for s in samples], device=device)
+        attention = completion_mask(lengths, truncated, width, mask_truncated=False)
+        loss_mask = completion_mask(lengths, truncated, width, self.algorithm.mask_truncated)
+        temperature = self.algorithm.temperature
+        logp = completion_logprobs(self.strategy.model, inputs, ids, attention, temperature)
+        if self.algorithm.max_staleness:
+            old = torch.tensor([s.logprobs + [0.0] * (width - len(s.logprobs)) for s in samples], device=device)
+        else:
+            # On-policy the sampler is the policy being updated; its own values avoid engine mismatch.
+            old = logp.detach()
+        ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = completion_logprobs(self.reference, inputs, ids, attention, temperature)
+        advantages = torch.tensor([s.advantage for s in samples], device=device)
+        return clipped_policy_loss(
+            logp, old, advantages, loss_mask, self.algorithm.epsilon_low, self.algorithm.epsilon_high,
+            aggregation=self.algorithm.loss_aggregation, ref_logp=ref, beta=self.algorithm.kl_beta,
+            normalizer=normalizer,
+        )
+
+    def publish(self) -> PolicyRef | None:
+        """Publishes the current weights as version `self.step` (a collective; rank 0 writes)."""
+        state = self.strategy.full_state_dict()
+        return self.publisher.publish(self.step, state) if self.publisher is not None else None
+
+    def report(self, batch: RolloutBatch | None, update: UpdateMetrics | None, phase: str, message: str = "") -> None:
+        if not self.context.is_main:
+            return
+        metrics: dict[str, float] = dict(batch.metrics) if batch is not None else {}
+        if update is not None:
+            metrics.update({"loss": update.loss, "kl": update.kl, "clip_fraction": update.clip_fraction,
+                            "grad_norm": update.grad_norm})
+        skipped = dict(self.sampler.skipped + (batch.skipped if batch is not None else Counter()))
+        progress = Progress(
+            run=self.config.run, stage=self.config.stage, phase=phase, step=self.step, total_steps=self.total_steps,
+            loss=update.loss if update else None, learning_rate=update.learning_rate if update else None,
+            grad_norm=update.grad_norm if update else None,
+            tokens_per_second=metrics.get("rollout_tokens_per_second"),
+            skipped_records=sum(skipped.values()), skipped_by_reason=skipped,
+            last_checkpoint=self.checkpoints.last_committed_uri, message=message, metrics=metrics,
+        )
+        self.reporter.report(progress)
+        if batch is not None:
+            self.metrics_log.log(self.step, metrics)
+
+    def export(self) -> None:
+        """Writes the trained policy in Hugging Face format to the stage's output URI (rank 0 writes)."""
+        from medmo_trainer.model import export_hf
+
+        state = self.strategy.full_state_dict()
+        if self.context.is_main:
+            fresh = load_stage_model(self.config)
+            fresh.model.load_state_dict(state)
+            try:
+                export_hf(fresh.model, fresh.processor, self.config.output_uri)
+            except OSError as error:
+                raise StorageError(f"exporting the model to {self.config.output_uri} failed: {error}") from error
+        self.context.barrier()
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.metrics_log is not None:
+            self.metrics_log.close()
+        self.reporter.close()
+        self.checkpoints.close()
+
+
+@register("rl")
+def run_rl_stage(config: StageConfig, context: DistContext) -> StageResult:
+    learner = GRPOLearner.build(config, context)
+    try:
+        return learner.train()
+    finally:
+        learner.close()
