@@ -64,7 +64,7 @@ class WorkerPool:
                     self.failovers[url] += 1
                 log.warning("%s worker %s failed (%s); retrying on another replica", self.name, url, error)
                 if (attempt + 1) % len(self.urls) == 0:
-                    time.sleep(self.backoff * (attempt + 1) // len(self.urls))
+                    time.sleep(self.backoff * ((attempt + 1) // len(self.urls)))
         raise WorkerUnavailableError(f"no {self.name} worker answered {path} after {attempts} attempts; last: {last_error}")
 
     def map(self, path: str, bodies: list[dict]) -> list[dict]:
