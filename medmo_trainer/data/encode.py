@@ -53,18 +53,15 @@ def rope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor
     row and start + row/column index of the merged patch grid in the height/width rows; text after an
     image resumes at start + max(grid height, grid width) (what Qwen2.5-VL and Qwen3-VL do for images).
     """
+    types = mm_token_type_ids.tolist()
+    changes = [0] + [i for i in range(1, len(types)) if types[i] != types[i - 1]] + [len(types)]
     positions = []
     grids = iter(image_grid_thw.tolist())
-    current, index, length = 0, 0, len(mm_token_type_ids)
-    types = mm_token_type_ids.tolist()
-    while index < length:
-        end = index
-        while end < length and types[end] == types[index]:
-            end += 1
-        if types[index] == 0:
-            span = torch.arange(current, current + end - index)
-            positions.append(span.expand(3, -1))
-            current += end - index
+    current = 0
+    for start, end in zip(changes[:-1], changes[1:]):
+        if types[start] == 0:
+            positions.append(torch.arange(current, current + end - start).expand(3, -1))
+            current += end - start
         else:
             _, grid_h, grid_w = next(grids)
             h, w = grid_h // merge_size, grid_w // merge_size
@@ -72,7 +69,6 @@ def rope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor
             cols = torch.arange(w).repeat(h)
             positions.append(torch.stack([torch.full_like(rows, current), rows + current, cols + current]))
             current += max(h, w)
-        index = end
     return torch.cat(positions, dim=1)
 
 

@@ -136,7 +136,7 @@ def resolve_image_ref(image: str, base: str) -> str:
     return join(base, image)
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=64)
 def _image_bytes(ref: str) -> bytes:
     if ref.startswith("data:"):
         try:

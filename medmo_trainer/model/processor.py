@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
@@ -53,13 +54,35 @@ class VLProcessor:
         return side(height), side(width)
 
     def encode_images(self, images: list[Image.Image], image_size: int) -> dict[str, torch.Tensor]:
-        """`pixel_values` (patches of all images, concatenated) and `image_grid_thw` (one row per image)."""
-        resized = []
+        """`pixel_values` (patches of all images, concatenated) and `image_grid_thw` (one row per image).
+
+        The same numbers as the image processor's own `preprocess` (rescale, normalise, patchify into
+        the layout the vision tower expects), without its per-call validation overhead.
+        """
+        patches, grids = [], []
         for image in images:
             height, width = self.resized_shape(image.height, image.width, image_size)
-            resized.append(image.convert("RGB").resize((width, height), Image.BICUBIC))
-        out = self.image_processor(images=resized, do_resize=False, return_tensors="pt")
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+            resized = image.convert("RGB").resize((width, height), Image.BICUBIC)
+            flat, grid = self._patchify(np.asarray(resized, dtype=np.float32))
+            patches.append(flat)
+            grids.append(grid)
+        return {"pixel_values": torch.from_numpy(np.concatenate(patches)),
+                "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
+    def _patchify(self, pixels: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """(H, W, 3) uint8-valued floats -> (patches, channels*temporal*patch*patch) rows in merge-window order."""
+        processor = self.image_processor
+        mean = np.asarray(processor.image_mean, dtype=np.float32)
+        std = np.asarray(processor.image_std, dtype=np.float32)
+        normalized = ((pixels * np.float32(processor.rescale_factor) - mean) / std).transpose(2, 0, 1)
+        patch, merge, temporal = processor.patch_size, processor.merge_size, processor.temporal_patch_size
+        channels, height, width = normalized.shape
+        grid_h, grid_w = height // patch, width // patch
+        blocks = normalized.reshape(channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+        blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh, gw, mh, mw, C, ph, pw)
+        # a still image is its own temporal patch: the frame repeats temporal_patch_size times
+        blocks = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], temporal, patch, patch))
+        return np.ascontiguousarray(blocks).reshape(grid_h * grid_w, -1), [1, grid_h, grid_w]
 
     def image_token_count(self, grid_thw: torch.Tensor) -> int:
         """LLM tokens one image takes: its patches, merged `merge_size`**2 at a time."""

@@ -74,6 +74,25 @@ def test_images_are_resized_to_the_pixel_budget(tiny_qwen3):
         assert grid == expected, image_size  # patches of 16 px; never enlarged beyond the original
 
 
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
+def test_image_patches_match_the_transformers_image_processor(family):
+    import numpy as np
+    from PIL import Image
+
+    from medmo_trainer.model.presets import tiny_processor
+
+    processor = tiny_processor(family)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(150, 100, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    ours = processor.encode_images([image, image.rotate(90, expand=True)], image_size=128)
+    height, width = processor.resized_shape(150, 100, 128)
+    resized = [image.resize((width, height), Image.BICUBIC),
+               image.rotate(90, expand=True).resize((height, width), Image.BICUBIC)]
+    theirs = processor.image_processor(images=resized, do_resize=False, return_tensors="pt")
+    assert torch.equal(ours["image_grid_thw"], theirs["image_grid_thw"])
+    torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"], rtol=1e-6, atol=1e-6)
+
+
 def test_module_groups_partition_the_parameters(tiny_qwen3):
     groups = module_groups(tiny_qwen3.model)
     names = [n for n, _ in tiny_qwen3.model.named_parameters()]
