@@ -81,6 +81,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         proc.stop(grace_s=5)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
+        reporter.write("\n")
         reporter.write_line(f"ERROR: test servers were still running at the end of the session: {names}", red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

@@ -40,8 +40,10 @@ def main() -> None:
     parser.add_argument("--s3", action="store_true", help="also start SeaweedFS S3")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="medmo-controlplane-"))
-    # SIGTERM ends the wait like Ctrl-C, so servers are stopped either way.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGINT and SIGTERM both end the wait (SIGINT explicitly: a shell's background job starts with
+    # it ignored), so servers are stopped either way.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
     servers: list[ControlPlane | SeaweedFS] = []
     try:
         plane = ControlPlane(workdir / "k8s", k8s_bin_dir()).start()
