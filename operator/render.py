@@ -16,6 +16,8 @@ import yaml
 from medmo_operator import api
 from medmo_trainer.config import (
     BenchmarkSpec,
+    CompareModel,
+    EvalSettings,
     ModelSource,
     RLStageConfig,
     StageConfig,
@@ -143,15 +145,20 @@ def final_output_model(spec: api.MedMOTrainingSpec) -> str | None:
     return stage_output_uri(spec, trained[-1]) if trained else None
 
 
-def comparison_models(spec: api.MedMOTrainingSpec, stage: api.Stage) -> list[tuple[str, str]]:
-    """For an eval stage after RL: the model before the last RL stage, so the report can compare."""
+def evaluation_settings(spec: api.MedMOTrainingSpec, stage: api.Stage) -> EvalSettings:
+    """What an eval stage compares: its input model, named after the stage that made it, and, after
+    RL, the model from before the last RL stage, so the report can show what RL changed."""
     index = spec.stages.index(stage)
     earlier = [s for s in spec.stages[:index] if s.trains]
+    if not earlier or stage.init_from:
+        return EvalSettings()
+    compare = []
     rl_positions = [i for i, s in enumerate(earlier) if s.type == "rl"]
-    if not rl_positions or rl_positions[-1] == 0:
-        return []
-    before_rl = earlier[rl_positions[-1] - 1]
-    return [(f"before-{earlier[rl_positions[-1]].name}", stage_output_uri(spec, before_rl))]
+    if rl_positions and rl_positions[-1] > 0:
+        before_rl = earlier[rl_positions[-1] - 1]
+        if before_rl is not earlier[-1]:
+            compare.append(CompareModel(name=before_rl.name, uri=stage_output_uri(spec, before_rl)))
+    return EvalSettings(model_name=earlier[-1].name, compare_models=compare)
 
 
 # -- the stage config pods receive -----------------------------------------------------------
@@ -167,9 +174,7 @@ def build_stage_config(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stag
             rollout_urls=[f"http://{worker_name(run, stage, 'rollout')}:{WORKER_PORT}"],
             reward_urls=[f"http://{worker_name(run, stage, 'reward')}:{WORKER_PORT}"],
         )
-    extra = {}
-    if stage.type == "eval" and "compare_models" in StageConfig.model_fields:
-        extra["compare_models"] = [{"name": name, "uri": uri} for name, uri in comparison_models(spec, stage)]
+    extra = {"evaluation": evaluation_settings(spec, stage)} if stage.type == "eval" else {}
     return StageConfig(
         run=run.name,
         stage=stage.name,

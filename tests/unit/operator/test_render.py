@@ -127,3 +127,11 @@ def test_cpu_pool_runs_one_process_per_pod_and_requests_no_gpu():
 
     assert env["PET_NPROC_PER_NODE"] == "1"
     assert "nvidia.com/gpu" not in str(container.get("resources"))
+
+
+def test_eval_after_rl_compares_with_the_model_from_before_rl():
+    spec = _spec()
+    config = render.build_stage_config(RUN, spec, _stage(spec, "bench"))
+
+    assert config.evaluation.model_name == "grpo"
+    assert [(m.name, m.uri) for m in config.evaluation.compare_models] == [("instruct", "s3://medmo-runs/medmo-8b/instruct/model")]
