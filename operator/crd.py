@@ -72,6 +72,10 @@ def _convert(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any
             out["items"] = _convert(value, definitions)
         elif key == "default" and value is None:
             continue
+        elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            # JSON Schema 2020 gives the bound itself; OpenAPI v3.0 a flag on minimum/maximum.
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
         else:
             out[key] = copy.deepcopy(value)
     if node.get("type") == "object" and "properties" not in node:

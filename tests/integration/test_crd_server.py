@@ -7,7 +7,6 @@ import json
 import time
 
 import pytest
-import yaml
 from medmo_cases import INVALID_CASES, load_sample
 
 from medmo_operator import crd
@@ -71,7 +70,7 @@ def test_status_survives_and_shows_in_printer_columns(crd_installed, namespace):
 
 def test_editing_a_started_stage_is_refused_and_a_pending_one_allowed(crd_installed, namespace):
     obj = _create_run_with_started_stage(crd_installed, namespace)
-    current = yaml.safe_load(crd_installed.kubectl("get", "mmt", "medmo-tiny", "-n", namespace, "-o", "yaml").stdout)
+    current = json.loads(crd_installed.kubectl("get", "mmt", "medmo-tiny", "-n", namespace, "-o", "json").stdout)
 
     started = json.loads(json.dumps(current))
     started["spec"]["stages"][0]["hyperparameters"]["learningRate"] = 0.5
