@@ -16,6 +16,7 @@ import atexit
 import base64
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from . import pki
-from .processes import ManagedProcess, ServerStartError, free_ports, spawn, wait_until
+from .processes import ManagedProcess, ServerStartError, free_ports, spawn, start_retrying_lost_ports, wait_until
 
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 # Nothing connects to ClusterIPs here; the range only has to be valid.
@@ -93,12 +94,13 @@ class ControlPlane:
         if self.processes:
             raise RuntimeError("this ControlPlane is already started")
         atexit.register(self.stop)
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
+        start_retrying_lost_ports(self._start, self._clean_up_failed_start)
         return self
+
+    def _clean_up_failed_start(self) -> None:
+        self._stop_processes()
+        self.processes = []
+        shutil.rmtree(self.workdir / "etcd", ignore_errors=True)  # its member records the old peer port
 
     def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -223,9 +225,12 @@ class ControlPlane:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop every component by pid (SIGTERM, then SIGKILL after ``grace_s``), in reverse start order."""
+        self._stop_processes(grace_s)
+        atexit.unregister(self.stop)
+
+    def _stop_processes(self, grace_s: float = 10.0) -> None:
         for proc in reversed(self.processes):
             proc.stop(signal.SIGTERM, grace_s)
-        atexit.unregister(self.stop)
 
 
 __all__ = ["ControlPlane", "KubectlError", "ServerStartError"]

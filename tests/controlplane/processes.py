@@ -18,6 +18,8 @@ from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 _started: list[ManagedProcess] = []
+# What Go servers and `weed mini` log when a port is taken.
+_PORT_TAKEN_SIGNS = ("address already in use", "Port allocation failed")
 
 
 class ServerStartError(RuntimeError):
@@ -93,6 +95,22 @@ def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None
     proc = ManagedProcess(name=name, popen=popen, log_path=log_path)
     _started.append(proc)
     return proc
+
+
+def start_retrying_lost_ports(start, clean_up, attempts: int = 3) -> None:
+    """Call ``start()``; if a server lost one of its free ports to another process before binding
+    it, ``clean_up()`` (stop what started, drop state tied to the ports) and start again."""
+    for attempt in range(1, attempts + 1):
+        try:
+            start()
+            return
+        except ServerStartError as error:
+            clean_up()
+            if not any(sign in str(error) for sign in _PORT_TAKEN_SIGNS) or attempt == attempts:
+                raise
+        except BaseException:
+            clean_up()
+            raise
 
 
 def still_running() -> list[ManagedProcess]:

@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .processes import ManagedProcess, free_ports, spawn, wait_until
+from .processes import ManagedProcess, free_ports, spawn, start_retrying_lost_ports, wait_until
 
 REGION = "us-east-1"
 # Components of `weed mini` dial each other's gRPC at http port + 10000 (the admin server's workers
@@ -69,12 +69,14 @@ class SeaweedFS:
         if self.process is not None:
             raise RuntimeError("this SeaweedFS is already started")
         atexit.register(self.stop)
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
+        start_retrying_lost_ports(self._start, self._clean_up_failed_start)
         return self
+
+    def _clean_up_failed_start(self) -> None:
+        if self.process is not None:
+            self.process.stop(signal.SIGINT)
+        self.process = None
+        shutil.rmtree(self.workdir / "data", ignore_errors=True)  # the master records its volume server's port
 
     def _start(self) -> None:
         data_dir = self.workdir / "data"
