@@ -51,7 +51,7 @@ fi
 
 # Build chatter goes to stderr: stdout carries only the bin dir.
 exec 3>&1 1>&2
-export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
+export CGO_ENABLED=0 GOFLAGS=-mod=mod
 jobs=(-p "${MEDMO_BUILD_JOBS:-$(nproc)}")
 staging="$cache_dir/bin.partial"
 rm -rf "$staging"

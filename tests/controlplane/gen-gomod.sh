@@ -9,7 +9,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
-export GOFLAGS=-mod=mod GOTOOLCHAIN=local
+export GOFLAGS=-mod=mod
 
 staging_version="v0.${K8S_VERSION#v1.}"
 k8s_gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^\s*"GoMod": "\(.*\)",\?$/\1/p')"
