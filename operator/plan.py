@@ -396,7 +396,8 @@ def _set_condition(
 
 
 def status_patch(status: api.MedMOTrainingStatus) -> dict[str, Any]:
-    """The status as a merge patch body (camelCase; unset fields as null so they clear)."""
-    body = status.model_dump(mode="json", by_alias=True)
+    """The status as a merge patch body (camelCase). Unset fields are left out: the state machine
+    only ever sets fields, and leaving them out keeps the patch equal to what the server stores."""
+    body = status.model_dump(mode="json", by_alias=True, exclude_none=True)
     body.pop("kopf", None)
     return body
