@@ -126,7 +126,10 @@ class LocalRun:
         """Runs until the run succeeds or fails, or `stop()` is called; returns the last status."""
         status = self.load_status()
         if status is not None and not status.phase.finished and status.current_stage:
-            self.out.write(f"resuming {self.name} at stage {status.current_stage} from its last checkpoint\n")
+            record = next(r for r in status.stages if r.name == status.current_stage)
+            where = record.last_checkpoint or "its start (no checkpoint yet)"
+            self.out.write(f"resuming {self.name} at stage {status.current_stage} from {where}\n")
+            self.out.flush()
         loop = asyncio.new_event_loop()
         server = threading.Thread(target=loop.run_forever, name="progress-endpoint", daemon=True)
         port = _free_port()

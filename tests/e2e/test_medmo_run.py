@@ -1,0 +1,126 @@
+"""`medmo run`: the recipe on one machine, as a newcomer runs it from the README."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from medmo_cases import load_sample
+from PIL import Image
+
+MEDMO = [sys.executable, "-m", "medmo_operator.cli"]
+
+
+def _two_stage(storage: Path, sft_steps: int = 40) -> dict:
+    obj = load_sample("medmo-tiny.yaml")
+    obj["metadata"]["name"] = "resumable"
+    obj["spec"]["storage"]["uri"] = f"file://{storage}"
+    align, ground = obj["spec"]["stages"][:2]
+    align["hyperparameters"]["maxSteps"] = 4
+    align["checkpoint"] = {"everySteps": 2}
+    ground["hyperparameters"]["maxSteps"] = sft_steps
+    ground["checkpoint"] = {"everySteps": 5, "keepLast": 2}
+    obj["spec"]["stages"] = [align, ground]
+    return obj
+
+
+def _status(workdir: Path, name: str) -> dict:
+    path = workdir / name / "status.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def test_a_wrong_field_is_named_and_nothing_starts(tmp_path):
+    obj = load_sample("medmo-tiny.yaml")
+    obj["spec"]["stages"][1]["hyperparameters"]["learningrate"] = 0.1
+    obj["spec"]["stages"][2]["strategy"]["name"] = "megatron"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(obj))
+
+    result = subprocess.run([*MEDMO, "run", str(tmp_path / "bad.yaml"), "--workdir", str(tmp_path / "state")],
+                            capture_output=True, text=True, timeout=120)
+
+    assert result.returncode != 0
+    assert "spec.stages.1.hyperparameters.learningrate" in result.stderr
+    assert "spec.stages.2.strategy.name" in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_sft_then_the_same_command_resumes_from_the_checkpoint(tmp_path):
+    spec_file, workdir = tmp_path / "run.yaml", tmp_path / "state"
+    spec_file.write_text(yaml.safe_dump(_two_stage(tmp_path / "storage")))
+    command = [*MEDMO, "run", str(spec_file), "--workdir", str(workdir)]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+
+    def sft_checkpointed():
+        record = next((s for s in _status(workdir, "resumable").get("stages", []) if s["name"] == "ground"), {})
+        return record.get("lastCheckpoint") and record.get("step", 0) >= 12 and record
+
+    deadline = time.monotonic() + 600
+    while not sft_checkpointed():
+        assert first.poll() is None, first.stdout.read()
+        assert time.monotonic() < deadline, "the SFT stage never reached a checkpoint"
+        time.sleep(1)
+    first.send_signal(signal.SIGINT)
+    output = first.communicate(timeout=120)[0]
+    interrupted = _status(workdir, "resumable")
+
+    assert first.returncode == 130, output
+    assert "run the same command again to resume" in output
+    assert not _trainer_processes(workdir), "Ctrl-C left trainer processes running"
+    checkpoint = next(s for s in interrupted["stages"] if s["name"] == "ground")["lastCheckpoint"]
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming resumable at stage ground from {checkpoint}" in second.stdout
+    final = _status(workdir, "resumable")
+    assert final["phase"] == "Succeeded"
+    assert [s["phase"] for s in final["stages"]] == ["Succeeded", "Succeeded"]
+    step = int(checkpoint.rsplit("step-", 1)[1])
+    logs = sorted((workdir / "resumable" / "pods").rglob("*.log"), key=lambda p: p.stat().st_mtime)
+    assert any(f"step {step}" in log.read_text() and "resum" in log.read_text().lower() for log in logs)
+
+
+def _trainer_processes(workdir: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if str(workdir).encode() in environ:
+            pids.append(int(proc.name))
+    return [p for p in pids if p != os.getpid()]
+
+
+@pytest.mark.slow
+def test_the_readme_demo_succeeds_with_eval_metrics_a_report_and_rl_improving_grounding(tmp_path):
+    sample = load_sample("medmo-tiny.yaml")
+    sample["spec"]["storage"]["uri"] = f"file://{tmp_path / 'storage'}"
+    (tmp_path / "medmo-tiny.yaml").write_text(yaml.safe_dump(sample))
+
+    result = subprocess.run([*MEDMO, "run", str(tmp_path / "medmo-tiny.yaml"), "--workdir", str(tmp_path / "state")],
+                            capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    status = _status(tmp_path / "state", "medmo-tiny")
+    assert status["phase"] == "Succeeded"
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 5
+    bench = status["stages"][-1]["metrics"]
+    assert 0 <= bench["heldout/grounding_miou"] <= 1
+    assert bench["heldout/grounding_miou"] > bench["instruct/heldout/grounding_miou"], bench
+    report = Path(result.stdout.split("report: ")[1].split()[0])
+    assert report.exists()
+    for plot in ("loss.png", "rewards.png", "grounding_iou.png"):
+        image = Image.open(report.parent / plot).convert("L")
+        assert image.size[0] >= 400 and len(set(image.getdata())) > 2, plot
+    assert "grounding_miou" in report.read_text()
