@@ -19,7 +19,6 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from medmo_trainer.config import ALL_TASKS, TaskType
-from medmo_trainer.data import synthetic
 from medmo_trainer.data.schema import Record
 from medmo_trainer.fsio import join, url_to_fs
 
@@ -62,6 +61,8 @@ class RawRecord:
 
 def list_shards(uri: str) -> list[str]:
     """The JSONL shards of a dataset URI (itself if it is a file), sorted; raises DatasetUnavailableError."""
+    from medmo_trainer.data import synthetic  # here, so `python -m medmo_trainer.data.synthetic` imports it once
+
     if uri.startswith(synthetic.SCHEME):
         try:
             uri = synthetic.materialize(uri)

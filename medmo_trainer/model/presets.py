@@ -130,6 +130,10 @@ def build_preset(name: str, *, seed: int = 0, dtype: torch.dtype | None = None):
     with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
         torch.manual_seed(seed)
         model = FAMILIES[family_name].model_class(config)
+    ids = _token_ids(processor.tokenizer)
+    # generation stops at the end of the assistant turn, as Qwen-VL checkpoints' generation configs say
+    model.generation_config.eos_token_id = [ids["eos"], ids["pad"]]
+    model.generation_config.pad_token_id = ids["pad"]
     if dtype is not None:
         model = model.to(dtype)
     return model, processor, family_name
