@@ -12,7 +12,8 @@ Kubernetes (etcd, kube-apiserver, kube-controller-manager, kube-scheduler on 127
                             Binaries come from k8s_bin_dir: $MEDMO_K8S_BIN, else tests/controlplane/build.sh,
                             which builds them once (a cold build takes long: scripts/test.sh runs it
                             before pytest). While it is up, $KUBECONFIG points at it, so code that
-                            loads the default kubeconfig (kopf, kubernetes.config) can only reach it.
+                            loads the default kubeconfig (kopf, kubernetes.config) can only reach it,
+                            and $KUBECACHEDIR at a kubectl cache of its own.
                             There are no nodes: pods stay Pending unless a test runs the node agent.
                             Component logs: <control_plane.workdir>/logs/*.log.
   kubeconfig     (session)  Path of the admin kubeconfig (user in system:masters, certificates
@@ -101,6 +102,8 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory, k8s_bin_dir: Path):
     plane = ControlPlane(tmp_path_factory.mktemp("controlplane"), k8s_bin_dir).start()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KUBECONFIG", str(plane.kubeconfig))
+        # kubectl keys its discovery cache by host:port, and ports recur across sessions' clusters.
+        patch.setenv("KUBECACHEDIR", str(plane.workdir / "kubectl-cache"))
         yield plane
     plane.stop()
 

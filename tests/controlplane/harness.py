@@ -163,6 +163,9 @@ class ControlPlane:
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
             "--authorization-mode=Node,RBAC",
+            # The default reconciler would publish 127.0.0.1 as the `kubernetes` Service's endpoint,
+            # which Endpoints validation refuses (loopback), logging an error every 10 s.
+            "--endpoint-reconciler-type=none",
             "--allow-privileged=true",
             "--profiling=false",
         ]
@@ -216,7 +219,10 @@ class ControlPlane:
         With ``check``, a non-zero exit raises :class:`KubectlError`, whose message has kubectl's stderr.
         """
         result = subprocess.run(
-            [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            # A cache of its own: kubectl keys its discovery cache by host:port, and ports recur
+            # across control planes with different CRDs.
+            [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}",
+             f"--cache-dir={self.workdir / 'kubectl-cache'}", *args],
             input=input, capture_output=True, text=True, timeout=timeout_s,
         )
         if check and result.returncode != 0:
