@@ -14,13 +14,15 @@ The sample stream is a pure function of the seed, so a batch is a pure function 
 The loader is infinite: it cycles each dataset, one fresh permutation per pass. The trainer decides
 how many steps to run (`maxSteps`, or `epochs` x `samples_per_epoch` / global batch size).
 `state_dict()` holds the rank's next batch index (and its statistics), so a resumed run sees exactly
-the batches an uninterrupted one would (with the same seed and world size). Because batches do not
+the batches an uninterrupted one would (with the same seed, world size and batch size; after a
+change of either size it continues from the nearest point of the same stream). Because batches do not
 depend on each other, `num_workers` background processes can prepare them (torch's DataLoader),
 in order, without changing what the trainer sees.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -42,6 +44,8 @@ from medmo_trainer.data.records import (
     validate,
 )
 from medmo_trainer.model.processor import VLProcessor
+
+logger = logging.getLogger(__name__)
 
 CHUNK = 1024
 """Positions whose dataset choices are drawn together."""
@@ -273,15 +277,27 @@ class TrainLoader:
                 "stats": self.stats.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continues from a saved position; seed, rank, world size and batch size must match the saved ones."""
-        saved = (state["seed"], state["rank"], state["worldSize"], state["batchSize"])
-        mine = (self.seed, self.rank, self.world_size, self.source.hp.per_device_batch_size)
-        if saved != mine:
-            raise ValueError(
-                f"loader state was saved with (seed, rank, worldSize, perDeviceBatchSize) = {saved}, this loader "
-                f"has {mine}; resume with the same seed, number of ranks and batch size"
+        """Continues from a saved position (call before iterating).
+
+        Exact when seed, world size and batch size are unchanged. After a change of world size or batch
+        size, it continues at the batch boundary nearest to where the saved run was in the global
+        stream (the few samples around it may be seen twice or not at all), and says so in the log.
+        """
+        if state["seed"] != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}; "
+                             "resume with the same seed")
+        batch_size = self.source.hp.per_device_batch_size
+        next_index = state["nextBatch"]
+        if (state["worldSize"], state["batchSize"]) != (self.world_size, batch_size):
+            consumed = next_index * state["batchSize"] * state["worldSize"]
+            next_index = round(consumed / (batch_size * self.world_size))
+            logger.warning(
+                "data position saved with %d ranks x %d samples, resumed with %d x %d: continuing at global "
+                "position %d (saved %d); samples near it may repeat or be skipped",
+                state["worldSize"], state["batchSize"], self.world_size, batch_size,
+                next_index * batch_size * self.world_size, consumed,
             )
-        self._next_index = state["nextBatch"]
+        self._next_index = next_index
         self.stats = LoaderStats.from_dict(state["stats"])
         self._prepared = None  # prepared-ahead batches belong to the old position
 

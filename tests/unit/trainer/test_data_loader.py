@@ -103,12 +103,27 @@ def test_worker_processes_prepare_the_same_batches_in_order(synthetic_train, syn
     assert workers.state_dict() == inline.state_dict()
 
 
-def test_resume_refuses_a_different_world_size(synthetic_train, tiny_qwen3):
+def test_resume_on_more_ranks_continues_at_the_same_point_of_the_stream(synthetic_train, tiny_qwen3):
+    spec = [DatasetSpec(name="syn", uri=str(synthetic_train))]
+    saved = _loader(spec, tiny_qwen3.processor, Hyperparameters(per_device_batch_size=3, image_size=32),
+                    rank=0, world_size=2, seed=1)
+    for _ in range(5):  # 5 batches x 3 samples x 2 ranks: the first 30 positions are consumed
+        saved.next_batch()
+    hp = Hyperparameters(per_device_batch_size=2, image_size=32)
+    resumed = _loader(spec, tiny_qwen3.processor, hp, rank=0, world_size=3, seed=1)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.state_dict()["nextBatch"] == 5  # 30 positions / (2 samples x 3 ranks)
+    fresh = _loader(spec, tiny_qwen3.processor, hp, rank=0, world_size=3, seed=1)
+    _ids_of_batches(fresh, 5)  # what an uninterrupted 3-rank run read before that point
+    assert _ids_of_batches(resumed, 2) == _ids_of_batches(fresh, 2)
+
+
+def test_resume_refuses_another_seed(synthetic_train, tiny_qwen3):
     spec = [DatasetSpec(name="syn", uri=str(synthetic_train))]
     hp = Hyperparameters(per_device_batch_size=1, image_size=32)
-    state = _loader(spec, tiny_qwen3.processor, hp, rank=0, world_size=2).state_dict()
-    with pytest.raises(ValueError, match="same seed, number of ranks and batch size"):
-        _loader(spec, tiny_qwen3.processor, hp, rank=0, world_size=4).load_state_dict(state)
+    state = _loader(spec, tiny_qwen3.processor, hp, seed=1).state_dict()
+    with pytest.raises(ValueError, match="resume with the same seed"):
+        _loader(spec, tiny_qwen3.processor, hp, seed=2).load_state_dict(state)
 
 
 @pytest.mark.parametrize("packing", [True, False])
