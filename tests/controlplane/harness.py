@@ -20,7 +20,6 @@ import shutil
 import signal
 import ssl
 import subprocess
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -120,7 +119,7 @@ class ControlPlane:
         wait_until(lambda: self._get_ok(self.server + "/readyz", certs, client=certs.admin),
                    self.startup_timeout_s, "kube-apiserver /readyz", [etcd, apiserver])
 
-        kcm = self._spawn("kube-controller-manager", self._controller_manager_args(kcm_port, kcm_kubeconfig, certs))
+        self._spawn("kube-controller-manager", self._controller_manager_args(kcm_port, kcm_kubeconfig, certs))
         self._spawn("kube-scheduler", [
             *self._common_component_args(sched_port, sched_kubeconfig, certs), "--leader-elect=false"])
         wait_until(lambda: self._get_ok(f"https://127.0.0.1:{kcm_port}/healthz", certs)
@@ -209,7 +208,7 @@ class ControlPlane:
         try:
             with urllib.request.urlopen(url, timeout=5, context=context) as response:
                 return response.status == 200
-        except (OSError, urllib.error.HTTPError):
+        except OSError:  # refused, TLS not ready, or an HTTP error status
             return False
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None,
