@@ -10,6 +10,7 @@ import base64
 import binascii
 import io
 import json
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,17 +47,26 @@ class MalformedRecordError(ValueError):
 
 @dataclass(frozen=True)
 class RawRecord:
-    """One JSONL line, not yet validated, with the folder its relative image paths start from."""
+    """One JSONL line, not yet validated, with the folder its relative image paths start from.
+
+    Only the line is kept (parsed again when used): a string costs far less memory than the parsed
+    object, and every rank holds all lines of its datasets.
+    """
 
     line: str
     base: str
-    data: dict | None
-    """The parsed JSON object, or None when the line is not a JSON object."""
+    task: str | None
+    """The record's task when the line is a JSON object with a string `task`, else None."""
 
-    @property
-    def task(self) -> str | None:
-        task = self.data.get("task") if self.data is not None else None
-        return task if isinstance(task, str) else None
+    def parse(self) -> dict:
+        """The JSON object of the line; raises MalformedRecordError('bad_json')."""
+        try:
+            data = json.loads(self.line)
+        except json.JSONDecodeError as error:
+            raise MalformedRecordError("bad_json", f"{error}: {self.line[:80]}") from error
+        if not isinstance(data, dict):
+            raise MalformedRecordError("bad_json", f"not a JSON object: {self.line[:80]}")
+        return data
 
 
 def list_shards(uri: str) -> list[str]:
@@ -99,22 +109,26 @@ def read_raw_records(uri: str, tasks: list[TaskType] | tuple[TaskType, ...] | No
         for line in text.splitlines():
             if not line.strip():
                 continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError:
-                data = None
-            raw = RawRecord(line, base, data if isinstance(data, dict) else None)
+            raw = RawRecord(line, base, _task_of(line))
             if raw.task is None or raw.task not in ALL_TASKS or raw.task in keep:
                 records.append(raw)
     return records
 
 
+def _task_of(line: str) -> str | None:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    task = data.get("task") if isinstance(data, dict) else None
+    return sys.intern(task) if isinstance(task, str) else None
+
+
 def validate(raw: RawRecord) -> Record:
     """The validated record, its image reference made absolute; raises MalformedRecordError."""
-    if raw.data is None:
-        raise MalformedRecordError("bad_json", raw.line[:80])
+    data = raw.parse()
     try:
-        record = Record.model_validate(raw.data)
+        record = Record.model_validate(data)
     except ValidationError as error:
         raise MalformedRecordError(_reason(error), str(error.errors()[0]["msg"])) from error
     return record.model_copy(update={"image": resolve_image_ref(record.image, raw.base)})
