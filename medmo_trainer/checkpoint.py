@@ -82,7 +82,7 @@ class CheckpointManager:
         uri = self.uri_of(step)
         try:
             if self.context.is_main and self.fs.exists(self._path(step)):
-                self.fs.rm(self._path(step), recursive=True)  # leftover of an interrupted save
+                self._remove(self._path(step))  # leftover of an interrupted save
             self.context.barrier()
             self.strategy.save_state(f"{uri}/state", self.options, self.staging)
             self._write_trainer_state(step, loader_state)
@@ -178,7 +178,20 @@ class CheckpointManager:
         oldest_kept = committed[-self.policy.keep_last]
         for step in steps:
             if step < oldest_kept:
-                self.fs.rm(self._path(step), recursive=True)
+                self._remove(self._path(step))
+
+    def _remove(self, path: str) -> None:
+        """Deletes a folder; depth first, since some S3 servers (SeaweedFS) keep emptied folders as entries."""
+        self.fs.invalidate_cache(path)
+        for entry in self.fs.ls(path, detail=True):
+            if entry["type"] == "directory":
+                self._remove(entry["name"])
+        self.fs.rm(path, recursive=True)
+        try:
+            self.fs.rm(path)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(self.root_path)
 
     def _crash_if_requested(self, step: int) -> None:
         if os.environ.get(CRASH_DURING_SAVE_ENV) == str(step):

@@ -98,15 +98,40 @@ def run_stage(tmp: Path, config: dict, env: dict[str, str] | None = None, kill_a
             if kill_after_step is not None and line.startswith(LOG_PREFIX):
                 report = json.loads(line.removeprefix(LOG_PREFIX))
                 if report["phase"] == "Running" and report["step"] >= kill_after_step:
-                    os.killpg(process.pid, signal.SIGKILL)
+                    kill_tree(process.pid)
         process.wait(timeout=RUN_TIMEOUT_S)
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_tree(process.pid)
             process.wait()
     output = "".join(lines)
     message = termination_log.read_text().strip() if termination_log.exists() else ""
     return StageRun(process.returncode, output, message, _reports(output))
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILLs a process and all its descendants, as a node loss would (torchrun starts its workers
+    in their own sessions, so killing the launcher's process group alone would leave them running)."""
+    victims = [root]
+    for pid in victims:  # grows while walking: children of children
+        victims.extend(child for child, parent in _parents().items() if parent == pid)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _parents() -> dict[int, int]:
+    """Parent pid of every process on this machine, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    return parents
 
 
 def assert_succeeded(run: StageRun) -> None:
