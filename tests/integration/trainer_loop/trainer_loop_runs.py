@@ -141,7 +141,7 @@ def assert_succeeded(run: StageRun) -> None:
 class ProgressSink:
     """A real HTTP server on loopback that records the progress reports POSTed to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         import http.server
         import threading
 
@@ -157,7 +157,7 @@ class ProgressSink:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/progress"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
