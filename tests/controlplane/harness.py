@@ -21,6 +21,7 @@ import signal
 import ssl
 import subprocess
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -66,8 +67,11 @@ class ControlPlane:
     (system:masters) kubeconfig.
     """
 
-    def __init__(self, workdir: Path | str, bin_dir: Path | str, startup_timeout_s: float = 180.0):
+    def __init__(self, workdir: Path | str, bin_dir: Path | str, startup_timeout_s: float = 180.0,
+                 extra_apiserver_args: Sequence[str] = ()):
         self.workdir = Path(workdir)
+        self.extra_apiserver_args = list(extra_apiserver_args)
+        """Appended to kube-apiserver's flags, e.g. an audit policy and log for a benchmark."""
         self.bin_dir = Path(bin_dir)
         self.startup_timeout_s = startup_timeout_s
         self.kubeconfig = self.workdir / "kubeconfig"
@@ -167,6 +171,7 @@ class ControlPlane:
             "--endpoint-reconciler-type=none",
             "--allow-privileged=true",
             "--profiling=false",
+            *self.extra_apiserver_args,
         ]
 
     def _common_component_args(self, port: int, kubeconfig: Path, certs: pki.ControlPlanePKI) -> list[str]:

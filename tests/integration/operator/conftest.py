@@ -68,8 +68,9 @@ def _service_account_kubeconfig(control_plane, path: Path) -> Path:
 class OperatorProcess:
     """`medmo operator` as a child process; stopped by pid."""
 
-    def __init__(self, kubeconfig: Path, workdir: Path):
+    def __init__(self, kubeconfig: Path, workdir: Path, reconcile_interval_s: float = 1.0):
         self.port = _free_port()
+        self.reconcile_interval_s = reconcile_interval_s
         self.kubeconfig = kubeconfig
         self.workdir = workdir
         self.log = workdir / "operator.log"
@@ -82,7 +83,7 @@ class OperatorProcess:
             "MEDMO_PROGRESS_BIND_HOST": "127.0.0.1",
             "MEDMO_PROGRESS_PORT": str(self.port),
             "MEDMO_PROGRESS_ADVERTISE_URL": f"http://127.0.0.1:{self.port}",
-            "MEDMO_RECONCILE_INTERVAL": "1",
+            "MEDMO_RECONCILE_INTERVAL": str(self.reconcile_interval_s),
             "MEDMO_OPERATOR_NAMESPACE": "medmo-system",
         }
         env.pop("MEDMO_TOKEN_KEY", None)
