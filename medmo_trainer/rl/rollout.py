@@ -115,6 +115,9 @@ class TransformersBackend(RolloutBackend):
                 num_return_sequences=sampling.n,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
+                # A completion holding image placeholders or turn markers could not be scored by the
+                # learner (its image tokens would not match the images); only end-of-turn may appear.
+                suppress_tokens=[i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id],
                 return_dict_in_generate=True,
                 output_logits=True,
             )

@@ -70,8 +70,9 @@ def train_stage(config: Path, log: Path, nproc: int = 1, timeout: float = 900, e
              "-m", "medmo_trainer", "--config", str(config)], log, timeout, env)
 
 
-def heldout_box_reward(model_uri: str, data: Path, limit: int = 24) -> float:
-    """Mean box reward of greedy answers on held-out grounding records."""
+def heldout_box_reward(model_uri: str, data: Path, limit: int = 24, samples: int = 0, seed: int = 0) -> float:
+    """Mean box reward on held-out grounding records: of greedy answers (`samples` 0), or of
+    `samples` answers per record drawn at temperature 1 (the policy's expected reward), seeded."""
     from medmo_trainer.data import iter_records
     from medmo_trainer.model import load_model
     from medmo_trainer.rl.prompts import Prompt, encode_prompts
@@ -79,20 +80,21 @@ def heldout_box_reward(model_uri: str, data: Path, limit: int = 24) -> float:
     loaded = load_model(model_uri)
     model, processor = loaded.model.eval(), loaded.processor
     records = list(iter_records(str(data), ["grounding"]))[:limit]
+    per_record = max(samples, 1)
+    sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "num_return_sequences": samples} if samples else {"do_sample": False}
     texts = []
-    for start in range(0, len(records), 8):
-        chunk = records[start : start + 8]
-        prompts = [Prompt(record=r.model_dump(mode="json", by_alias=True)) for r in chunk]
-        inputs = encode_prompts(processor, prompts, IMAGE_SIZE)
-        with torch.no_grad():
-            out = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_COMPLETION_TOKENS,
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(records), 8):
+            chunk = records[start : start + 8]
+            prompts = [Prompt(record=r.model_dump(mode="json", by_alias=True)) for r in chunk]
+            inputs = encode_prompts(processor, prompts, IMAGE_SIZE)
+            out = model.generate(**inputs, max_new_tokens=MAX_COMPLETION_TOKENS, **sampling,
                                  eos_token_id=processor.tokenizer.eos_token_id,
                                  pad_token_id=processor.tokenizer.pad_token_id)
-        texts += processor.batch_decode(out[:, inputs["input_ids"].shape[1] :])
-    rewards = BoxReward()(
-        [None] * len(records), texts, task=["grounding"] * len(records),
-        boxes=[[b.model_dump(mode="json") for b in r.boxes] for r in records],
-    )
+            texts += processor.batch_decode(out[:, inputs["input_ids"].shape[1] :])
+    boxes = [[b.model_dump(mode="json") for b in r.boxes] for r in records for _ in range(per_record)]
+    rewards = BoxReward()([None] * len(texts), texts, task=["grounding"] * len(texts), boxes=boxes)
     return float(sum(rewards) / len(rewards))
 
 
