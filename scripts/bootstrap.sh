@@ -9,7 +9,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3.11}"
 command -v "$python" >/dev/null || python=python3
 cache="${MEDMO_CACHE:-$HOME/.cache/medmo}"
-key="$( { "$python" -c 'import sys; print(sys.version)'; cat "$root"/requirements/*.txt; } | sha256sum | cut -c1-12)"
+# Only the runtime and test pins key the venv: requirements/bench.txt installs into a benchmark-only venv.
+key="$( { "$python" -c 'import sys; print(sys.version)'; cat "$root"/requirements/base.txt "$root"/requirements/test.txt; } | sha256sum | cut -c1-12)"
 venv="$cache/venv-$key"
 mkdir -p "$cache"
 # Several shells (helpers, CI) may bootstrap at once: one builds, the others wait.

@@ -1,0 +1,198 @@
+"""Samples/s of this project's RL pipeline against TRL's GRPOTrainer, on the same tiny model, data and reward.
+
+    python tests/benchmarks/bench_rl.py [--steps 12] [--workers 2]
+
+Both sides train the tiny Qwen3-VL preset (the same exported weights) on synthetic grounding
+prompts with the paper's box reward, group size 8, 4 prompts per step, 24 completion tokens,
+DAPO loss with clip-higher, no KL, on CPU. Ours: `python -m medmo_trainer` running the `rl` stage
+with N rollout-worker and N reward-worker processes. TRL: `GRPOTrainer` in one process. The rate
+is completions per second over the steps after the first (start-up excluded), printed as a ratio.
+
+TRL is a benchmark-only dependency (requirements/bench.txt): it is installed into its own virtual
+environment under $MEDMO_CACHE (never into the project's), which sees the project's packages
+through a .pth file so both sides run the same torch and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP, PROMPTS, TOKENS, IMAGE_SIZE, LEARNING_RATE = 8, 4, 24, 112, 1e-3
+
+
+def cache() -> Path:
+    return Path(os.environ.get("MEDMO_CACHE", Path.home() / ".cache" / "medmo")) / "bench-rl"
+
+
+def trl_python() -> str:
+    """The interpreter of the TRL venv, created on first use."""
+    venv = cache() / "trl-venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)
+        site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        ours = [p for p in sys.path if p.endswith("site-packages")][0]
+        Path(site, "medmo-project.pth").write_text(ours + "\n")
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(REPO / "requirements" / "bench.txt")],
+                       check=True)
+    return str(python)
+
+
+def prepare() -> tuple[Path, Path]:
+    """Synthetic grounding data and the preset's weights exported once, shared by both sides."""
+    from integration.rl.pipeline import synthetic
+
+    from medmo_trainer.model import export_hf, load_model
+
+    root = cache()
+    data = synthetic(root / "data", 48, 0, "train")
+    model = root / "tiny-qwen3-vl"
+    if not (model / "model.safetensors").exists():
+        loaded = load_model("preset:tiny-qwen3-vl")
+        export_hf(loaded.model, loaded.processor, str(model))
+    return data, model
+
+
+def rate_from_reports(reports: list[dict]) -> float:
+    """Completions per second between the first and the last step's reports."""
+    running = [r for r in reports if r["phase"] == "Running"]
+    first, last = running[0], running[-1]
+    return (last["step"] - first["step"]) * GROUP * PROMPTS / (last["timestamp"] - first["timestamp"])
+
+
+def run_ours(data: Path, model: Path, steps: int, workers: int, out: Path) -> float:
+    from integration.rl.conftest import worker
+    from integration.rl.pipeline import progress_lines, stage_config, train_stage
+
+    with contextlib.ExitStack() as stack:
+        rollouts = [stack.enter_context(worker("medmo_trainer.rl.rollout_server", "--model", str(model), "--threads", "1"))
+                    for _ in range(workers)]
+        rewards = [stack.enter_context(worker("medmo_trainer.rl.reward_server")) for _ in range(workers)]
+        rl = {
+            "algorithm": {"groupSize": GROUP, "promptsPerStep": PROMPTS, "maxCompletionLength": TOKENS},
+            "rewards": {"accuracy": 0.0, "bbox": 1.0, "format": 0.0, "overlong": 0.0},
+            "rolloutUrls": [w.url for w in rollouts], "rewardUrls": [w.url for w in rewards],
+        }
+        config = stage_config(out, "grpo", "rl", str(model), data, seed=0, steps=steps,
+                              learning_rate=LEARNING_RATE, batch_size=GROUP * PROMPTS, rl=rl)
+        config_text = config.read_text().replace("imageSize: 112", f"imageSize: {IMAGE_SIZE}")
+        config.write_text(config_text)
+        train_stage(config, out / "grpo.log", timeout=3600)
+    return rate_from_reports(progress_lines(out / "grpo.log"))
+
+
+def run_trl(data: Path, model: Path, steps: int, out: Path) -> float:
+    result = out / "trl.json"
+    subprocess.run([trl_python(), __file__, "--trl-side", "--data", str(data), "--model", str(model),
+                    "--steps", str(steps), "--result", str(result)], check=True, cwd=out,
+                   env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    return json.loads(result.read_text())["samples_per_second"]
+
+
+# --- the TRL side (runs in the TRL venv) -------------------------------------------------------
+
+
+def trl_side(data: Path, model_folder: Path, steps: int, result: Path) -> None:
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from transformers.processing_utils import ProcessorMixin
+    from trl import GRPOConfig, GRPOTrainer
+
+    from medmo_trainer.data import iter_records, load_image
+    from medmo_trainer.model import load_model
+    from medmo_trainer.rl.rewards import BoxReward
+
+    loaded = load_model(str(model_folder))
+
+    class TinyProcessor(ProcessorMixin):
+        """The project's processor behind the ProcessorMixin face TRL expects (unpadded ids per prompt)."""
+
+        attributes = ["image_processor", "tokenizer"]
+
+        def __init__(self, inner):  # no ProcessorMixin.__init__: it would re-validate the parts' classes
+            self.inner, self.tokenizer, self.image_processor = inner, inner.tokenizer, inner.image_processor
+            self.chat_template = inner.tokenizer.chat_template
+
+        def __call__(self, text=None, images=None, **kwargs):
+            flat = [image for per_prompt in images for image in (per_prompt or [])] if images else None
+            batch = self.inner(text, flat, image_size=IMAGE_SIZE, padding_side="left")
+            keep = batch["attention_mask"].bool()
+            out = {k: [row[m].tolist() for row, m in zip(batch[k], keep)] for k in ("input_ids", "attention_mask",
+                                                                                  "mm_token_type_ids")}
+            if flat:
+                out["pixel_values"], out["image_grid_thw"] = batch["pixel_values"], batch["image_grid_thw"]
+            return out
+
+        def batch_decode(self, ids, **kwargs):
+            return self.tokenizer.batch_decode(ids, **kwargs)
+
+    rows = []
+    for record in iter_records(str(data), ["grounding"]):
+        content = [{"type": "image", "image": load_image(record.image)}, {"type": "text", "text": record.prompt}]
+        rows.append({"prompt": [{"role": "user", "content": content}], "task": "grounding",
+                     "boxes": [b.model_dump(mode="json") for b in record.boxes]})
+    dataset = datasets.Dataset.from_list(rows)
+    box_reward = BoxReward()
+
+    def bbox(prompts, completions, **columns):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return box_reward(prompts, texts, task=columns["task"], boxes=columns["boxes"])
+
+    stamps = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    config = GRPOConfig(
+        output_dir=str(result.parent / "trl-out"), max_steps=steps, learning_rate=LEARNING_RATE,
+        per_device_train_batch_size=GROUP * PROMPTS, num_generations=GROUP, max_completion_length=TOKENS,
+        temperature=1.0, top_p=1.0, beta=0.0, epsilon=0.15, epsilon_high=0.25, loss_type="dapo",
+        mask_truncated_completions=True, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
+        logging_steps=1, gradient_checkpointing=False, seed=0, lr_scheduler_type="constant", warmup_ratio=0.0,
+    )
+    trainer = GRPOTrainer(model=loaded.model, reward_funcs=[bbox], args=config, train_dataset=dataset,
+                          processing_class=TinyProcessor(loaded.processor), callbacks=[Stamp()])
+    torch.manual_seed(0)
+    trainer.train()
+    rate = (len(stamps) - 1) * GROUP * PROMPTS / (stamps[-1] - stamps[0])
+    result.write_text(json.dumps({"samples_per_second": rate}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=2, help="rollout and reward worker processes (each)")
+    parser.add_argument("--trl-side", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trl_side:
+        trl_side(args.data, args.model, args.steps, args.result)
+        return
+    sys.path.insert(0, str(REPO / "tests"))
+    data, model = prepare()
+    out = cache() / f"run-{int(time.time())}"
+    out.mkdir(parents=True)
+    ours = run_ours(data, model, args.steps, args.workers, out)
+    trl = run_trl(data, model, args.steps, out)
+    print(f"{'pipeline':<40} {'completions/s':>14}")
+    print(f"{f'medmo rl stage ({args.workers}+{args.workers} workers)':<40} {ours:>14.2f}")
+    print(f"{'TRL GRPOTrainer (one process)':<40} {trl:>14.2f}")
+    print(f"ratio medmo / TRL: {ours / trl:.2f}x  ({args.steps} steps, {PROMPTS}x{GROUP} completions of "
+          f"<= {TOKENS} tokens per step, CPU)")
+
+
+if __name__ == "__main__":
+    main()
