@@ -1,0 +1,406 @@
+"""Operator latency and load: N single-stage runs applied at once, against the same pods' Jobs applied
+directly, with the operator's API requests, CPU time and memory.
+
+    $VENV/bin/python tests/benchmarks/bench_operator.py [--runs 1,20,100] [--reconcile-interval 5] [--hold 15]
+
+Starts a control plane of its own (kube-apiserver writing an audit log of the operator's requests
+only), the node agent with 4 nodes (cpu 64, 200 pods each) and, for each N:
+
+1. baseline, no operator running: N plain Indexed Jobs applied by one `kubectl apply`; latency =
+   apply to pod Running. They are the Jobs the operator would create (`medmo_operator.render`,
+   without owner references), so the pods are the same; the objects their pods mount (token
+   Secret, stage ConfigMap) and the headless Service are applied before, outside the timing;
+2. operator: a fresh `medmo operator` process as its ServiceAccount (manifests/base RBAC), then N
+   MedMOTrainings applied by one `kubectl apply`; latency = apply to the run's learner pod Running.
+   The operator's API requests are counted from the audit log (distinct requests received in the
+   window, watches included), its CPU time from /proc/<pid>/stat; it stays up for --hold seconds
+   with every pod Running (steady-state requests per second), then the runs are deleted, their
+   children garbage-collected, and the process stopped; its peak RSS is its VmHWM then.
+
+Every pod runs the stand-in trainer (tests/integration/operator/standin_trainer.py), which keeps
+stepping (and reporting progress) until deleted. "Running" is the first watch event in which the
+pod's status.phase is Running, as the node agent reports it once the process has started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS))  # tests/, never the repo root (its operator/ shadows the stdlib)
+
+import yaml  # noqa: E402
+from controlplane.harness import ControlPlane  # noqa: E402
+from integration.operator.conftest import ENTRYPOINTS, OperatorProcess, _service_account_kubeconfig  # noqa: E402
+from kubernetes import client, config, watch  # noqa: E402
+from kubernetes.client.exceptions import ApiException  # noqa: E402
+from medmo_cases import REPO, STANDIN_IMAGE  # noqa: E402
+
+from medmo_operator import api, crd, render  # noqa: E402
+from medmo_operator.local import NodeAgent, NodeSpec  # noqa: E402
+
+OPERATOR_USER = "system:serviceaccount:medmo-system:medmo-operator"
+NODES = [NodeSpec(name=f"bench-node-{i}", cpu="64", memory="256Gi", pods=200) for i in range(4)]
+RUNNING_TIMEOUT_S = 300.0
+CLEANUP_TIMEOUT_S = 240.0
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    # One event per request (at ResponseComplete; a watch's at ResponseStarted too, deduplicated by auditID).
+    "omitStages": ["RequestReceived"],
+    "rules": [{"level": "Metadata", "users": [OPERATOR_USER]}, {"level": "None"}],
+}
+
+
+# -- what is applied ----------------------------------------------------------------------------
+
+
+def training(name: str, storage: Path, step_seconds: float) -> dict:
+    """One single-stage run of the stand-in trainer with tiny requests that steps until deleted."""
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "image": STANDIN_IMAGE,
+            "model": {"base": "preset:tiny-qwen3-vl"},
+            "storage": {"uri": f"file://{storage / name}"},
+            "nodePool": {"gpusPerNode": 0, "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}}},
+            "stages": [{
+                "name": "train",
+                "type": "sft",
+                "nodes": 1,
+                "datasets": [{"name": "d", "uri": f"standin://x?stepSeconds={step_seconds}"}],
+                "hyperparameters": {"maxSteps": 1_000_000},
+                "strategy": {"name": "ddp"},
+                "checkpoint": {"everySteps": 1000},
+            }],
+        },
+    }
+
+
+def baseline_children(obj: dict, namespace: str) -> list[dict]:
+    """What the operator would create for ``obj``, with no owner: the same pod, applied directly."""
+    spec = api.parse_training(obj).spec
+    run = render.RunRef(name=obj["metadata"]["name"], namespace=namespace, uid="00000000-0000-0000-0000-000000000000")
+    # Nothing listens there: the stand-in's progress reports fail fast and it carries on.
+    endpoints = render.OperatorEndpoints(progress_url="http://127.0.0.1:9", token_key=b"baseline")
+    children = render.build_stage_children(run, spec, spec.stages[0], 0, endpoints)
+    for child in children:
+        child["metadata"].pop("ownerReferences", None)
+    return children
+
+
+def kubectl_apply(cp: ControlPlane, namespace: str, items: list[dict]) -> float:
+    """One `kubectl apply` of all items; returns the monotonic time it was started."""
+    started = time.monotonic()
+    cp.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+               timeout_s=RUNNING_TIMEOUT_S)
+    return started
+
+
+# -- observing ----------------------------------------------------------------------------------
+
+
+class RunningTimes:
+    """When each run's learner pod in ``namespace`` was first seen Running (monotonic seconds).
+
+    A pod watch restarted every few seconds (a restart without resourceVersion begins with the
+    current state, so nothing is missed), so the thread notices ``stop()`` promptly.
+    """
+
+    def __init__(self, core: client.CoreV1Api, namespace: str):
+        self.core = core
+        self.namespace = namespace
+        self.first_running: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"watch-{namespace}", daemon=True)
+
+    def __enter__(self) -> RunningTimes:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def _loop(self) -> None:
+        selector = f"{render.LABEL_ROLE}=learner"
+        while not self._stop.is_set():
+            try:
+                for event in watch.Watch().stream(self.core.list_namespaced_pod, self.namespace,
+                                                  label_selector=selector, timeout_seconds=3):
+                    pod = event["object"]
+                    run = pod.metadata.labels[render.LABEL_RUN]
+                    if pod.status.phase == "Running" and run not in self.first_running:
+                        self.first_running[run] = time.monotonic()
+                    if self._stop.is_set():
+                        break
+            except (ApiException, OSError) as error:  # a broken stream: start another
+                print(f"  (pod watch restarted: {error})", flush=True)
+                self._stop.wait(0.2)
+
+    def wait_all(self, runs: int, timeout_s: float) -> float | None:
+        """Monotonic time the last of ``runs`` pods was seen Running; None if not all were in time."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if len(self.first_running) >= runs:
+                return max(self.first_running.values())
+            time.sleep(0.1)
+        return None
+
+
+def audited_requests(log: Path, since: float, until: float) -> Counter:
+    """The operator's API requests received between two wall-clock times, by "verb resource"."""
+    seen: dict[str, str] = {}
+    with log.open() as lines:
+        for line in lines:
+            if not line.endswith("\n"):
+                break  # the event being written now
+            event = json.loads(line)
+            received = datetime.fromisoformat(event["requestReceivedTimestamp"]).timestamp()
+            if since <= received < until and event["user"]["username"] == OPERATOR_USER:
+                ref = event.get("objectRef") or {}
+                resource = ref.get("resource", event.get("requestURI", "?"))
+                if ref.get("subresource"):
+                    resource += "/" + ref["subresource"]
+                seen[event["auditID"]] = f"{event['verb']} {resource}"
+    return Counter(seen.values())
+
+
+@dataclass
+class ProcessSample:
+    """CPU seconds and memory of a process, from /proc (psutil is not a dependency)."""
+
+    cpu_s: float
+    rss_mib: float
+    peak_rss_mib: float
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessSample:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        ticks = os.sysconf("SC_CLK_TCK")
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        kib = lambda key: int(status[key].split()[0])  # noqa: E731
+        return cls(cpu_s=(int(fields[11]) + int(fields[12])) / ticks,  # utime + stime
+                   rss_mib=kib("VmRSS") / 1024, peak_rss_mib=kib("VmHWM") / 1024)
+
+
+# -- one measurement ----------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    latencies_s: list[float]
+    runs: int
+    apply_s: float
+    cleanup_s: float
+    requests_to_running: Counter = field(default_factory=Counter)
+    requests_per_s_steady: float = 0.0
+    cpu_s_to_running: float = 0.0
+    idle_rss_mib: float = 0.0
+    peak_rss_mib: float = 0.0
+
+
+class Bench:
+    def __init__(self, workdir: Path, reconcile_interval_s: float, hold_s: float, step_seconds: float):
+        self.workdir = workdir
+        self.reconcile_interval_s = reconcile_interval_s
+        self.hold_s = hold_s
+        self.step_seconds = step_seconds
+        self.audit_log = workdir / "audit.log"
+        self.cp: ControlPlane | None = None
+        self.agent: NodeAgent | None = None
+        self.operator: OperatorProcess | None = None
+        self.api_client = None
+
+    def start(self, bin_dir: Path) -> None:
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump(AUDIT_POLICY))
+        self.cp = ControlPlane(self.workdir / "controlplane", bin_dir, extra_apiserver_args=[
+            f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-maxsize=0"]).start()
+        self.api_client = config.new_client_from_config(config_file=str(self.cp.kubeconfig))
+        self.core = client.CoreV1Api(self.api_client)
+        self.cp.kubectl("apply", "-f", str(crd.CRD_PATH))
+        self.cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/medmotrainings.medmo.io")
+        for manifest in ("namespace.yaml", "rbac.yaml"):
+            self.cp.kubectl("apply", "-f", str(REPO / "manifests" / "base" / manifest))
+        self.agent = NodeAgent(self.cp.kubeconfig, self.workdir / "node-agent", NODES, entrypoints=ENTRYPOINTS).start()
+
+    def stop(self) -> None:
+        if self.operator is not None:
+            self.operator.stop()
+        if self.agent is not None:
+            self.agent.stop()
+        if self.api_client is not None:
+            self.api_client.close()
+        if self.cp is not None:
+            self.cp.stop()
+
+    def _namespace(self, name: str) -> str:
+        self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+        deadline = time.monotonic() + 60
+        while True:  # pods are refused until the namespace's default ServiceAccount exists
+            try:
+                self.core.read_namespaced_service_account("default", name)
+                return name
+            except ApiException as error:
+                if error.status != 404 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _clean_up(self, namespace: str, kind: str) -> float:
+        """Delete the runs (or Jobs), wait until their pods are gone, then remove the namespace."""
+        started = time.monotonic()
+        self.cp.kubectl("delete", kind, "--all", "-n", namespace, "--wait=false")
+        deadline = started + CLEANUP_TIMEOUT_S
+        while self.core.list_namespaced_pod(namespace).items:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pods of {namespace} still there {CLEANUP_TIMEOUT_S:.0f} s after deleting its {kind}")
+            time.sleep(0.5)
+        seconds = time.monotonic() - started
+        self.core.delete_namespace(namespace)
+        while any(ns.metadata.name == namespace for ns in self.core.list_namespace().items):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"namespace {namespace} not removed")
+            time.sleep(0.5)
+        return seconds
+
+    def _latencies(self, times: RunningTimes, applied: float, runs: int) -> tuple[list[float], float]:
+        last = times.wait_all(runs, RUNNING_TIMEOUT_S)
+        if last is None:
+            print(f"  only {len(times.first_running)}/{runs} pods Running after {RUNNING_TIMEOUT_S:.0f} s", flush=True)
+        return sorted(t - applied for t in times.first_running.values()), last or time.monotonic()
+
+    def baseline(self, runs: int) -> Batch:
+        namespace = self._namespace(f"baseline-{runs}")
+        storage = self.workdir / "storage" / namespace
+        children = [child for i in range(runs)
+                    for child in baseline_children(training(f"run-{i:03d}", storage, self.step_seconds), namespace)]
+        kubectl_apply(self.cp, namespace, [c for c in children if c["kind"] != "Job"])
+        with RunningTimes(self.core, namespace) as times:
+            applied = kubectl_apply(self.cp, namespace, [c for c in children if c["kind"] == "Job"])
+            apply_s = time.monotonic() - applied
+            latencies, _ = self._latencies(times, applied, runs)
+        return Batch(latencies, runs, apply_s, self._clean_up(namespace, "jobs"))
+
+    def with_operator(self, runs: int) -> Batch:
+        namespace = self._namespace(f"operator-{runs}")
+        storage = self.workdir / "storage" / namespace
+        workdir = self.workdir / f"operator-{runs}"
+        workdir.mkdir()
+        self.operator = OperatorProcess(_service_account_kubeconfig(self.cp, workdir / "kubeconfig"), workdir,
+                                        reconcile_interval_s=self.reconcile_interval_s)
+        self.operator.start()
+        time.sleep(3)  # let its watches list what exists: start-up is not part of the measurement
+        pid = self.operator.process.pid
+        idle = ProcessSample.of(pid)
+        items = [training(f"run-{i:03d}", storage, self.step_seconds) for i in range(runs)]
+        with RunningTimes(self.core, namespace) as times:
+            wall_applied = time.time()
+            applied = kubectl_apply(self.cp, namespace, items)
+            apply_s = time.monotonic() - applied
+            latencies, last = self._latencies(times, applied, runs)
+        wall_running = wall_applied + (last - applied)
+        cpu_s = ProcessSample.of(pid).cpu_s - idle.cpu_s
+        time.sleep(max(0.0, wall_running + 1 - time.time()))
+        hold_from = time.time()
+        time.sleep(self.hold_s)
+        hold_until = time.time()
+        cleanup_s = self._clean_up(namespace, "medmotrainings")
+        peak = ProcessSample.of(pid).peak_rss_mib
+        self.operator.stop()
+        self.operator = None
+        time.sleep(1)  # the audit log is written as responses complete
+        steady = audited_requests(self.audit_log, hold_from, hold_until)
+        return Batch(latencies, runs, apply_s, cleanup_s,
+                     requests_to_running=audited_requests(self.audit_log, wall_applied, wall_running),
+                     requests_per_s_steady=sum(steady.values()) / (hold_until - hold_from),
+                     cpu_s_to_running=cpu_s, idle_rss_mib=idle.rss_mib, peak_rss_mib=peak)
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile (p95 of one value is that value)."""
+    if not sorted_values:
+        return math.nan
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def print_table(results: list[tuple[Batch, Batch]], interval_s: float, hold_s: float) -> None:
+    header = ("N", "op p50 s", "op p95 s", "base p50 s", "base p95 s", "ratio p50", "ratio p95",
+              "op API req to Running", "op API req/s steady", "op CPU s to Running", "op RSS idle/peak MiB")
+    rows = []
+    for base, op in results:
+        op50, op95 = percentile(op.latencies_s, 0.5), percentile(op.latencies_s, 0.95)
+        b50, b95 = percentile(base.latencies_s, 0.5), percentile(base.latencies_s, 0.95)
+        running = "" if len(op.latencies_s) == op.runs and len(base.latencies_s) == base.runs else \
+            f" ({len(op.latencies_s)}/{len(base.latencies_s)} Running)"
+        rows.append((f"{op.runs}{running}", f"{op50:.2f}", f"{op95:.2f}", f"{b50:.2f}", f"{b95:.2f}",
+                     f"{op50 / b50:.2f}", f"{op95 / b95:.2f}", str(sum(op.requests_to_running.values())),
+                     f"{op.requests_per_s_steady:.1f}", f"{op.cpu_s_to_running:.1f}",
+                     f"{op.idle_rss_mib:.0f}/{op.peak_rss_mib:.0f}"))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print(f"\nreconcile interval {interval_s:g} s; steady state measured over {hold_s:g} s with every pod Running")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |")
+    print()
+    for base, op in results:
+        top = ", ".join(f"{k} {v}" for k, v in op.requests_to_running.most_common(8))
+        print(f"N={op.runs}: kubectl apply {op.apply_s:.1f} s (operator) / {base.apply_s:.1f} s (baseline); "
+              f"cleanup {op.cleanup_s:.1f} s / {base.cleanup_s:.1f} s; operator requests to Running: {top}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="1,20,100", help="comma-separated numbers of runs applied at once")
+    parser.add_argument("--reconcile-interval", type=float, default=5.0,
+                        help="MEDMO_RECONCILE_INTERVAL of the operator (default 5, as manifests/base deploys it)")
+    parser.add_argument("--hold", type=float, default=15.0, help="seconds of steady state measured with every pod Running")
+    parser.add_argument("--step-seconds", type=float, default=2.0, help="the stand-in's seconds per step (one progress report each)")
+    parser.add_argument("--bin-dir", type=Path, default=None, help="Kubernetes binaries (default: what tests/controlplane/build.sh prints)")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.runs.split(",")]
+    bin_dir = args.bin_dir or Path(os.environ.get("MEDMO_K8S_BIN") or _build_bin_dir())
+    results: list[tuple[Batch, Batch]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-operator-") as folder:
+        bench = Bench(Path(folder), args.reconcile_interval, args.hold, args.step_seconds)
+        try:
+            bench.start(bin_dir)
+            for runs in counts:
+                print(f"N={runs}: baseline ...", flush=True)
+                base = bench.baseline(runs)
+                print(f"N={runs}: operator ...", flush=True)
+                results.append((base, bench.with_operator(runs)))
+                print(f"N={runs}: p50 operator {percentile(results[-1][1].latencies_s, 0.5):.2f} s, "
+                      f"baseline {percentile(base.latencies_s, 0.5):.2f} s", flush=True)
+        finally:
+            bench.stop()
+    print_table(results, args.reconcile_interval, args.hold)
+
+
+def _build_bin_dir() -> str:
+    import subprocess
+
+    # stdout is only the bin dir; the build's progress goes to stderr.
+    return subprocess.run([str(TESTS / "controlplane" / "build.sh")], stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
+
+
+if __name__ == "__main__":
+    main()
