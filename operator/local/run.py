@@ -86,6 +86,7 @@ class LocalRun:
         )
         self.display = ProgressDisplay(out)
         self._stop = threading.Event()
+        self._log_offsets: dict[Path, int] = {}
 
     # -- state kept between invocations ------------------------------------------------------
 
@@ -127,8 +128,11 @@ class LocalRun:
         status = self.load_status()
         if status is not None and not status.phase.finished and status.current_stage:
             record = next(r for r in status.stages if r.name == status.current_stage)
-            where = record.last_checkpoint or "its start (no checkpoint yet)"
-            self.out.write(f"resuming {self.name} at stage {status.current_stage} from {where}\n")
+            where = record.last_checkpoint or "none yet"
+            self.out.write(
+                f"resuming {self.name} at stage {status.current_stage} from its latest committed checkpoint "
+                f"(last reported: {where})\n"
+            )
             self.out.flush()
         loop = asyncio.new_event_loop()
         server = threading.Thread(target=loop.run_forever, name="progress-endpoint", daemon=True)
@@ -149,6 +153,7 @@ class LocalRun:
                 status = result.status
                 self.save_status(status)
                 self.display.update(status, self.spec)
+                self._echo_resumes()
                 if status.phase.finished:
                     break
                 self._stop.wait(self.interval_s)
@@ -164,6 +169,23 @@ class LocalRun:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _echo_resumes(self) -> None:
+        """Shows the trainers' own word on where they resumed (from which checkpoint and step)."""
+        offsets = self._log_offsets
+        for job in self.jobs.values():
+            for pod in job.pods[:1]:
+                path = pod.log_path(pod.containers[0].name)
+                if not path.exists():
+                    continue
+                with path.open("rb") as log:
+                    log.seek(offsets.get(path, 0))
+                    text = log.read()
+                    offsets[path] = log.tell()
+                for line in text.decode(errors="replace").splitlines():
+                    if "resumed from" in line:
+                        where = line.split("resumed from", 1)[1].strip()
+                        self.display.event("Resumed", f"from {where}")
 
     # -- what the Job and Deployment controllers would do ------------------------------------
 

@@ -79,13 +79,13 @@ def test_ctrl_c_during_sft_then_the_same_command_resumes_from_the_checkpoint(tmp
     second = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
 
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"resuming resumable at stage ground from {checkpoint}" in second.stdout
+    assert "resuming resumable at stage ground" in second.stdout
+    resumed = second.stdout.split("[Resumed] from ")[1].split("\n")[0]
+    resumed_step = int(resumed.rsplit("at step ", 1)[1])
+    assert resumed_step >= int(checkpoint.rsplit("step-", 1)[1]) > 0, resumed
     final = _status(workdir, "resumable")
     assert final["phase"] == "Succeeded"
     assert [s["phase"] for s in final["stages"]] == ["Succeeded", "Succeeded"]
-    step = int(checkpoint.rsplit("step-", 1)[1])
-    logs = sorted((workdir / "resumable" / "pods").rglob("*.log"), key=lambda p: p.stat().st_mtime)
-    assert any(f"step {step}" in log.read_text() and "resum" in log.read_text().lower() for log in logs)
 
 
 def _trainer_processes(workdir: Path) -> list[int]:
