@@ -38,7 +38,8 @@ if built; then
 fi
 
 command -v go >/dev/null || {
-  echo "build.sh: the Go toolchain (go >= 1.26) is needed to build the control plane; install it and retry" >&2
+  echo "build.sh: Go is needed to build the control plane: install Go >= 1.26, or any Go >= 1.21 with" \
+       "GOTOOLCHAIN=auto (it then fetches 1.26 from the module proxy), and retry" >&2
   exit 1
 }
 mkdir -p "$cache_dir"
