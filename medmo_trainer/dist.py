@@ -31,17 +31,17 @@ class DistContext:
         if dist.is_initialized():
             dist.barrier()
 
-    def mean(self, value: float) -> float:
-        """Mean of a scalar over all ranks (a collective: every rank must call it)."""
-        return self.sum(value) / self.world_size
-
     def sum(self, value: float) -> float:
         """Sum of a scalar over all ranks (a collective: every rank must call it)."""
+        return self.sum_all([value])[0]
+
+    def sum_all(self, values: list[float]) -> list[float]:
+        """Element-wise sums over all ranks, in one collective (every rank must call it)."""
         if not dist.is_initialized() or self.world_size == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
-        return tensor.item()
+        return tensor.tolist()
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> DistContext:
@@ -58,6 +58,9 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistContext:
     if not dist.is_initialized():
         # FSDP and DeepSpeed need a process group even alone; without torchrun, a private one.
         store = None if "MASTER_ADDR" in os.environ else dist.HashStore()
+        if store is not None:  # what torchrun would set; DeepSpeed reads them
+            for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank)):
+                os.environ.setdefault(name, str(value))
         dist.init_process_group(
             backend=context.backend,
             store=store,

@@ -12,7 +12,6 @@ import logging
 import math
 import random
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,14 +21,30 @@ import torch
 
 from medmo_trainer.checkpoint import CheckpointManager
 from medmo_trainer.config import StageConfig
+from medmo_trainer.data import SKIP_REASONS, build_train_loader
 from medmo_trainer.dist import DistContext
 from medmo_trainer.exit_codes import ModelError, StorageError
+from medmo_trainer.model import (
+    ModelUnavailableError,
+    UnsupportedModelError,
+    apply_trainable,
+    export_hf,
+    load_model,
+)
 from medmo_trainer.progress import Progress, ProgressReporter
 from medmo_trainer.stages import StageResult, register
 from medmo_trainer.strategies import TrainingStrategy, build_strategy
 from medmo_trainer.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataCounts:
+    """Records read and malformed records skipped (by reason) so far, over all ranks."""
+
+    records_read: int
+    skipped_by_reason: dict[str, int]
 
 
 @dataclass
@@ -42,6 +57,7 @@ class StepMetrics:
     tokens: int
     samples: int
     seconds: float
+    data: DataCounts
 
 
 class Trainer:
@@ -72,9 +88,6 @@ class Trainer:
 
     @classmethod
     def build(cls, config: StageConfig, context: DistContext) -> Trainer:
-        from medmo_trainer.data import build_train_loader
-        from medmo_trainer.model import apply_trainable
-
         hp = config.hyperparameters
         seed_everything(hp.seed)
         loaded = load_stage_model(config)
@@ -134,13 +147,17 @@ class Trainer:
             self.strategy.backward(loss, last_micro_step=micro_step == accumulation - 1)
             losses.append(loss.detach().float())
         grad_norm = self.strategy.optimizer_step()
+        stats = self.loader.stats
+        local = [torch.stack(losses).mean().item(), stats.tokens - tokens_before, stats.samples - samples_before]
+        loss_sum, tokens, samples, *data = self.context.sum_all(local + self._local_data_counts())
         return StepMetrics(
-            loss=self.context.mean(torch.stack(losses).mean().item()),
+            loss=loss_sum / self.context.world_size,
             learning_rate=learning_rate,
             grad_norm=grad_norm,
-            tokens=int(self.context.sum(self.loader.stats.tokens - tokens_before)),
-            samples=int(self.context.sum(self.loader.stats.samples - samples_before)),
+            tokens=int(tokens),
+            samples=int(samples),
             seconds=time.perf_counter() - started,
+            data=self._data_counts(data),
         )
 
     def close(self) -> None:
@@ -155,16 +172,16 @@ class Trainer:
                 yield {key: move_to(value, self.context.device) for key, value in batch.items()}
 
     def _report(self, metrics: StepMetrics | None, phase: str, message: str = "") -> None:
-        records_read, skipped = self._data_counts()
+        data = metrics.data if metrics else self._data_counts(self.context.sum_all(self._local_data_counts()))
         progress = Progress(
             run=self.config.run,
             stage=self.config.stage,
             phase=phase,
             step=self.step,
             total_steps=self.total_steps,
-            records_read=records_read,
-            skipped_records=sum(skipped.values()),
-            skipped_by_reason=dict(skipped),
+            records_read=data.records_read,
+            skipped_records=sum(data.skipped_by_reason.values()),
+            skipped_by_reason=data.skipped_by_reason,
             last_checkpoint=self.checkpoints.last_committed_uri,
             message=message,
         )
@@ -178,17 +195,19 @@ class Trainer:
                 self.telemetry.record_step(metrics.loss, metrics.tokens, metrics.samples, metrics.seconds)
         self.reporter.report(progress)
 
-    def _data_counts(self) -> tuple[int, Counter]:
-        """Records read and malformed records skipped (by reason) over all ranks (a collective)."""
+    def _local_data_counts(self) -> list[float]:
+        """This rank's records read and skips per reason, in SKIP_REASONS order (to sum over ranks)."""
         stats = self.loader.stats
-        gathered: list[Any] = [None] * self.context.world_size
-        torch.distributed.all_gather_object(gathered, (stats.records_read, stats.skipped))
-        return sum(read for read, _ in gathered), sum((skipped for _, skipped in gathered), Counter())
+        return [stats.records_read, *(stats.skipped[reason] for reason in SKIP_REASONS)]
+
+    @staticmethod
+    def _data_counts(summed: list[float]) -> DataCounts:
+        records_read, *skipped = summed
+        by_reason = {reason: int(n) for reason, n in zip(SKIP_REASONS, skipped, strict=True) if n}
+        return DataCounts(records_read=int(records_read), skipped_by_reason=by_reason)
 
     def _export(self) -> None:
         """Writes the trained model in Hugging Face format to the stage's output URI (rank 0 writes)."""
-        from medmo_trainer.model import export_hf
-
         state = self.strategy.full_state_dict()
         if self.context.is_main:
             # A fresh copy of the base model receives the gathered weights: it is plain (not wrapped
@@ -214,10 +233,6 @@ def run_training_stage(config: StageConfig, context: DistContext) -> StageResult
 
 def load_stage_model(config: StageConfig) -> Any:
     """The stage's starting model and processor; a source that cannot be loaded is a ModelError."""
-    from medmo_trainer.model import load_model
-
-    from medmo_trainer.model import ModelUnavailableError, UnsupportedModelError
-
     try:
         return load_model(config.model)
     except (ModelUnavailableError, UnsupportedModelError) as error:
