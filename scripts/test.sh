@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: sets up the virtualenv and the Kubernetes binaries first (cached).
+# Runs the test suite (all of tests/, or the pytest arguments given, e.g. a file or -k):
+# sets up the Debian packages, the virtualenv and the Kubernetes binaries first (all cached).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -11,7 +12,7 @@ if [ -x tests/controlplane/build.sh ]; then
   export MEDMO_K8S_BIN
 fi
 rc=0
-"$venv/bin/python" -m pytest tests "$@" || rc=$?
+"$venv/bin/python" -m pytest "${@:-tests}" || rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "test.sh: pytest collected no tests in this selection; not a failure"
   rc=0
