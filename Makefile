@@ -1,17 +1,19 @@
-# The README's commands. Each one sets up what it needs (scripts/bootstrap.sh) and reuses it when present.
+# The README's commands. Each one sets up what it needs and reuses it when present:
+# Debian packages (scripts/system-deps.sh), the virtualenv (scripts/bootstrap.sh), Go-built binaries.
 SHELL := /bin/bash
 VENV = $(shell scripts/bootstrap.sh)
 
-.PHONY: demo test test-unit crd controlplane bench
+.PHONY: demo test test-unit crd
 
-demo:  ## today: validate the tiny recipe (the local runner `medmo run` comes next)
-	$(VENV)/bin/medmo validate manifests/samples/medmo-tiny.yaml
+demo:  ## the whole tiny recipe on this machine, no cluster (about 15 minutes on 2 cores)
+	scripts/system-deps.sh
+	$(VENV)/bin/medmo run manifests/samples/medmo-tiny.yaml
 
-test:  ## the whole test suite (builds the Kubernetes binaries on first use)
+test:  ## the whole test suite, as CI runs it
 	scripts/test.sh
 
-test-unit:
-	$(VENV)/bin/python -m pytest tests/unit -q
+test-unit:  ## the unit tests only (seconds; no servers)
+	scripts/test.sh tests/unit
 
-crd:  ## regenerate crds/ from the API models
+crd:  ## regenerate crds/ from operator/api.py
 	$(VENV)/bin/python -m medmo_operator.crd
