@@ -5,7 +5,8 @@ Layout under the stage's `checkpointUri`:
     step-N/state/...             model, optimizer and schedule (DCP files, or DeepSpeed's own)
     step-N/trainer/rank-R.pt     per-rank RNG states and data-loader position
     step-N/COMMITTED             written last, by rank 0, once every rank has finished writing
-    latest                       the name of the newest committed folder (`step-N`), updated after COMMITTED
+    latest                       the name of the newest committed folder (`step-N`), updated after COMMITTED,
+                                 for the operator and for people; resume looks for the markers themselves
 
 A folder without COMMITTED is an interrupted save: it is ignored when resuming and replaced or
 pruned later, so a crash in the middle of a save leaves the previous checkpoint in use. Every
@@ -117,14 +118,11 @@ class CheckpointManager:
         return Restored(step=step, uri=uri, loader_state=trainer_state["loader"])
 
     def latest_committed_step(self) -> int | None:
-        """The step of the `latest` pointer if committed, else the newest committed folder."""
-        pointer = f"{self.root_path}/{LATEST_POINTER}"
-        if self.fs.exists(pointer):
-            match = _STEP_FOLDER.match(self.fs.cat_file(pointer).decode().strip())
-            if match and self._is_committed(int(match.group(1))):
-                return int(match.group(1))
-        committed = [s for s in self._steps_present() if self._is_committed(s)]
-        return max(committed, default=None)
+        """The newest step whose folder holds the commit marker.
+
+        The folders, not the `latest` pointer, decide: a crash between writing a marker and moving
+        the pointer must not send a resume back to an older checkpoint."""
+        return next((step for step in reversed(self._steps_present()) if self._is_committed(step)), None)
 
     def _path(self, step: int) -> str:
         return f"{self.root_path}/step-{step}"

@@ -25,7 +25,7 @@ class Telemetry:
     def __init__(self, run: str, stage: str, enabled: bool) -> None:
         self.attributes = {"medmo.run": run, "medmo.stage": stage}
         tracer_provider = _tracer_provider() if enabled else None
-        meter_provider = _meter_provider() if enabled else None
+        meter_provider, self._metrics_server = _meter_provider() if enabled else (None, None)
         self._providers = [p for p in (tracer_provider, meter_provider) if p is not None]
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("medmo_trainer")
         meter = (meter_provider or metrics.NoOpMeterProvider()).get_meter("medmo_trainer")
@@ -48,6 +48,9 @@ class Telemetry:
     def shutdown(self) -> None:
         for provider in self._providers:
             provider.shutdown()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
 
 
 def _exporter_name(variable: str) -> str:
@@ -79,9 +82,11 @@ def _tracer_provider():
 
 
 def _meter_provider():
+    """The meter provider, and the Prometheus HTTP server when metrics are scraped."""
     name = _exporter_name("OTEL_METRICS_EXPORTER")
+    server = None
     if name == "none":
-        return None
+        return None, None
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 
@@ -90,7 +95,7 @@ def _meter_provider():
         from prometheus_client import start_http_server
 
         host = os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", "0.0.0.0")
-        start_http_server(int(os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464")), addr=host)
+        server, _ = start_http_server(int(os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464")), addr=host)
         reader = PrometheusMetricReader()
     elif name == "console":
         reader = PeriodicExportingMetricReader(ConsoleMetricExporter())
@@ -99,9 +104,9 @@ def _meter_provider():
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         except ImportError:
             logger.warning("OTEL_METRICS_EXPORTER=otlp but opentelemetry-exporter-otlp is not installed; no metrics")
-            return None
+            return None, None
         reader = PeriodicExportingMetricReader(OTLPMetricExporter())
     else:
         logger.warning("OTEL_METRICS_EXPORTER=%s is not supported (prometheus, otlp, console, none)", name)
-        return None
-    return MeterProvider(metric_readers=[reader])
+        return None, None
+    return MeterProvider(metric_readers=[reader]), server

@@ -43,10 +43,17 @@ def test_fsdp_loss_falls_while_the_progress_endpoint_is_down(tmp_path, synthetic
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_deepspeed_loss_falls(tmp_path, synthetic_data, zero_stage):
+@pytest.mark.parametrize(("zero_stage", "extra"), [
+    pytest.param(2, {}, id="zero2"),
+    pytest.param(3, {"gradientAccumulationSteps": 2, "gradientCheckpointing": True},
+                 id="zero3-accumulation-checkpointing"),
+])
+def test_deepspeed_loss_falls(tmp_path, synthetic_data, zero_stage, extra):
     config = stage_config(tmp_path, str(synthetic_data), steps=STEPS,
                           strategy={"name": "deepspeed", "zeroStage": zero_stage})
+    config["hyperparameters"].update(extra)
     run = run_stage(tmp_path, config)
     assert_succeeded(run)
     assert_loss_falls(run.losses)
+    samples_per_step = 2 * 4 * extra.get("gradientAccumulationSteps", 1)  # ranks x batch x accumulation
+    assert run.final["recordsRead"] >= STEPS * samples_per_step
