@@ -41,7 +41,8 @@ def trl_python() -> str:
         site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
                               check=True, capture_output=True, text=True).stdout.strip()
         ours = [p for p in sys.path if p.endswith("site-packages")][0]
-        Path(site, "medmo-project.pth").write_text(ours + "\n")
+        # addsitedir (not a bare path) so the project's own .pth files, its editable install, apply too
+        Path(site, "medmo-project.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
         subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(REPO / "requirements" / "bench.txt")],
                        check=True)
     return str(python)
@@ -102,8 +103,11 @@ def run_trl(data: Path, model: Path, steps: int, out: Path) -> float:
 
 
 def trl_side(data: Path, model_folder: Path, steps: int, result: Path) -> None:
+    import io
+
     import datasets
     import torch
+    from PIL import Image
     from transformers import TrainerCallback
     from transformers.processing_utils import ProcessorMixin
     from trl import GRPOConfig, GRPOTrainer
@@ -115,7 +119,8 @@ def trl_side(data: Path, model_folder: Path, steps: int, result: Path) -> None:
     loaded = load_model(str(model_folder))
 
     class TinyProcessor(ProcessorMixin):
-        """The project's processor behind the ProcessorMixin face TRL expects (unpadded ids per prompt)."""
+        """The project's processor behind the ProcessorMixin face TRL expects: unpadded ids per prompt for
+        generation, padded tensors when asked for them (TRL's forward pass)."""
 
         attributes = ["image_processor", "tokenizer"]
 
@@ -124,8 +129,10 @@ def trl_side(data: Path, model_folder: Path, steps: int, result: Path) -> None:
             self.chat_template = inner.tokenizer.chat_template
 
         def __call__(self, text=None, images=None, **kwargs):
-            flat = [image for per_prompt in images for image in (per_prompt or [])] if images else None
+            flat = [as_image(image) for per_prompt in images for image in (per_prompt or [])] if images else None
             batch = self.inner(text, flat, image_size=IMAGE_SIZE, padding_side="left")
+            if kwargs.get("return_tensors") == "pt":  # the forward pass's call: left-padded tensors
+                return batch
             keep = batch["attention_mask"].bool()
             out = {k: [row[m].tolist() for row, m in zip(batch[k], keep)] for k in ("input_ids", "attention_mask",
                                                                                   "mm_token_type_ids")}
@@ -135,6 +142,10 @@ def trl_side(data: Path, model_folder: Path, steps: int, result: Path) -> None:
 
         def batch_decode(self, ids, **kwargs):
             return self.tokenizer.batch_decode(ids, **kwargs)
+
+    def as_image(image):
+        # datasets stores an image nested in a message as {"bytes": ..., "path": ...}
+        return Image.open(io.BytesIO(image["bytes"])) if isinstance(image, dict) else image
 
     rows = []
     for record in iter_records(str(data), ["grounding"]):
@@ -159,7 +170,7 @@ def trl_side(data: Path, model_folder: Path, steps: int, result: Path) -> None:
         per_device_train_batch_size=GROUP * PROMPTS, num_generations=GROUP, max_completion_length=TOKENS,
         temperature=1.0, top_p=1.0, beta=0.0, epsilon=0.15, epsilon_high=0.25, loss_type="dapo",
         mask_truncated_completions=True, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
-        logging_steps=1, gradient_checkpointing=False, seed=0, lr_scheduler_type="constant", warmup_ratio=0.0,
+        logging_steps=1, gradient_checkpointing=False, seed=0, lr_scheduler_type="constant",
     )
     trainer = GRPOTrainer(model=loaded.model, reward_funcs=[bbox], args=config, train_dataset=dataset,
                           processing_class=TinyProcessor(loaded.processor), callbacks=[Stamp()])

@@ -22,6 +22,7 @@ MAX_COMPLETION_TOKENS = 40
 
 
 def run(cmd: list[str], log: Path, timeout: float = 900, env: dict | None = None) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
         proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout,
                               env={**os.environ, "MEDMO_TERMINATION_LOG": str(log) + ".term", **(env or {})})
