@@ -59,6 +59,7 @@ def stage_config(root: Path, stage: str, stage_type: str, model: str, data: Path
     if rl is not None:
         config["rl"] = rl
     path = root / f"{stage}.yaml"
+    root.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     return path
 
