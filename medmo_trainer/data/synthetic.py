@@ -100,32 +100,38 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     width, height = (int(v) for v in rng.integers(96, 129, size=2))
     center = (width / 2 + rng.uniform(-3, 3), height / 2 + rng.uniform(-3, 3))
     radii = (width * rng.uniform(0.42, 0.46), height * rng.uniform(0.40, 0.45))
+    effusion = bool(rng.random() < 0.4)
+    # nodules stay above the effusion band, when there is one
+    floor = center[1] + (0.6 * radii[1] - 2 if effusion else radii[1])
     count = int(rng.choice(4, p=[0.25, 0.35, 0.25, 0.15]))
     quadrants = rng.permutation(4)[:count]
     nodules = tuple(
         nodule
         for q in sorted(quadrants)
-        if (nodule := _place_nodule(rng, int(q), width, height, center, radii)) is not None
+        if (nodule := _place_nodule(rng, int(q), width, height, center, radii, floor)) is not None
     )
-    return Scene(width, height, center, radii, nodules, bool(rng.random() < 0.4))
+    return Scene(width, height, center, radii, nodules, effusion)
 
 
-def _place_nodule(rng, quadrant, width, height, center, radii) -> Nodule | None:
-    """A nodule fully inside the body, inside its quadrant and above the effusion zone, or None."""
-    size = SIZES[int(rng.integers(2))]
-    radius = max(3, round(min(width, height) * (0.04 if size == "small" else 0.085)))
-    right, lower = quadrant % 2 == 1, quadrant >= 2
-    for _ in range(100):
-        cx = int(rng.integers(radius + 2, width // 2 - radius - 2)) + (width // 2 if right else 0)
-        cy = int(rng.integers(radius + 2, height // 2 - radius - 2)) + (height // 2 if lower else 0)
-        if abs(cx - width / 2) < radius + 3 or abs(cy - height / 2) < radius + 3:
-            continue
-        if cy + radius > center[1] + 0.45 * radii[1]:
-            continue
-        # the farthest point of the disk from the body centre must stay inside the ellipse
-        dx, dy = abs(cx - center[0]) + radius + 1, abs(cy - center[1]) + radius + 1
-        if (dx / radii[0]) ** 2 + (dy / radii[1]) ** 2 <= 0.95:
-            return Nodule(cx, cy, radius, size, LOCATIONS[quadrant])
+def _place_nodule(rng, quadrant, width, height, center, radii, floor) -> Nodule | None:
+    """A nodule fully inside the body, inside its quadrant and above `floor`, or None when none fits.
+
+    Nodules are large against the image (radius 7% or 12% of its shorter side) so that a tiny model
+    sees them even at 64 pixels; a large one that does not fit its quadrant is made small.
+    """
+    drawn = SIZES[int(rng.integers(2))]
+    for size in dict.fromkeys((drawn, "small")):
+        radius = round(min(width, height) * (0.07 if size == "small" else 0.12))
+        right, lower = quadrant % 2 == 1, quadrant >= 2
+        for _ in range(100):
+            cx = int(rng.integers(radius + 2, width // 2 - radius - 2)) + (width // 2 if right else 0)
+            cy = int(rng.integers(radius + 2, height // 2 - radius - 2)) + (height // 2 if lower else 0)
+            if abs(cx - width / 2) < radius + 3 or abs(cy - height / 2) < radius + 3 or cy + radius > floor:
+                continue
+            # the farthest point of the disk from the body centre must stay inside the ellipse
+            dx, dy = abs(cx - center[0]) + radius + 1, abs(cy - center[1]) + radius + 1
+            if (dx / radii[0]) ** 2 + (dy / radii[1]) ** 2 <= 0.95:
+                return Nodule(cx, cy, radius, size, LOCATIONS[quadrant])
     return None
 
 
