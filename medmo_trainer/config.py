@@ -235,6 +235,11 @@ class RLStageConfig(ConfigModel):
     """Base URLs of reward-scoring workers."""
     request_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0
     """A worker that takes longer is abandoned and the request retried on another replica."""
+    rollout_requests_per_step: Annotated[int, Field(ge=1)] | None = None
+    """Concurrent generate requests a step's prompts are split into; unset: one per rollout URL. Set it to
+    the replica count when `rolloutUrls` is one Service, so the Service spreads them over its replicas."""
+    reward_requests_per_step: Annotated[int, Field(ge=1)] | None = None
+    """Concurrent score requests per step; unset: one per reward URL (same reasoning as for rollouts)."""
 
 
 class StageConfig(ConfigModel):

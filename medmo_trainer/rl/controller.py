@@ -109,6 +109,8 @@ class RolloutController:
         self.sampler = sampler
         self.rollout = rollout
         self.reward = reward
+        self.rollout_requests = config.rl.rollout_requests_per_step or len(rollout.urls)
+        self.reward_requests = config.rl.reward_requests_per_step or len(reward.urls)
 
     def collect(self, step: int, policy: PolicyRef) -> RolloutBatch:
         records = self.sampler.sample(step, self.algorithm.prompts_per_step)
@@ -156,7 +158,7 @@ class RolloutController:
                 },
                 "policy": policy.to_wire(),
             }
-            for index, chunk in enumerate(_chunks(prompts, len(self.rollout.urls)))
+            for index, chunk in enumerate(_chunks(prompts, self.rollout_requests))
         ]
         responses = self.rollout.map("/v1/generate", bodies)
         groups, skipped = [], Counter()
@@ -183,7 +185,7 @@ class RolloutController:
         ]
         bodies = [
             {"weights": self.rewards.to_wire(), "maxCompletionLength": self.algorithm.max_completion_length, "items": chunk}
-            for chunk in _chunks(items, len(self.reward.urls))
+            for chunk in _chunks(items, self.reward_requests)
         ]
         scored, failures = [], Counter()
         for response in self.reward.map("/v1/score", bodies):

@@ -2,7 +2,8 @@
 
 A request that fails for infrastructure reasons (connection refused or reset, timeout, 5xx) is
 retried on the next replica, round after round with backoff; every such failover is counted, so
-the progress report shows it. A 4xx is the learner's own mistake and is raised at once.
+the progress report shows it. A 4xx is the learner's own mistake and is raised at once. With one
+URL (a Service), the retries wait 1+2+3+4 s: long enough for a dead pod to leave its endpoints.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class WorkerRequestError(RuntimeError):
 class WorkerPool:
     """Replicas of one worker kind, called with JSON POSTs."""
 
-    def __init__(self, name: str, urls: list[str], timeout_seconds: float, rounds: int = 3,
+    def __init__(self, name: str, urls: list[str], timeout_seconds: float, rounds: int = 5,
                  backoff_seconds: float = 1.0):
         if not urls:
             raise ValueError(f"the {name} worker group has no URLs")
