@@ -4,7 +4,7 @@ directly, with the operator's API requests, CPU time and memory.
     $VENV/bin/python tests/benchmarks/bench_operator.py [--runs 1,20,100] [--reconcile-interval 5] [--hold 15]
 
 Starts a control plane of its own (kube-apiserver writing an audit log of the operator's requests
-only), the node agent with 4 nodes (cpu 64, 200 pods each) and, for each N:
+and of every run's and Job's creation), the node agent with 4 nodes (cpu 64, 200 pods each) and, for each N:
 
 1. baseline, no operator running: N plain Indexed Jobs applied by one `kubectl apply`; latency =
    apply to pod Running. They are the Jobs the operator would create (`medmo_operator.render`,
@@ -16,6 +16,10 @@ only), the node agent with 4 nodes (cpu 64, 200 pods each) and, for each N:
    window, watches included), its CPU time from /proc/<pid>/stat; it stays up for --hold seconds
    with every pod Running (steady-state requests per second), then the runs are deleted, their
    children garbage-collected, and the process stopped; its peak RSS is its VmHWM then.
+
+kubectl applies a list one object after another, so apply->Running includes the wait for kubectl to
+reach an object; created->Running starts at that object's creation (from the audit log), and
+"run->Job created" is the operator's own part: from a run's creation to its Job's.
 
 Every pod runs the stand-in trainer (tests/integration/operator/standin_trainer.py), which keeps
 stepping (and reporting progress) until deleted. "Running" is the first watch event in which the
@@ -59,7 +63,13 @@ AUDIT_POLICY = {
     "kind": "Policy",
     # One event per request (at ResponseComplete; a watch's at ResponseStarted too, deduplicated by auditID).
     "omitStages": ["RequestReceived"],
-    "rules": [{"level": "Metadata", "users": [OPERATOR_USER]}, {"level": "None"}],
+    "rules": [
+        {"level": "Metadata", "users": [OPERATOR_USER]},
+        # When each run and Job was created, whoever created it: kubectl applies a list one by one.
+        {"level": "Metadata", "verbs": ["create"],
+         "resources": [{"group": api.GROUP, "resources": [api.PLURAL]}, {"group": "batch", "resources": ["jobs"]}]},
+        {"level": "None"},
+    ],
 }
 
 
@@ -102,9 +112,16 @@ def baseline_children(obj: dict, namespace: str) -> list[dict]:
     return children
 
 
+def learner_job(obj: dict, namespace: str) -> str:
+    """The name of the run's first learner Job."""
+    spec = api.parse_training(obj).spec
+    run = render.RunRef(name=obj["metadata"]["name"], namespace=namespace, uid="")
+    return render.learner_job_name(run, spec.stages[0], 0)
+
+
 def kubectl_apply(cp: ControlPlane, namespace: str, items: list[dict]) -> float:
-    """One `kubectl apply` of all items; returns the monotonic time it was started."""
-    started = time.monotonic()
+    """One `kubectl apply` of all items; returns the (wall-clock) time it was started."""
+    started = time.time()
     cp.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
                timeout_s=RUNNING_TIMEOUT_S)
     return started
@@ -114,7 +131,7 @@ def kubectl_apply(cp: ControlPlane, namespace: str, items: list[dict]) -> float:
 
 
 class RunningTimes:
-    """When each run's learner pod in ``namespace`` was first seen Running (monotonic seconds).
+    """When each run's learner pod in ``namespace`` was first seen Running (wall-clock seconds).
 
     A pod watch restarted every few seconds (a restart without resourceVersion begins with the
     current state, so nothing is missed), so the thread notices ``stop()`` promptly.
@@ -144,7 +161,7 @@ class RunningTimes:
                     pod = event["object"]
                     run = pod.metadata.labels[render.LABEL_RUN]
                     if pod.status.phase == "Running" and run not in self.first_running:
-                        self.first_running[run] = time.monotonic()
+                        self.first_running[run] = time.time()
                     if self._stop.is_set():
                         break
             except (ApiException, OSError) as error:  # a broken stream: start another
@@ -152,7 +169,7 @@ class RunningTimes:
                 self._stop.wait(0.2)
 
     def wait_all(self, runs: int, timeout_s: float) -> float | None:
-        """Monotonic time the last of ``runs`` pods was seen Running; None if not all were in time."""
+        """When the last of ``runs`` pods was seen Running; None if not all were in time."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if len(self.first_running) >= runs:
@@ -161,22 +178,38 @@ class RunningTimes:
         return None
 
 
-def audited_requests(log: Path, since: float, until: float) -> Counter:
-    """The operator's API requests received between two wall-clock times, by "verb resource"."""
-    seen: dict[str, str] = {}
+def audit_events(log: Path):
+    """(time received, event) of each complete line of the audit log."""
     with log.open() as lines:
         for line in lines:
             if not line.endswith("\n"):
-                break  # the event being written now
+                return  # the event being written now
             event = json.loads(line)
-            received = datetime.fromisoformat(event["requestReceivedTimestamp"]).timestamp()
-            if since <= received < until and event["user"]["username"] == OPERATOR_USER:
-                ref = event.get("objectRef") or {}
-                resource = ref.get("resource", event.get("requestURI", "?"))
-                if ref.get("subresource"):
-                    resource += "/" + ref["subresource"]
-                seen[event["auditID"]] = f"{event['verb']} {resource}"
+            yield datetime.fromisoformat(event["requestReceivedTimestamp"]).timestamp(), event
+
+
+def audited_requests(log: Path, since: float, until: float) -> Counter:
+    """The operator's API requests received between two wall-clock times, by "verb resource"."""
+    seen: dict[str, str] = {}
+    for received, event in audit_events(log):
+        if since <= received < until and event["user"]["username"] == OPERATOR_USER:
+            ref = event.get("objectRef") or {}
+            resource = ref.get("resource", event.get("requestURI", "?"))
+            if ref.get("subresource"):
+                resource += "/" + ref["subresource"]
+            seen[event["auditID"]] = f"{event['verb']} {resource}"
     return Counter(seen.values())
+
+
+def audited_creations(log: Path, resource: str, namespace: str) -> dict[str, float]:
+    """When each object of ``resource`` in ``namespace`` was created (the successful create's receipt)."""
+    created = {}
+    for received, event in audit_events(log):
+        ref = event.get("objectRef") or {}
+        if (event["verb"] == "create" and ref.get("resource") == resource and ref.get("namespace") == namespace
+                and (event.get("responseStatus") or {}).get("code") == 201):
+            created[ref["name"]] = received
+    return created
 
 
 @dataclass
@@ -203,15 +236,31 @@ class ProcessSample:
 
 @dataclass
 class Batch:
-    latencies_s: list[float]
+    """One measurement of N runs: wall-clock times by run name, and the operator's figures."""
+
     runs: int
+    applied: float
+    running: dict[str, float]
+    created: dict[str, float]
+    """When the object kubectl applied was created: the run (operator) or its Job (baseline)."""
+    job_created: dict[str, float]
     apply_s: float
-    cleanup_s: float
+    cleanup_s: float = 0.0
     requests_to_running: Counter = field(default_factory=Counter)
+    requests_in_cleanup: Counter = field(default_factory=Counter)
     requests_per_s_steady: float = 0.0
     cpu_s_to_running: float = 0.0
     idle_rss_mib: float = 0.0
     peak_rss_mib: float = 0.0
+
+    def apply_to_running(self) -> list[float]:
+        return sorted(t - self.applied for t in self.running.values())
+
+    def created_to_running(self) -> list[float]:
+        return sorted(t - self.created[run] for run, t in self.running.items() if run in self.created)
+
+    def created_to_job(self) -> list[float]:
+        return sorted(t - self.created[run] for run, t in self.job_created.items() if run in self.created)
 
 
 class Bench:
@@ -278,23 +327,29 @@ class Bench:
             time.sleep(0.5)
         return seconds
 
-    def _latencies(self, times: RunningTimes, applied: float, runs: int) -> tuple[list[float], float]:
-        last = times.wait_all(runs, RUNNING_TIMEOUT_S)
-        if last is None:
-            print(f"  only {len(times.first_running)}/{runs} pods Running after {RUNNING_TIMEOUT_S:.0f} s", flush=True)
-        return sorted(t - applied for t in times.first_running.values()), last or time.monotonic()
+    def _apply_and_wait(self, namespace: str, items: list[dict], runs: int) -> tuple[float, float, dict[str, float]]:
+        """Applies ``items``; returns when, how long kubectl took, and when each run's pod was Running."""
+        with RunningTimes(self.core, namespace) as times:
+            applied = kubectl_apply(self.cp, namespace, items)
+            apply_s = time.time() - applied
+            if times.wait_all(runs, RUNNING_TIMEOUT_S) is None:
+                print(f"  only {len(times.first_running)}/{runs} pods Running after {RUNNING_TIMEOUT_S:.0f} s", flush=True)
+            return applied, apply_s, dict(times.first_running)
 
     def baseline(self, runs: int) -> Batch:
         namespace = self._namespace(f"baseline-{runs}")
         storage = self.workdir / "storage" / namespace
-        children = [child for i in range(runs)
-                    for child in baseline_children(training(f"run-{i:03d}", storage, self.step_seconds), namespace)]
+        objs = [training(f"run-{i:03d}", storage, self.step_seconds) for i in range(runs)]
+        children = [child for obj in objs for child in baseline_children(obj, namespace)]
         kubectl_apply(self.cp, namespace, [c for c in children if c["kind"] != "Job"])
-        with RunningTimes(self.core, namespace) as times:
-            applied = kubectl_apply(self.cp, namespace, [c for c in children if c["kind"] == "Job"])
-            apply_s = time.monotonic() - applied
-            latencies, _ = self._latencies(times, applied, runs)
-        return Batch(latencies, runs, apply_s, self._clean_up(namespace, "jobs"))
+        applied, apply_s, running = self._apply_and_wait(namespace, [c for c in children if c["kind"] == "Job"], runs)
+        time.sleep(1)  # the audit log is written as responses complete
+        jobs = audited_creations(self.audit_log, "jobs", namespace)
+        created = {obj["metadata"]["name"]: jobs[learner_job(obj, namespace)] for obj in objs
+                   if learner_job(obj, namespace) in jobs}
+        batch = Batch(runs, applied, running, created, job_created=created, apply_s=apply_s)
+        batch.cleanup_s = self._clean_up(namespace, "jobs")
+        return batch
 
     def with_operator(self, runs: int) -> Batch:
         namespace = self._namespace(f"operator-{runs}")
@@ -307,28 +362,34 @@ class Bench:
         time.sleep(3)  # let its watches list what exists: start-up is not part of the measurement
         pid = self.operator.process.pid
         idle = ProcessSample.of(pid)
-        items = [training(f"run-{i:03d}", storage, self.step_seconds) for i in range(runs)]
-        with RunningTimes(self.core, namespace) as times:
-            wall_applied = time.time()
-            applied = kubectl_apply(self.cp, namespace, items)
-            apply_s = time.monotonic() - applied
-            latencies, last = self._latencies(times, applied, runs)
-        wall_running = wall_applied + (last - applied)
+        objs = [training(f"run-{i:03d}", storage, self.step_seconds) for i in range(runs)]
+        applied, apply_s, running = self._apply_and_wait(namespace, objs, runs)
+        all_running = max(running.values(), default=time.time())
         cpu_s = ProcessSample.of(pid).cpu_s - idle.cpu_s
-        time.sleep(max(0.0, wall_running + 1 - time.time()))
+        time.sleep(max(0.0, all_running + 1 - time.time()))
         hold_from = time.time()
         time.sleep(self.hold_s)
         hold_until = time.time()
+        cleanup_from = time.time()
         cleanup_s = self._clean_up(namespace, "medmotrainings")
+        cleanup_until = time.time()
         peak = ProcessSample.of(pid).peak_rss_mib
         self.operator.stop()
         self.operator = None
         time.sleep(1)  # the audit log is written as responses complete
+        jobs = audited_creations(self.audit_log, "jobs", namespace)
         steady = audited_requests(self.audit_log, hold_from, hold_until)
-        return Batch(latencies, runs, apply_s, cleanup_s,
-                     requests_to_running=audited_requests(self.audit_log, wall_applied, wall_running),
-                     requests_per_s_steady=sum(steady.values()) / (hold_until - hold_from),
-                     cpu_s_to_running=cpu_s, idle_rss_mib=idle.rss_mib, peak_rss_mib=peak)
+        return Batch(
+            runs, applied, running,
+            created=audited_creations(self.audit_log, api.PLURAL, namespace),
+            job_created={obj["metadata"]["name"]: jobs[learner_job(obj, namespace)] for obj in objs
+                         if learner_job(obj, namespace) in jobs},
+            apply_s=apply_s, cleanup_s=cleanup_s,
+            requests_to_running=audited_requests(self.audit_log, applied, all_running),
+            requests_in_cleanup=audited_requests(self.audit_log, cleanup_from, cleanup_until),
+            requests_per_s_steady=sum(steady.values()) / (hold_until - hold_from),
+            cpu_s_to_running=cpu_s, idle_rss_mib=idle.rss_mib, peak_rss_mib=peak,
+        )
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -341,30 +402,41 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 
+def p50_p95(values: list[float]) -> str:
+    return f"{percentile(values, 0.5):.2f} / {percentile(values, 0.95):.2f}"
+
+
 def print_table(results: list[tuple[Batch, Batch]], interval_s: float, hold_s: float) -> None:
-    header = ("N", "op p50 s", "op p95 s", "base p50 s", "base p95 s", "ratio p50", "ratio p95",
-              "op API req to Running", "op API req/s steady", "op CPU s to Running", "op RSS idle/peak MiB")
+    header = ("N", "apply->Running operator", "apply->Running baseline", "ratio", "created->Running operator",
+              "created->Running baseline", "operator: run->Job created", "op API req to all Running",
+              "op API req/s steady", "op CPU s to all Running", "op RSS idle/peak MiB")
     rows = []
     for base, op in results:
-        op50, op95 = percentile(op.latencies_s, 0.5), percentile(op.latencies_s, 0.95)
-        b50, b95 = percentile(base.latencies_s, 0.5), percentile(base.latencies_s, 0.95)
-        running = "" if len(op.latencies_s) == op.runs and len(base.latencies_s) == base.runs else \
-            f" ({len(op.latencies_s)}/{len(base.latencies_s)} Running)"
-        rows.append((f"{op.runs}{running}", f"{op50:.2f}", f"{op95:.2f}", f"{b50:.2f}", f"{b95:.2f}",
-                     f"{op50 / b50:.2f}", f"{op95 / b95:.2f}", str(sum(op.requests_to_running.values())),
-                     f"{op.requests_per_s_steady:.1f}", f"{op.cpu_s_to_running:.1f}",
-                     f"{op.idle_rss_mib:.0f}/{op.peak_rss_mib:.0f}"))
+        op_lat, base_lat = op.apply_to_running(), base.apply_to_running()
+        ratios = [percentile(op_lat, q) / percentile(base_lat, q) for q in (0.5, 0.95)]
+        missing = "" if len(op_lat) == op.runs and len(base_lat) == base.runs else \
+            f" ({len(op_lat)}/{len(base_lat)} Running)"
+        rows.append((f"{op.runs}{missing}", p50_p95(op_lat), p50_p95(base_lat), f"{ratios[0]:.2f} / {ratios[1]:.2f}",
+                     p50_p95(op.created_to_running()), p50_p95(base.created_to_running()), p50_p95(op.created_to_job()),
+                     str(sum(op.requests_to_running.values())), f"{op.requests_per_s_steady:.1f}",
+                     f"{op.cpu_s_to_running:.1f}", f"{op.idle_rss_mib:.0f} / {op.peak_rss_mib:.0f}"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print(f"\nreconcile interval {interval_s:g} s; steady state measured over {hold_s:g} s with every pod Running")
+    print(f"\nseconds as p50 / p95; ratio = operator / baseline (apply->Running); reconcile interval {interval_s:g} s; "
+          f"steady state over {hold_s:g} s with every pod Running")
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |")
     print()
     for base, op in results:
-        top = ", ".join(f"{k} {v}" for k, v in op.requests_to_running.most_common(8))
-        print(f"N={op.runs}: kubectl apply {op.apply_s:.1f} s (operator) / {base.apply_s:.1f} s (baseline); "
-              f"cleanup {op.cleanup_s:.1f} s / {base.cleanup_s:.1f} s; operator requests to Running: {top}")
+        print(f"N={op.runs}: kubectl apply took {op.apply_s:.1f} s (runs) / {base.apply_s:.1f} s (Jobs); "
+              f"delete to pods gone {op.cleanup_s:.1f} s / {base.cleanup_s:.1f} s")
+        print(f"  operator requests to all Running: {_top(op.requests_to_running)}")
+        print(f"  operator requests while cleaning up: {_top(op.requests_in_cleanup)}")
+
+
+def _top(requests: Counter) -> str:
+    return ", ".join(f"{key} {count}" for key, count in requests.most_common(8)) or "none"
 
 
 def main() -> None:
@@ -388,8 +460,8 @@ def main() -> None:
                 base = bench.baseline(runs)
                 print(f"N={runs}: operator ...", flush=True)
                 results.append((base, bench.with_operator(runs)))
-                print(f"N={runs}: p50 operator {percentile(results[-1][1].latencies_s, 0.5):.2f} s, "
-                      f"baseline {percentile(base.latencies_s, 0.5):.2f} s", flush=True)
+                print(f"N={runs}: apply->Running p50/p95 operator {p50_p95(results[-1][1].apply_to_running())} s, "
+                      f"baseline {p50_p95(base.apply_to_running())} s", flush=True)
         finally:
             bench.stop()
     print_table(results, args.reconcile_interval, args.hold)
