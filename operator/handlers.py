@@ -155,8 +155,10 @@ def reconcile_training(
     **_: Any,
 ) -> None:
     """One reconcile of one run (kopf calls it every reconcileInterval seconds per run)."""
-    started = time.monotonic()
     _state["run_uids"] = run_uids
+    if meta.get("deletionTimestamp"):
+        return  # the garbage collector removes the children; writing status now is wasted work
+    started = time.monotonic()
     run = render.RunRef(name=name, namespace=namespace, uid=uid)
     training_spec = api.MedMOTrainingSpec.model_validate(copy.deepcopy(dict(spec)))
     current = {k: v for k, v in dict(status).items() if k != "kopf"}
