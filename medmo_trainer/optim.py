@@ -15,8 +15,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], hp: Hyperparameters) -
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters: check `model.trainable`")
-    # foreach=False keeps per-step results identical whatever the group sizes (resume exactness).
-    return torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay, foreach=False)
+    return torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
 
 
 def lr_multiplier(hp: Hyperparameters, total_steps: int) -> Callable[[int], float]:

@@ -8,7 +8,7 @@ retried with backoff, and nothing here ever blocks or fails training.
 
 The payload (camelCase JSON):
 
-    run, stage, phase ("Running" | "Checkpointing" | "Succeeded" | "Failed"), step, totalSteps,
+    run, stage, phase ("Running" | "Succeeded" | "Failed"), step, totalSteps,
     loss, learningRate, gradNorm, tokensPerSecond, samplesPerSecond, recordsRead, skippedRecords,
     skippedByReason {reason: count}, lastCheckpoint (URI or null), message, timestamp (Unix seconds),
     metrics {name: number}

@@ -21,10 +21,11 @@ import torch
 
 from medmo_trainer.checkpoint import CheckpointManager
 from medmo_trainer.config import StageConfig
-from medmo_trainer.data import SKIP_REASONS, build_train_loader
+from medmo_trainer.data import SKIP_REASONS, TrainLoader, build_train_loader
 from medmo_trainer.dist import DistContext
 from medmo_trainer.exit_codes import ModelError, StorageError
 from medmo_trainer.model import (
+    LoadedModel,
     ModelUnavailableError,
     UnsupportedModelError,
     apply_trainable,
@@ -67,8 +68,8 @@ class Trainer:
         self,
         config: StageConfig,
         context: DistContext,
-        loaded: Any,
-        loader: Any,
+        loaded: LoadedModel,
+        loader: TrainLoader,
         strategy: TrainingStrategy,
         checkpoints: CheckpointManager,
         reporter: ProgressReporter,
@@ -91,7 +92,10 @@ class Trainer:
         hp = config.hyperparameters
         seed_everything(hp.seed)
         loaded = load_stage_model(config)
-        apply_trainable(loaded.model, config.model.trainable)
+        try:
+            apply_trainable(loaded.model, config.model.trainable)
+        except UnsupportedModelError as error:
+            raise ModelError(f"cannot choose trainable groups of {config.model.base!r}: {error}") from error
         if hp.gradient_checkpointing:
             enable_gradient_checkpointing(loaded.model)
         loader = build_train_loader(
@@ -160,6 +164,13 @@ class Trainer:
             data=self._data_counts(data),
         )
 
+    def report_failure(self, error: BaseException) -> None:
+        """Tells the operator why the stage stops (no collectives: other ranks may be gone)."""
+        self.reporter.report(Progress(
+            run=self.config.run, stage=self.config.stage, phase="Failed", step=self.step,
+            total_steps=self.total_steps, last_checkpoint=self.checkpoints.last_committed_uri, message=str(error),
+        ))
+
     def close(self) -> None:
         self.reporter.close()
         self.telemetry.shutdown()
@@ -227,6 +238,9 @@ def run_training_stage(config: StageConfig, context: DistContext) -> StageResult
     trainer = Trainer.build(config, context)
     try:
         return trainer.train()
+    except Exception as error:
+        trainer.report_failure(error)
+        raise
     finally:
         trainer.close()
 
