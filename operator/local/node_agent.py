@@ -332,6 +332,12 @@ class NodeAgent:
                 else:
                     self._pods[pod["metadata"]["uid"]] = pod
             mine = [p for p in pods if (p.get("spec") or {}).get("nodeName") in self.nodes]
+        if kind == "SYNC":
+            # Pods deleted while the watch was down are missing from the new listing.
+            listed = {p["metadata"]["uid"] for p in pods}
+            for running in self.runner.pods():
+                if running.uid not in listed:
+                    self._reconcile("DELETED", running.pod)
         for pod in mine:
             self._reconcile(kind, pod)
         self._hosts_event.set()

@@ -49,7 +49,7 @@ def now() -> str:
 
 
 def as_pod_dict(pod: Any) -> dict:
-    """A pod as the API's camelCase dict, from a dict or a ``kubernetes.client.V1Pod``."""
+    """An object as the API's camelCase dict, from a dict or a ``kubernetes.client`` model (V1Pod...)."""
     if isinstance(pod, Mapping):
         return dict(pod)
     from kubernetes.client import ApiClient
@@ -440,9 +440,10 @@ class PodRunner:
     """Runs pods as process groups on loopback addresses; usable with or without an API server.
 
     ``objects`` supplies ConfigMaps, Secrets and tokens; ``on_change(pod)`` is called (from runner
-    threads) whenever a pod's status may have changed; ``hosts(pod, ip)`` renders the cluster names
-    a pod's hosts file holds beyond its own (default: none); ``entrypoints`` maps images to the
-    command they would run, for containers that set only ``args``.
+    threads) whenever a pod's status may have changed; ``cluster_records(pod)`` gives the cluster
+    names a pod's hosts file holds beyond its own (default: this runner's pods and the Services
+    given to :meth:`add_service`); ``entrypoints`` maps images to the command they would run, for
+    containers that set only ``args``.
     """
 
     def __init__(self, workdir: Path | str, objects: ObjectSource, *,
@@ -454,7 +455,8 @@ class PodRunner:
         self.workdir = Path(workdir)
         self.objects = objects
         self.on_change = on_change
-        self.cluster_records = cluster_records or (lambda pod: [])
+        self.cluster_records = cluster_records or self._own_records
+        self._services: dict[tuple[str, str], dict] = {}
         self.host_ip = host_ip
         self.entrypoints = dict(entrypoints or {})
         self.backoff_base_s = backoff_base_s
@@ -463,7 +465,7 @@ class PodRunner:
         self._nss_wrapper = network.find_nss_wrapper()
         self._addresses = network.AddressPool()
         self._pods: dict[str, RunningPod] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # start() renders hosts (which lists pods) while holding it
         bin_dir = Path(sys.executable).parent
         self.base_env = {k: os.environ[k] for k in PASSED_THROUGH_ENV if k in os.environ}
         self.base_env["PATH"] = f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -484,6 +486,8 @@ class PodRunner:
             self.write_hosts(running)
             self._pods[uid] = running
         running.start()
+        if self.cluster_records == self._own_records:
+            self.refresh_hosts()
         return running
 
     def get(self, uid: str) -> RunningPod | None:
@@ -520,6 +524,20 @@ class PodRunner:
     def notify(self, pod: RunningPod) -> None:
         if self.on_change is not None:
             self.on_change(pod)
+
+    def add_service(self, service: Mapping) -> None:
+        """Publish a Service's name for the pods it selects (when the runner keeps names itself)."""
+        service = as_pod_dict(service)
+        meta = service["metadata"]
+        with self._lock:
+            self._services[(meta.get("namespace", "default"), meta["name"])] = service
+        self.refresh_hosts()
+
+    def _own_records(self, pod: RunningPod) -> list[tuple[str, list[str]]]:
+        with self._lock:
+            pods, services = list(self._pods.values()), list(self._services.values())
+        views = [p.pod | {"status": {"podIP": p.ip, "phase": p.phase}} for p in pods]
+        return network.dns_records(pod.namespace, views, services)
 
     def hosts_file(self, pod: RunningPod) -> Path:
         return pod.directory / "hosts"

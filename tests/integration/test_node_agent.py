@@ -286,3 +286,22 @@ def _group_members(pgid: int) -> list[int]:
             except ProcessLookupError:
                 pass
     return members
+
+
+def test_command_line_agent_registers_its_nodes_until_interrupted(control_plane, tmp_path):
+    import subprocess
+    import sys
+
+    node = f"cli-{uuid.uuid4().hex[:6]}"
+    agent = subprocess.Popen([sys.executable, "-m", "medmo_operator.local.node_agent", "--kubeconfig",
+                              str(control_plane.kubeconfig), "--node", f"{node}:cpu=4,memory=8Gi,gpu=8",
+                              "--workdir", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert agent.stdout.readline().startswith(f"nodes {node} ready")
+        status = get(control_plane, "node", node, "default")["status"]
+        assert status["capacity"]["nvidia.com/gpu"] == "8" and status["capacity"]["memory"] == "8Gi"
+        assert any(c["type"] == "Ready" and c["status"] == "True" for c in status["conditions"])
+    finally:
+        agent.send_signal(signal.SIGINT)
+        assert agent.wait(timeout=30) == 0
+        control_plane.kubectl("delete", "node", node)

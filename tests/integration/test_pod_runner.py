@@ -12,7 +12,6 @@ import uuid
 import pytest
 
 from medmo_operator.local import PodRunner, StaticObjects
-from medmo_operator.local.network import dns_records
 
 
 def make_pod(name: str, containers: list[dict], restart_policy: str = "Never", **spec) -> dict:
@@ -43,32 +42,15 @@ def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-class Names:
-    """The pods and Services the runner's hosts files are rendered from (the node agent's role)."""
-
-    def __init__(self):
-        self.pods: list = []
-        self.services: list[dict] = []
-
-    def records(self, pod):
-        pods = [p.pod | {"status": {"podIP": p.ip, "phase": "Running"}} for p in self.pods]
-        return dns_records(pod.namespace, pods, self.services)
-
-    def headless_service(self, name: str, selector: dict) -> None:
-        self.services.append({"metadata": {"name": name, "namespace": "ns"},
-                              "spec": {"clusterIP": "None", "selector": selector}})
-
-
 @pytest.fixture
-def names():
-    return Names()
-
-
-@pytest.fixture
-def runner(tmp_path, names):
-    runner = PodRunner(tmp_path, StaticObjects(), cluster_records=names.records, backoff_base_s=0.2, backoff_max_s=1.0)
+def runner(tmp_path):
+    runner = PodRunner(tmp_path, StaticObjects(), backoff_base_s=0.2, backoff_max_s=1.0)
     yield runner
     runner.stop()
+
+
+def headless_service(name: str, selector: dict) -> dict:
+    return {"metadata": {"name": name, "namespace": "ns"}, "spec": {"clusterIP": "None", "selector": selector}}
 
 
 def test_exit_code_reason_and_termination_message(runner):
@@ -151,7 +133,7 @@ SERVER = """
 """
 
 
-def test_pods_share_a_port_and_reach_each_other_and_the_host_by_name(runner, names):
+def test_pods_share_a_port_and_reach_each_other_and_the_host_by_name(runner):
     """Two servers on port 8080 (bound to 0.0.0.0), a client reaching each by name, and the host's loopback."""
     import http.server
     import threading
@@ -159,15 +141,13 @@ def test_pods_share_a_port_and_reach_each_other_and_the_host_by_name(runner, nam
     host_server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=host_server.serve_forever, daemon=True).start()
     try:
-        names.headless_service("web", {"tier": "web"})
+        runner.add_service(headless_service("web", {"tier": "web"}))
         servers = []
         for index in range(2):
             spec = make_pod(f"web-{index}", [{"name": "main", "command": python(SERVER)}], restart_policy="Always",
                             hostname=f"web-{index}", subdomain="web")
             spec["metadata"]["labels"]["tier"] = "web"
-            names.pods.append(running := runner.start(spec))
-            servers.append(running)
-        runner.refresh_hosts()
+            servers.append(runner.start(spec))
         for server in servers:
             wait_for(lambda: (server.directory / "ports" / "tcp-8080").exists(), what="server listening")
         client = runner.start(make_pod("client", [{"name": "main", "command": python(f"""
@@ -185,9 +165,9 @@ def test_pods_share_a_port_and_reach_each_other_and_the_host_by_name(runner, nam
         host_server.server_close()
 
 
-def test_torch_tcp_stores_of_two_pods_on_one_port(runner, names):
+def test_torch_tcp_stores_of_two_pods_on_one_port(runner):
     """torch's TCPStore binds the wildcard address and connects to itself via localhost; both must work per pod."""
-    names.headless_service("rdzv", {"tier": "rdzv"})
+    runner.add_service(headless_service("rdzv", {"tier": "rdzv"}))
     masters = []
     for index in range(2):
         spec = make_pod(f"rank-{index}", [{"name": "main", "command": python(f"""
@@ -196,9 +176,7 @@ def test_torch_tcp_stores_of_two_pods_on_one_port(runner, names):
             store.set("who", "rank-{index}")
             store.wait(["done"])""")}], hostname=f"rank-{index}", subdomain="rdzv")
         spec["metadata"]["labels"]["tier"] = "rdzv"
-        names.pods.append(running := runner.start(spec))
-        masters.append(running)
-    runner.refresh_hosts()
+        masters.append(runner.start(spec))
     client = runner.start(make_pod("worker", [{"name": "main", "command": python("""
         import datetime, torch.distributed as dist
         for host in ("rank-0.rdzv", "rank-1.rdzv"):
