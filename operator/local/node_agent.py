@@ -189,6 +189,19 @@ class NodeAgent:
         self._patch_node_status(spec)
         self._renew_lease(spec.name)
 
+    def remove_node(self, name: str) -> None:
+        """Take a Node away (as a scale-down would): its pods' processes are killed, the Node deleted."""
+        with self._lock:
+            self.nodes.pop(name, None)
+        for running in self.runner.pods():
+            if (running.pod.get("spec") or {}).get("nodeName") == name:
+                self.runner.forget(running.uid)
+        self._delete_node_objects(name)
+
+    def _delete_node_objects(self, name: str) -> None:
+        self._ignore_missing(lambda: self.core.delete_node(name))
+        self._ignore_missing(lambda: self.leases.delete_namespaced_lease(name, LEASE_NAMESPACE))
+
     def stop(self, delete_nodes: bool = False) -> None:
         """Kill every process started for a pod, stop the loops; optionally remove the Nodes."""
         self._stop.set()
@@ -203,8 +216,7 @@ class NodeAgent:
             thread.join(timeout=10)
         if delete_nodes:
             for name in list(self.nodes):
-                self._ignore_missing(lambda: self.core.delete_node(name))
-                self._ignore_missing(lambda: self.leases.delete_namespaced_lease(name, LEASE_NAMESPACE))
+                self._delete_node_objects(name)
         self.api.close()
 
     def pod(self, namespace: str, name: str) -> RunningPod:

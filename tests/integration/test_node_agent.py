@@ -157,8 +157,10 @@ def test_deleting_a_job_garbage_collects_its_pods(control_plane, namespace, k8s_
     assert not alive(pid)
 
 
-def test_gpu_pod_waits_for_a_node_with_enough_gpus(control_plane, namespace, node_agent):
-    gpus = 4  # more than node-a or node-b has
+def test_gpu_pod_waits_for_a_node_with_enough_gpus(control_plane, namespace, k8s_api, node_agent):
+    # Other tests may have added GPU nodes to this session's cluster: ask for more than any has.
+    nodes = client.CoreV1Api(k8s_api).list_node().items
+    gpus = 1 + max(int((n.status.allocatable or {}).get("nvidia.com/gpu", "0")) for n in nodes)
     pod = bare_pod("big", namespace, ["sh", "-c", "echo running on $NODE"])
     pod["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
     pod["spec"]["containers"][0]["env"] = [{"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
@@ -175,10 +177,14 @@ def test_gpu_pod_waits_for_a_node_with_enough_gpus(control_plane, namespace, nod
 
     node = f"gpu-big-{uuid.uuid4().hex[:6]}"
     node_agent.add_node(NodeSpec(name=node, gpus=gpus))
-    done = wait_for(lambda: (p := get(control_plane, "pod", "big", namespace))["status"].get("phase") == "Succeeded" and p,
-                    timeout_s=120, what="the pod running on the new node")
-    assert done["spec"]["nodeName"] == node
-    assert node_agent.pod(namespace, "big").log_path("main").read_text() == f"running on {node}\n"
+    try:
+        done = wait_for(lambda: (p := get(control_plane, "pod", "big", namespace))["status"].get("phase") == "Succeeded" and p,
+                        timeout_s=120, what="the pod running on the new node")
+        assert done["spec"]["nodeName"] == node
+        assert node_agent.pod(namespace, "big").log_path("main").read_text() == f"running on {node}\n"
+    finally:
+        node_agent.remove_node(node)  # later tests see the cluster's GPU capacity as before
+    assert node not in {n.metadata.name for n in client.CoreV1Api(k8s_api).list_node().items}
 
 
 SERVER = """

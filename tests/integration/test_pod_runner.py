@@ -66,6 +66,14 @@ def test_exit_code_reason_and_termination_message(runner):
     assert logs["state"]["terminated"]["message"] == "last words"
 
 
+def test_a_command_that_cannot_start_fails_with_its_error(runner):
+    pod = runner.start(make_pod("typo", [{"name": "main", "command": ["pyhton", "-c", "pass"]}]))
+    assert pod.wait_finished(30) == "Failed"
+    terminated = pod.status()["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["reason"] == "StartError"
+    assert "pyhton" in terminated["message"]
+
+
 def test_init_containers_run_first_and_share_volumes(runner):
     pod = runner.start(make_pod("init", [{"name": "main", "command": ["cat", "/data/greeting"],
                                           "volumeMounts": [{"name": "scratch", "mountPath": "/data"}]}],
