@@ -9,6 +9,7 @@ the SFT-only scores, for at least 2 of the 3 seeds.
 """
 
 import contextlib
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 import transformers
 
+import medmo_trainer.data.synthetic as synthetic_data
+from medmo_trainer.model import presets, tokenizer
 from integration.rl.pipeline import (
     MAX_COMPLETION_TOKENS,
     heldout_box_reward,
@@ -29,7 +32,10 @@ SEEDS = (0, 1, 2)
 SFT_STEPS, SFT_LEARNING_RATE = 100, 2e-3
 RL_STEPS, RL_LEARNING_RATE = 30, 1e-3
 EVAL_PROMPTS, EVAL_SAMPLES = 24, 8
-RECIPE = f"v1-tf{transformers.__version__}-sft{SFT_STEPS}-{SFT_LEARNING_RATE}"
+# The cached SFT models and data are only reused while the recipe, transformers, the data generator and
+# the tiny preset stay the same.
+SOURCES_HASH = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (synthetic_data, presets, tokenizer)))
+RECIPE = f"v1-tf{transformers.__version__}-sft{SFT_STEPS}-{SFT_LEARNING_RATE}-{SOURCES_HASH.hexdigest()[:10]}"
 
 
 def cache_root() -> Path:
