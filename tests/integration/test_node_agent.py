@@ -113,7 +113,7 @@ def test_deployment_pods_run_and_killed_processes_are_replaced(control_plane, na
         ready = [p for p in pods if p.status.container_statuses and p.status.container_statuses[0].ready]
         return ready if len(ready) == 2 else None
 
-    victim = ready_pods()[0]
+    victim = wait_for(ready_pods, what="two ready pods")[0]
     old_pid = pid_of(victim.status.container_statuses[0])
     os.kill(old_pid, signal.SIGKILL)  # the container's process dies: the kubelet's job is to restart it
 

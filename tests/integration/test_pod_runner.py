@@ -32,7 +32,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition"):
+def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
