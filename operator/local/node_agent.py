@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from . import network
 from .podspec import PodConfigError
@@ -60,6 +60,15 @@ class NodeSpec(BaseModel):
     gpus: int = Field(0, ge=0, description="nvidia.com/gpu capacity: what the scheduler may hand out")
     pods: int = Field(110, ge=1, description="the most pods the scheduler puts on the node")
     labels: dict[str, str] = Field(default_factory=dict, description="extra node labels")
+    gpu_devices: list[str] = Field(default_factory=list, description=(
+        "host GPU ids behind the node's nvidia.com/gpu, one per GPU; a pod sees only those it was "
+        "given (CUDA_VISIBLE_DEVICES). Empty: the count only schedules, and pods see the host's GPUs"))
+
+    @model_validator(mode="after")
+    def _one_device_per_gpu(self) -> NodeSpec:
+        if self.gpu_devices and len(self.gpu_devices) != self.gpus:
+            raise ValueError(f"node {self.name}: gpu_devices lists {len(self.gpu_devices)} ids for gpus={self.gpus}")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -70,7 +79,7 @@ class NodeSpec(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> NodeSpec:
-        """``name:cpu=8,memory=32Gi,gpu=8,pods=110,label.<key>=<value>`` (all but the name optional)."""
+        """``name:cpu=8,memory=32Gi,gpu=2,devices=0:1,pods=110,label.<key>=<value>`` (all but the name optional)."""
         name, _, rest = text.partition(":")
         fields: dict = {"name": name, "labels": {}}
         for item in filter(None, rest.split(",")):
@@ -83,8 +92,10 @@ class NodeSpec(BaseModel):
                 fields[key] = value
             elif key in ("gpu", "gpus"):
                 fields["gpus"] = value
+            elif key == "devices":
+                fields["gpu_devices"] = value.split(":")
             else:
-                raise ValueError(f"node {name}: unknown key {key!r} (cpu, memory, gpu, pods, label.<key>)")
+                raise ValueError(f"node {name}: unknown key {key!r} (cpu, memory, gpu, devices, pods, label.<key>)")
         return cls(**fields)
 
     def resources(self) -> dict[str, str]:
@@ -155,6 +166,7 @@ class NodeAgent:
         self._pods: dict[str, dict] = {}  # every pod of the cluster by uid: pod names resolve cluster-wide
         self._services: dict[str, dict] = {}
         self._terminating: set[str] = set()
+        self._gpus_held: dict[str, tuple[str, list[str]]] = {}  # pod uid -> (node, device ids)
         self._dirty: set[str] = set()
         self._dirty_event = threading.Event()
         self._hosts_event = threading.Event()
@@ -359,6 +371,7 @@ class NodeAgent:
         uid = pod["metadata"]["uid"]
         if kind == "DELETED":
             threading.Thread(target=self.runner.forget, args=(uid,), daemon=True).start()
+            self._release_gpus(uid)
             return
         if pod["metadata"].get("deletionTimestamp"):
             with self._lock:
@@ -368,7 +381,25 @@ class NodeAgent:
             threading.Thread(target=self._terminate, args=(pod,), daemon=True).start()
             return
         if self.runner.get(uid) is None and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
-            self.runner.start(pod)
+            self.runner.start(pod, extra_env=self._assign_gpus(pod))
+
+    def _assign_gpus(self, pod: dict) -> dict[str, str]:
+        """Hand a pod the GPU ids it requested on a node with known devices, as a device plugin would."""
+        node = self.nodes.get(pod["spec"]["nodeName"])
+        if node is None or not node.gpu_devices:
+            return {}
+        wanted = sum(int(((c.get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE, 0))
+                     for c in pod["spec"].get("containers") or [])
+        with self._lock:
+            taken = {d for held_node, ids in self._gpus_held.values() if held_node == node.name for d in ids}
+            devices = [d for d in node.gpu_devices if d not in taken][:wanted]
+            self._gpus_held[pod["metadata"]["uid"]] = (node.name, devices)
+        visible = ",".join(devices)
+        return {"CUDA_VISIBLE_DEVICES": visible, "NVIDIA_VISIBLE_DEVICES": visible or "void"}
+
+    def _release_gpus(self, uid: str) -> None:
+        with self._lock:
+            self._gpus_held.pop(uid, None)
 
     def _terminate(self, pod: dict) -> None:
         """Graceful deletion: stop the processes within the grace period, then remove the object."""
@@ -385,6 +416,8 @@ class NodeAgent:
             body=client.V1DeleteOptions(grace_period_seconds=0, preconditions=client.V1Preconditions(uid=meta["uid"]))))
 
     def _status_changed(self, pod: RunningPod) -> None:
+        if pod.finished.is_set():
+            self._release_gpus(pod.uid)  # the scheduler counts a finished pod's GPUs as free
         with self._lock:
             self._dirty.add(pod.uid)
         self._dirty_event.set()

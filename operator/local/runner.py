@@ -158,10 +158,11 @@ class ContainerRun:
 class RunningPod:
     """A pod the runner has taken on: its address, directories, containers and lifecycle thread."""
 
-    def __init__(self, runner: PodRunner, pod: dict, ip: str):
+    def __init__(self, runner: PodRunner, pod: dict, ip: str, extra_env: Mapping[str, str] | None = None):
         meta = pod["metadata"]
         self.runner = runner
         self.pod = pod
+        self.extra_env = dict(extra_env or {})  # what the node adds for this pod (its GPUs)
         self.uid: str = meta.get("uid") or f"local-{meta['name']}"
         self.namespace: str = meta.get("namespace", "default")
         self.name: str = meta["name"]
@@ -311,7 +312,7 @@ class RunningPod:
         else:
             return None
         paths = run.paths()
-        env = dict(self.runner.base_env)
+        env = dict(self.runner.base_env) | self.extra_env
         env.update({k: paths.rewrite(v) for k, v in pod_env.items()})
         net = self.runner.network_env(self)
         if env.get("LD_PRELOAD"):
@@ -473,14 +474,17 @@ class PodRunner:
             self.base_env["VIRTUAL_ENV"] = sys.prefix
         self.base_env.update(extra_env or {})
 
-    def start(self, pod: Any) -> RunningPod:
-        """Start running ``pod`` (a dict in the API's form or a V1Pod); returns at once."""
+    def start(self, pod: Any, extra_env: Mapping[str, str] | None = None) -> RunningPod:
+        """Start running ``pod`` (a dict in the API's form or a V1Pod); returns at once.
+
+        ``extra_env`` is added to every container's environment before the pod's own variables.
+        """
         pod = as_pod_dict(pod)
         uid = pod["metadata"].get("uid") or f"local-{pod['metadata']['name']}"
         with self._lock:
             if uid in self._pods:
                 return self._pods[uid]
-            running = RunningPod(self, pod, self._addresses.acquire())
+            running = RunningPod(self, pod, self._addresses.acquire(), extra_env)
             for sub in ("logs", "containers", "volumes", "ports"):
                 (running.directory / sub).mkdir(parents=True, exist_ok=True)
             self.write_hosts(running)

@@ -187,6 +187,27 @@ def test_gpu_pod_waits_for_a_node_with_enough_gpus(control_plane, namespace, k8s
     assert node not in {n.metadata.name for n in client.CoreV1Api(k8s_api).list_node().items}
 
 
+def test_pods_see_only_the_gpus_they_were_given(control_plane, namespace, node_agent):
+    node = f"gpu-dev-{uuid.uuid4().hex[:6]}"
+    node_agent.add_node(NodeSpec(name=node, gpus=2, gpu_devices=["3", "5"]))
+    try:
+        pods = []
+        for name, gpus in (("one", 1), ("other", 1), ("none", 0)):
+            # They keep running, so both GPU pods hold their devices at once.
+            pod = bare_pod(name, namespace, ["sh", "-c", "echo \"[$CUDA_VISIBLE_DEVICES]\"; exec sleep 600"],
+                           nodeSelector={"kubernetes.io/hostname": node})
+            if gpus:
+                pod["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+            pods.append(pod)
+        apply(control_plane, *pods)
+        seen = {name: wait_for(lambda: _log_of(node_agent, namespace, name), what=f"pod {name} printing")
+                for name in ("one", "other", "none")}
+        assert sorted([seen["one"], seen["other"]]) == ["[3]", "[5]"]
+        assert seen["none"] == "[]"
+    finally:
+        node_agent.remove_node(node)
+
+
 SERVER = """
     import http.server, os
     class Hello(http.server.BaseHTTPRequestHandler):
@@ -273,6 +294,11 @@ def test_stop_leaves_nothing_running(control_plane, namespace, tmp_path):
     finally:
         agent.stop(delete_nodes=True)
     assert not [pid for pid in members if alive(pid)]
+
+
+def _log_of(agent: NodeAgent, namespace: str, name: str) -> str | None:
+    pod = _pod_or_none(agent, namespace, name)
+    return pod and pod.log_path("main").exists() and pod.log_path("main").read_text().strip()
 
 
 def _pod_or_none(agent: NodeAgent, namespace: str, name: str):

@@ -127,6 +127,9 @@ def test_node_spec_parses_the_command_line_form():
     spec = NodeSpec.parse("gpu-0:cpu=16,memory=64Gi,gpu=8,label.pool=a100")
     assert (spec.name, spec.cpu, spec.memory, spec.gpus, spec.labels) == ("gpu-0", "16", "64Gi", 8, {"pool": "a100"})
     assert spec.resources()["nvidia.com/gpu"] == "8"
+    assert NodeSpec.parse("gpu-1:gpu=2,devices=3:5").gpu_devices == ["3", "5"]
+    with pytest.raises(ValueError, match="lists 1 ids for gpus=2"):
+        NodeSpec.parse("gpu-1:gpu=2,devices=3")
     with pytest.raises(ValueError, match="unknown key 'gpu_count'"):
         NodeSpec.parse("n:gpu_count=2")
     with pytest.raises(ValueError, match="must be lower-case"):
