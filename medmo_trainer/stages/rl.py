@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
