@@ -75,3 +75,22 @@ def test_request_size_is_bounded(server):
     assert status == 413 and "too large" in payload["error"]
     # the server still serves after refusing
     assert request(f"{server}/v1/score", {"items": [item]})[0] == 200
+
+
+def test_stage_config_sets_the_default_weights(start_worker, tmp_path):
+    from medmo_trainer.config import RLStageConfig, StageConfig
+
+    config = StageConfig(
+        run="r", stage="grpo", type="rl", model={"base": "preset:tiny-qwen3-vl"}, storage={"uri": str(tmp_path)},
+        output_uri=str(tmp_path / "out"), checkpoint_uri=str(tmp_path / "ckpt"),
+        rl=RLStageConfig(rewards={"bbox": 2.0, "format": 0.0}, algorithm={"maxCompletionLength": 100}),
+    )
+    path = tmp_path / "stage.json"
+    path.write_text(config.model_dump_json(by_alias=True))
+    with start_worker("medmo_trainer.rl.reward_server", "--config", str(path)) as handle:
+        item = {"completion": "<box>[[100, 100, 300, 300]]</box>", "completionLength": 90,
+                "reference": {"task": "grounding", "boxes": [[100, 100, 300, 300]]}}
+        status, payload = request(f"{handle.url}/v1/score", {"items": [item]})
+    # bbox 2*1; overlong with the config's budget 100 and the default buffer 64: (36-90)/64 = -0.84375
+    assert status == 200
+    assert payload["rewards"][0]["total"] == pytest.approx(2.0 - 0.84375)
