@@ -209,7 +209,7 @@ class TrainLoader:
 
     Each batch holds `input_ids`, `labels`, `mm_token_type_ids`, `pixel_values`, `image_grid_thw`, and
     either `position_ids` (packed: one row, no attention mask) or `attention_mask` (padded rows).
-    Call `load_state_dict` before iterating; iterating again continues from the current position.
+    `load_state_dict` may be called at any time: the next batch is then the one after the saved position.
     """
 
     def __init__(self, datasets: list[DatasetSpec], processor: VLProcessor, hp: Hyperparameters, *,
