@@ -133,17 +133,28 @@ def _serving(pod: Mapping) -> bool:
             and not (pod.get("metadata") or {}).get("deletionTimestamp"))
 
 
+def _ready(pod: Mapping) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def _published(pod: Mapping, service: Mapping) -> bool:
+    """Whether a Service's names lead to the pod: when it is Ready, or always with publishNotReadyAddresses."""
+    return _ready(pod) or bool((service.get("spec") or {}).get("publishNotReadyAddresses"))
+
+
 def dns_records(client_namespace: str, pods: Iterable[Mapping], services: Iterable[Mapping]) -> list[tuple[str, list[str]]]:
     """What cluster DNS would answer for a pod in ``client_namespace``, as (address, names) pairs.
 
-    A Service name resolves to the addresses of the pods it selects (as for a headless Service:
-    there is no kube-proxy, and EndpointSlices cannot hold loopback addresses, so the pods are
-    selected here). A pod with ``hostname`` and ``subdomain`` gets ``<hostname>.<subdomain>`` when a
-    headless Service of that name exists in its namespace.
+    A Service name resolves to the addresses of the Ready pods it selects (all of them with
+    ``publishNotReadyAddresses``), as for a headless Service: there is no kube-proxy, and
+    EndpointSlices cannot hold loopback addresses, so the pods are selected here. A pod with
+    ``hostname`` and ``subdomain`` gets ``<hostname>.<subdomain>`` when a headless Service of that
+    name exists in its namespace, under the same readiness rule.
     """
     pods = [p for p in pods if _serving(p)]
     services = list(services)
-    headless = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in services
+    headless = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in services
                 if (s.get("spec") or {}).get("clusterIP") == "None"}
     records: list[tuple[str, list[str]]] = []
     for service in services:
@@ -151,12 +162,14 @@ def dns_records(client_namespace: str, pods: Iterable[Mapping], services: Iterab
         names = _qualified(f"{name}.{namespace}", same_namespace=namespace == client_namespace, short=name)
         selector = (service.get("spec") or {}).get("selector") or {}
         for pod in pods:
-            if pod["metadata"].get("namespace") == namespace and _selects(selector, pod["metadata"].get("labels") or {}):
+            if (pod["metadata"].get("namespace") == namespace and _selects(selector, pod["metadata"].get("labels") or {})
+                    and _published(pod, service)):
                 records.append((pod["status"]["podIP"], names))
     for pod in pods:
         spec, namespace = pod.get("spec") or {}, pod["metadata"].get("namespace", "default")
         hostname, subdomain = spec.get("hostname"), spec.get("subdomain")
-        if hostname and subdomain and (namespace, subdomain) in headless:
+        governing = headless.get((namespace, subdomain))
+        if hostname and governing and _published(pod, governing):
             short = f"{hostname}.{subdomain}"
             names = _qualified(f"{short}.{namespace}", same_namespace=namespace == client_namespace, short=short)
             records.append((pod["status"]["podIP"], names))

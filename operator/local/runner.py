@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import network
+from . import network, probes
 from .podspec import (DEFAULT_TERMINATION_MESSAGE_PATH, ObjectSource, PathMap, PodConfigError, container_command,
                       expand_references, resolve_env, unsupported_features, volume_files)
 
@@ -73,6 +73,8 @@ class ContainerRun:
         self.last_state: dict = {}
         self.restart_count = 0
         self.process: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}
+        self.probe_passed = False  # the readiness probe's verdict on the current process
         self.directory = pod.directory / "containers" / _safe_name(self.name)
         self.log_path = pod.directory / "logs" / f"{_safe_name(self.name)}.log"
         self.termination_log = self.directory / "termination-log"
@@ -80,6 +82,11 @@ class ContainerRun:
     @property
     def running(self) -> bool:
         return "running" in self.state
+
+    @property
+    def ready(self) -> bool:
+        """Running, and passing its readiness probe if it has one."""
+        return self.running and (self.probe_passed or "readinessProbe" not in self.spec)
 
     @property
     def terminated(self) -> dict | None:
@@ -90,7 +97,7 @@ class ContainerRun:
             "name": self.name,
             "image": self.spec.get("image", ""),
             "imageID": "",
-            "ready": self.running,
+            "ready": self.ready,
             "started": self.running,
             "restartCount": self.restart_count,
             "state": self.state,
@@ -116,6 +123,8 @@ class ContainerRun:
         self.directory.mkdir(parents=True, exist_ok=True)
         workdir.mkdir(parents=True, exist_ok=True)
         self.termination_log.write_bytes(b"")
+        self.env = env
+        self.probe_passed = False
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(command, env=env, cwd=workdir, stdin=subprocess.DEVNULL,
                                             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
@@ -338,11 +347,33 @@ class RunningPod:
                 terminated = None
         self._changed()
         if terminated is None:
+            if "readinessProbe" in run.spec and not run.init:
+                threading.Thread(target=self._probe_readiness, args=(run, run.process), daemon=True,
+                                 name=f"probe-{self.name}/{run.name}").start()
             returncode = run.process.wait()
             with self._lock:
                 terminated = run.finish(returncode)
             self._changed()
         return terminated
+
+    def _probe_readiness(self, run: ContainerRun, process: subprocess.Popen) -> None:
+        """Probe ``process`` until it ends; its readiness flips after the probe's thresholds."""
+        probe = run.spec["readinessProbe"]
+        period = float(probe.get("periodSeconds", 10))
+        needed = {True: int(probe.get("successThreshold", 1)), False: int(probe.get("failureThreshold", 3))}
+        command = [run.paths().rewrite(a) for a in (probe.get("exec") or {}).get("command") or []]
+        streak, last = 0, None
+        if self.stopping.wait(float(probe.get("initialDelaySeconds", 0))):
+            return
+        while process.poll() is None and not self.stopping.is_set():
+            passed = probes.check(probe, self.ip, run.spec, command, run.env)
+            streak = streak + 1 if passed == last else 1
+            last = passed
+            if streak >= needed[passed] and run.probe_passed != passed and run.process is process:
+                with self._lock:
+                    run.probe_passed = passed
+                self._changed()
+            self.stopping.wait(period)
 
     def _restart_wanted(self, exit_code: int) -> bool:
         if self.stopping.is_set():
@@ -409,7 +440,7 @@ class RunningPod:
         self._changed()
 
     def _conditions(self, phase: str) -> list[dict]:
-        ready = phase == "Running" and all(c.running for c in self.containers)
+        ready = phase == "Running" and all(c.ready for c in self.containers)
         conditions = dict(self.conditions)
         for kind in ("ContainersReady", "Ready"):
             previous = self._ready_conditions.get(kind)
@@ -466,7 +497,8 @@ class PodRunner:
         self._nss_wrapper = network.find_nss_wrapper()
         self._addresses = network.AddressPool()
         self._pods: dict[str, RunningPod] = {}
-        self._lock = threading.RLock()  # start() renders hosts (which lists pods) while holding it
+        self._lock = threading.Lock()
+        self._hosts_lock = threading.Lock()  # one writer of hosts files at a time
         bin_dir = Path(sys.executable).parent
         self.base_env = {k: os.environ[k] for k in PASSED_THROUGH_ENV if k in os.environ}
         self.base_env["PATH"] = f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -487,11 +519,9 @@ class PodRunner:
             running = RunningPod(self, pod, self._addresses.acquire(), extra_env)
             for sub in ("logs", "containers", "volumes", "ports"):
                 (running.directory / sub).mkdir(parents=True, exist_ok=True)
-            self.write_hosts(running)
             self._pods[uid] = running
+        self.refresh_hosts()  # the new pod's hosts file, and its names in the others'
         running.start()
-        if self.cluster_records == self._own_records:
-            self.refresh_hosts()
         return running
 
     def get(self, uid: str) -> RunningPod | None:
@@ -526,8 +556,10 @@ class PodRunner:
         self._addresses.close()
 
     def notify(self, pod: RunningPod) -> None:
+        """A pod's status changed: tell ``on_change``, and republish names (readiness gates them)."""
         if self.on_change is not None:
             self.on_change(pod)
+        self.refresh_hosts()
 
     def add_service(self, service: Mapping) -> None:
         """Publish a Service's name for the pods it selects (when the runner keeps names itself)."""
@@ -540,22 +572,21 @@ class PodRunner:
     def _own_records(self, pod: RunningPod) -> list[tuple[str, list[str]]]:
         with self._lock:
             pods, services = list(self._pods.values()), list(self._services.values())
-        views = [p.pod | {"status": {"podIP": p.ip, "phase": p.phase}} for p in pods]
+        views = [p.pod | {"status": p.status()} for p in pods]
         return network.dns_records(pod.namespace, views, services)
 
     def hosts_file(self, pod: RunningPod) -> Path:
         return pod.directory / "hosts"
 
-    def write_hosts(self, pod: RunningPod) -> None:
-        text = network.render_hosts(pod.pod, pod.ip, self.cluster_records(pod))
-        if pod.hosts_text != text:
-            network.write_atomically(self.hosts_file(pod), text)
-            pod.hosts_text = text
-
     def refresh_hosts(self) -> None:
-        """Rewrite every pod's hosts file (after pods or Services changed)."""
-        for pod in self.pods():
-            self.write_hosts(pod)
+        """Rewrite the hosts files whose names changed (after pods, readiness or Services changed)."""
+        pods = self.pods()  # the runner lock is never held while waiting for the hosts lock
+        with self._hosts_lock:
+            for pod in pods:
+                text = network.render_hosts(pod.pod, pod.ip, self.cluster_records(pod))
+                if pod.hosts_text != text:
+                    network.write_atomically(self.hosts_file(pod), text)
+                    pod.hosts_text = text
 
     def network_env(self, pod: RunningPod) -> dict[str, str]:
         return network.pod_network_env(pod.ip, network.pod_hostname(pod.pod), self.hosts_file(pod),

@@ -173,6 +173,28 @@ def test_pods_share_a_port_and_reach_each_other_and_the_host_by_name(runner):
         host_server.server_close()
 
 
+def test_readiness_probe_gates_ready_and_the_service_name(runner):
+    """A server that listens only after a while is Ready, and named by its Service, once its probe passes."""
+    runner.add_service(headless_service("slow", {"tier": "slow"}))
+    spec = make_pod("slow-0", [{"name": "main", "command": python("""
+        import http.server, time
+        time.sleep(2)
+        http.server.HTTPServer(("0.0.0.0", 8000), http.server.SimpleHTTPRequestHandler).serve_forever()"""),
+        "ports": [{"name": "http", "containerPort": 8000}],
+        "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 0.2}}], restart_policy="Always")
+    spec["metadata"]["labels"]["tier"] = "slow"
+    server = runner.start(spec)
+    probe_client = runner.start(make_pod("probe-client", [{"name": "main", "command": ["sleep", "600"]}]))
+    wait_for(lambda: server.status()["containerStatuses"][0]["state"].get("running"), what="the server process")
+    assert not server.status()["containerStatuses"][0]["ready"]
+    assert " slow" not in runner.hosts_file(probe_client).read_text()
+    wait_for(lambda: server.status()["containerStatuses"][0]["ready"], what="the probe passing")
+    conditions = {c["type"]: c["status"] for c in server.status()["conditions"]}
+    assert conditions["Ready"] == "True"
+    wait_for(lambda: f"{server.ip} slow.ns.svc.cluster.local" in runner.hosts_file(probe_client).read_text(),
+             what="the Service name published")
+
+
 def test_torch_tcp_stores_of_two_pods_on_one_port(runner):
     """torch's TCPStore binds the wildcard address and connects to itself via localhost; both must work per pod."""
     runner.add_service(headless_service("rdzv", {"tier": "rdzv"}))

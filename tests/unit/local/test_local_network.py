@@ -3,17 +3,19 @@
 from medmo_operator.local.network import dns_records, render_hosts
 
 
-def pod(name, namespace="ns", ip="127.20.0.2", labels=None, hostname=None, subdomain=None, phase="Running", deleting=False):
+def pod(name, namespace="ns", ip="127.20.0.2", labels=None, hostname=None, subdomain=None, phase="Running",
+        deleting=False, ready=True):
     meta = {"name": name, "namespace": namespace, "labels": labels or {}}
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     return {"metadata": meta, "spec": {"hostname": hostname, "subdomain": subdomain},
-            "status": {"podIP": ip, "phase": phase}}
+            "status": {"podIP": ip, "phase": phase, "conditions": [{"type": "Ready", "status": str(ready)}]}}
 
 
-def service(name, namespace="ns", selector=None, headless=True):
+def service(name, namespace="ns", selector=None, headless=True, publish_not_ready=False):
     return {"metadata": {"name": name, "namespace": namespace},
-            "spec": {"selector": selector or {}, "clusterIP": "None" if headless else "10.0.0.7"}}
+            "spec": {"selector": selector or {}, "clusterIP": "None" if headless else "10.0.0.7",
+                     "publishNotReadyAddresses": publish_not_ready}}
 
 
 def as_map(records):
@@ -59,3 +61,12 @@ def test_hosts_file_holds_localhost_the_pods_own_names_then_the_cluster():
     assert lines[0] == "127.0.0.1 localhost"
     assert "127.20.0.2 job-0.svc.ns.svc.cluster.local job-0" in lines
     assert lines[-1] == "127.20.0.3 job-1.svc"
+
+
+def test_not_ready_pods_resolve_only_where_the_service_publishes_them():
+    pods = [pod("warming", labels={"app": "w"}, hostname="warming", subdomain="svc", ready=False, ip="127.20.0.4"),
+            pod("serving", labels={"app": "w"}, ip="127.20.0.5")]
+    names = as_map(dns_records("ns", pods, [service("svc", selector={"app": "w"})]))
+    assert names["svc"] == ["127.20.0.5"] and "warming.svc" not in names
+    names = as_map(dns_records("ns", pods, [service("svc", selector={"app": "w"}, publish_not_ready=True)]))
+    assert sorted(names["svc"]) == ["127.20.0.4", "127.20.0.5"] and names["warming.svc"] == ["127.20.0.4"]
