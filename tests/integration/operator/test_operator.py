@@ -232,8 +232,10 @@ def test_waiting_for_gpus_then_running_when_a_gpu_node_joins(control_plane, oper
     assert "nvidia.com/gpu" in waiting["message"]
 
     node_agent.add_node(NodeSpec(name="gpu-big", gpus=4))  # what a cluster autoscaler does
-
-    obj = _wait_phase(control_plane, namespace, "big", "Succeeded", operator)
+    try:
+        obj = _wait_phase(control_plane, namespace, "big", "Succeeded", operator)
+    finally:
+        node_agent.remove_node("gpu-big")
     waiting = next(c for c in obj["status"]["conditions"] if c["type"] == "WaitingForResources")
     assert waiting["status"] == "False"
 
