@@ -80,7 +80,8 @@ class Hyperparameters(ConfigModel):
     image_size: Annotated[int, Field(ge=28, le=4096)] = 768
     """Longest image side in pixels after resizing (paper: 768 alignment, 1280 grounding)."""
     max_seq_length: Annotated[int, Field(ge=16)] = 2048
-    """Longest packed sequence in tokens; longer samples are truncated and counted."""
+    """Longest sample (prompt and answer) in tokens; a longer answer is cut and counted as truncated, a
+    prompt that alone is longer is skipped. A packed row holds up to perDeviceBatchSize such samples."""
     packing: bool = True
     """Pack several samples into one padding-free sequence."""
     gradient_checkpointing: bool = False
