@@ -43,14 +43,14 @@ def test_fsdp_loss_falls_while_the_progress_endpoint_is_down(tmp_path, synthetic
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("zero_stage", "extra"), [
-    pytest.param(2, {}, id="zero2"),
-    pytest.param(3, {"gradientAccumulationSteps": 2, "gradientCheckpointing": True},
+@pytest.mark.parametrize(("strategy", "extra"), [
+    pytest.param({"zeroStage": 2}, {}, id="zero2"),
+    pytest.param({"zeroStage": 2, "offload": "cpu"}, {}, id="zero2-cpu-offload"),
+    pytest.param({"zeroStage": 3}, {"gradientAccumulationSteps": 2, "gradientCheckpointing": True},
                  id="zero3-accumulation-checkpointing"),
 ])
-def test_deepspeed_loss_falls(tmp_path, synthetic_data, zero_stage, extra):
-    config = stage_config(tmp_path, str(synthetic_data), steps=STEPS,
-                          strategy={"name": "deepspeed", "zeroStage": zero_stage})
+def test_deepspeed_loss_falls(tmp_path, synthetic_data, strategy, extra):
+    config = stage_config(tmp_path, str(synthetic_data), steps=STEPS, strategy={"name": "deepspeed", **strategy})
     config["hyperparameters"].update(extra)
     run = run_stage(tmp_path, config)
     assert_succeeded(run)

@@ -10,6 +10,7 @@ from medmo_trainer.checkpoint import CRASH_DURING_SAVE_ENV
 
 STRATEGIES = [
     pytest.param({"name": "ddp"}, id="ddp"),
+    pytest.param({"name": "fsdp"}, id="fsdp", marks=pytest.mark.slow),
     pytest.param({"name": "deepspeed", "zeroStage": 2}, id="deepspeed-zero2", marks=pytest.mark.slow),
 ]
 
