@@ -160,6 +160,7 @@ class GRPOLearner:
             self.report(batch, update, "Running")
             if self.checkpoints.due(self.step, self.total_steps):
                 self.checkpoints.save(self.step, {"step": self.step})
+                self.metrics_log.flush()
         self.export()
         self.report(None, update, "Succeeded", message=f"exported to {self.config.output_uri}")
         summary = f"{self.step} steps" + (f", final loss {update.loss:.4f}" if update else "")

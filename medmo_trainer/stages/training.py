@@ -32,6 +32,7 @@ from medmo_trainer.model import (
     export_hf,
     load_model,
 )
+from medmo_trainer.metrics_log import MetricsLog
 from medmo_trainer.progress import Progress, ProgressReporter
 from medmo_trainer.stages import StageResult, register
 from medmo_trainer.strategies import TrainingStrategy, build_strategy
@@ -86,6 +87,8 @@ class Trainer:
         self.telemetry = telemetry
         self.total_steps = total_steps
         self.step = 0
+        self.metrics_log: MetricsLog | None = None
+        """Per-step metrics in storage (rank 0), for the run report's loss curves."""
 
     @classmethod
     def build(cls, config: StageConfig, context: DistContext) -> Trainer:
@@ -123,6 +126,9 @@ class Trainer:
             self.loader.load_state_dict(restored.loader_state)
             self.step = restored.step
             logger.info("resumed from %s at step %d", restored.uri, restored.step)
+        self.metrics_log = MetricsLog.for_stage(
+            self.config.storage.uri, self.config.stage, self.context.is_main, start_step=self.step
+        )
         batches = self._micro_batches()
         metrics = None
         while self.step < self.total_steps:
@@ -133,6 +139,7 @@ class Trainer:
             if self.checkpoints.due(self.step, self.total_steps):
                 with self.telemetry.span("medmo.checkpoint", step=self.step):
                     self.checkpoints.save(self.step, self.loader.state_dict())
+                self.metrics_log.flush()  # every step up to a checkpoint is kept with it
         self._export()
         summary = f"{self.step} steps" + (f", final loss {metrics.loss:.4f}" if metrics else "")
         self._report(metrics, phase="Succeeded", message=f"exported to {self.config.output_uri}")
@@ -172,6 +179,8 @@ class Trainer:
         ))
 
     def close(self) -> None:
+        if self.metrics_log is not None:
+            self.metrics_log.close()
         self.reporter.close()
         self.telemetry.shutdown()
         self.checkpoints.close()
@@ -204,6 +213,11 @@ class Trainer:
             progress.samples_per_second = metrics.samples / metrics.seconds
             if phase == "Running":
                 self.telemetry.record_step(metrics.loss, metrics.tokens, metrics.samples, metrics.seconds)
+                if self.metrics_log is not None:
+                    self.metrics_log.log(self.step, {
+                        "loss": metrics.loss, "learningRate": metrics.learning_rate, "gradNorm": metrics.grad_norm,
+                        "tokensPerSecond": progress.tokens_per_second, "samplesPerSecond": progress.samples_per_second,
+                    })
         self.reporter.report(progress)
 
     def _local_data_counts(self) -> list[float]:
