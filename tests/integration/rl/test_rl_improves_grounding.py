@@ -30,7 +30,7 @@ from integration.rl.pipeline import (
 
 SEEDS = (0, 1, 2)
 SFT_STEPS, SFT_LEARNING_RATE = 100, 2e-3
-RL_STEPS, RL_LEARNING_RATE = 30, 1e-3
+RL_STEPS, RL_LEARNING_RATE = 30, 5e-4
 EVAL_PROMPTS, EVAL_SAMPLES = 24, 8
 # The cached SFT models and data are only reused while the recipe, transformers, the data generator and
 # the tiny preset stay the same.
