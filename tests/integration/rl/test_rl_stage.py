@@ -94,3 +94,16 @@ def test_killing_a_rollout_and_a_reward_worker_mid_run_the_run_finishes(start_wo
     assert reports[-1]["phase"] == "Succeeded" and reports[-1]["step"] == steps
     last = [r for r in reports if r["phase"] == "Running"][-1]["metrics"]
     assert last["rollout_failovers"] >= 1 and last["reward_failovers"] >= 1
+
+
+def test_a_restarted_stage_resumes_from_its_last_checkpoint(start_worker, grounding_data, tmp_path):
+    with workers(start_worker, PRESET, rollouts=1, rewards=1) as (rollouts, rewards):
+        for steps, log in ((2, "first.log"), (4, "resumed.log")):
+            config = stage_config(tmp_path, "grpo", "rl", PRESET, grounding_data, seed=0, steps=steps,
+                                  learning_rate=1e-3, batch_size=4, rl=rl_section(rollouts, rewards))
+            train_stage(config, tmp_path / log)
+    running = [r for r in progress_lines(tmp_path / "resumed.log") if r["phase"] == "Running"]
+    # the second attempt starts after the checkpoint of step 2 and republishes that policy as version 2
+    assert [r["step"] for r in running] == [3, 4]
+    assert [r["metrics"]["policy_version"] for r in running] == [2, 3]
+    assert running[0]["lastCheckpoint"].endswith("step-2")
