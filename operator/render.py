@@ -173,6 +173,9 @@ def build_stage_config(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stag
             rewards=stage.rl.rewards,
             rollout_urls=[f"http://{worker_name(run, stage, 'rollout')}:{WORKER_PORT}"],
             reward_urls=[f"http://{worker_name(run, stage, 'reward')}:{WORKER_PORT}"],
+            # One Service URL per group: split each step into as many requests as there are replicas.
+            rollout_requests_per_step=stage.rl.rollout.replicas,
+            reward_requests_per_step=stage.rl.reward.replicas,
         )
     extra = {"evaluation": evaluation_settings(spec, stage)} if stage.type == "eval" else {}
     return StageConfig(

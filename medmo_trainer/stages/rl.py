@@ -39,7 +39,7 @@ from medmo_trainer.rl.prompts import Prompt, encode_prompts
 from medmo_trainer.rl.rollout import weights_bytes
 from medmo_trainer.rl.workers import WorkerPool
 from medmo_trainer.stages import StageResult, register
-from medmo_trainer.stages.training import load_stage_model, move_to, seed_everything
+from medmo_trainer.stages.training import export_stage_model, load_stage_model, move_to, seed_everything
 from medmo_trainer.strategies import TrainingStrategy, build_strategy
 
 logger = logging.getLogger(__name__)
@@ -266,18 +266,8 @@ class GRPOLearner:
             self.metrics_log.log(self.step, metrics)
 
     def export(self) -> None:
-        """Writes the trained policy in Hugging Face format to the stage's output URI (rank 0 writes)."""
-        from medmo_trainer.model import export_hf
-
-        state = self.strategy.full_state_dict()
-        if self.context.is_main:
-            fresh = load_stage_model(self.config)
-            fresh.model.load_state_dict(state)
-            try:
-                export_hf(fresh.model, fresh.processor, self.config.output_uri)
-            except OSError as error:
-                raise StorageError(f"exporting the model to {self.config.output_uri} failed: {error}") from error
-        self.context.barrier()
+        """Writes the trained policy in Hugging Face format to the stage's output URI."""
+        export_stage_model(self.config, self.context, self.strategy)
 
     def close(self) -> None:
         if self.executor is not None:

@@ -232,18 +232,23 @@ class Trainer:
         return DataCounts(records_read=int(records_read), skipped_by_reason=by_reason)
 
     def _export(self) -> None:
-        """Writes the trained model in Hugging Face format to the stage's output URI (rank 0 writes)."""
-        state = self.strategy.full_state_dict()
-        if self.context.is_main:
-            # A fresh copy of the base model receives the gathered weights: it is plain (not wrapped
-            # or sharded by the strategy), so it saves as the model's own class.
-            fresh = load_stage_model(self.config)
-            fresh.model.load_state_dict(state)
-            try:
-                export_hf(fresh.model, fresh.processor, self.config.output_uri)
-            except OSError as error:
-                raise StorageError(f"exporting the model to {self.config.output_uri} failed: {error}") from error
-        self.context.barrier()
+        export_stage_model(self.config, self.context, self.strategy)
+
+
+def export_stage_model(config: StageConfig, context: DistContext, strategy: TrainingStrategy) -> None:
+    """Writes the trained model in Hugging Face format to the stage's output URI (rank 0 writes;
+    every rank takes part in gathering the weights)."""
+    state = strategy.full_state_dict()
+    if context.is_main:
+        # A fresh copy of the base model receives the gathered weights: it is plain (not wrapped
+        # or sharded by the strategy), so it saves as the model's own class.
+        fresh = load_stage_model(config)
+        fresh.model.load_state_dict(state)
+        try:
+            export_hf(fresh.model, fresh.processor, config.output_uri)
+        except OSError as error:
+            raise StorageError(f"exporting the model to {config.output_uri} failed: {error}") from error
+    context.barrier()
 
 
 @register("pretrain")

@@ -93,6 +93,7 @@ def test_rl_stage_adds_separately_scaled_rollout_and_reward_workers():
     assert "nvidia.com/gpu" not in reward["spec"]["template"]["spec"]["containers"][0]["resources"].get("limits", {})
     config = StageConfig.model_validate(yaml.safe_load(next(c for c in children if c["kind"] == "ConfigMap")["data"]["stage.yaml"]))
     assert config.rl.rollout_urls == ["http://medmo-8b-grpo-rollout:8000"]
+    assert (config.rl.rollout_requests_per_step, config.rl.reward_requests_per_step) == (4, 2)
     assert config.rl.algorithm.group_size == 8
 
 
