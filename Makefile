@@ -5,7 +5,7 @@ VENV = $(shell scripts/bootstrap.sh)
 
 .PHONY: demo test test-unit crd
 
-demo:  ## the whole tiny recipe on this machine, no cluster (about 15 minutes on 2 cores)
+demo:  ## the whole tiny recipe on this machine, no cluster (minutes on 2 cores)
 	scripts/system-deps.sh
 	$(VENV)/bin/medmo run manifests/samples/medmo-tiny.yaml
 
