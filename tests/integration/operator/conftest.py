@@ -24,8 +24,24 @@ from medmo_operator import crd, render
 
 from medmo_cases import REPO, STANDIN_IMAGE, TRAINER_IMAGE
 
+
+
+def _standin_image() -> Path:
+    """The stand-in "image": its script copied outside /tmp. Learner pods mount an emptyDir at
+    /tmp, which hides whatever an image holds there, as in a real container; a checkout under /tmp
+    would otherwise vanish from the pod's view."""
+    source = Path(__file__).with_name("standin_trainer.py")
+    target = Path(os.environ.get("MEDMO_CACHE", Path.home() / ".cache" / "medmo")) / "images" / "standin-trainer" / source.name
+    if not target.exists() or target.read_bytes() != source.read_bytes():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(source.read_bytes())
+        os.replace(tmp, target)
+    return target
+
+
 ENTRYPOINTS = {
-    STANDIN_IMAGE: [sys.executable, str(Path(__file__).with_name("standin_trainer.py"))],
+    STANDIN_IMAGE: [sys.executable, str(_standin_image())],
     TRAINER_IMAGE: render.TRAINER_ENTRYPOINT,
 }
 
