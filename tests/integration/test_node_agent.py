@@ -16,29 +16,11 @@ import uuid
 import pytest
 from kubernetes import client
 
+from polling import alive, wait_for
+
 from medmo_operator.local import NodeAgent, NodeSpec
 
 pytestmark = pytest.mark.controlplane
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie, killed but not yet reaped by its new parent, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
 
 
 def apply(control_plane, *objects: dict) -> None:

@@ -11,6 +11,8 @@ import uuid
 
 import pytest
 
+from polling import alive, wait_for
+
 from medmo_operator.local import PodRunner, StaticObjects
 
 
@@ -21,25 +23,6 @@ def make_pod(name: str, containers: list[dict], restart_policy: str = "Never", *
 
 def python(code: str) -> list[str]:
     return ["python", "-c", textwrap.dedent(code)]
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie, killed but not yet reaped by its new parent, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
