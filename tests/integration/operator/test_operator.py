@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from medmo_cases import STANDIN_IMAGE, TRAINER_IMAGE, load_sample
+from polling import wait_for
 
 from medmo_operator.local import NodeSpec
 
@@ -62,14 +63,8 @@ def _get(cp, namespace: str, name: str) -> dict:
     return json.loads(cp.kubectl("get", "mmt", name, "-n", namespace, "-o", "json").stdout)
 
 
-def _wait_for(predicate, what: str, timeout_s: float = TIMEOUT_S, interval_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out waiting for {what}")
+def _wait_for(predicate, what: str, timeout_s: float = TIMEOUT_S):
+    return wait_for(predicate, timeout_s, what, interval_s=0.5)
 
 
 def _wait_phase(cp, namespace, name, phase, operator, timeout_s=TIMEOUT_S) -> dict:
