@@ -15,5 +15,5 @@ test:  ## the whole test suite, as CI runs it
 test-unit:  ## the unit tests only (seconds; no servers)
 	scripts/test.sh tests/unit
 
-crd:  ## regenerate crds/ from operator/api.py
+crd:  ## regenerate crds/ from operator/medmo_operator/api.py
 	$(VENV)/bin/python -m medmo_operator.crd

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Creates (once) and prints the path of the project's virtualenv.
+# Creates (once) and prints the path of this clone's virtualenv (<clone>/.venv).
 #
-# The virtualenv lives outside the clone, keyed by the Python version and the
-# pinned requirements, so every clone on this machine (a developer's, CI's) reuses
-# it, and a change of pins builds a new one beside the old.
+# The dependencies live in a shared virtualenv outside the clone, keyed by the Python version and
+# the pinned requirements, so every clone on this machine (a developer's, CI's) reuses it, and a
+# change of pins builds a new one beside the old. The clone's own .venv layers its code on top.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3.11}"
@@ -25,14 +25,42 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q -r "$root/requirements/base.txt" -r "$root/requirements/test.txt" >&2
   touch "$venv/.complete"
 fi
-# The project itself is installed editable and re-pointed at this clone each time (a few seconds).
-if ! "$venv/bin/python" - "$root" <<'PY' 2>/dev/null
-import sys, pathlib, medmo_operator, medmo_trainer
-root = pathlib.Path(sys.argv[1]).resolve()
-ok = all(pathlib.Path(m.__file__).resolve().is_relative_to(root) for m in (medmo_operator, medmo_trainer))
-sys.exit(0 if ok else 1)
-PY
-then
-  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root" >&2
+# The shared virtualenv holds the dependencies only. Each clone gets its own small virtualenv,
+# <clone>/.venv, which sees the shared one's packages and this clone's code and nothing else, so two
+# clones on one machine never import each other's files (an editable install into the shared
+# virtualenv would be re-pointed by whichever clone bootstrapped last).
+if compgen -G "$venv/lib/python*/site-packages/__editable__*medmo*" >/dev/null; then
+  "$venv/bin/pip" uninstall -q -y medmo-operator >&2  # left by an older bootstrap
 fi
-echo "$venv"
+clone_venv="$root/.venv"
+stamp="$venv|$root"
+if [ "$(cat "$clone_venv/.medmo-bootstrap" 2>/dev/null)" != "$stamp" ]; then
+  rm -rf "$clone_venv"
+  "$python" -m venv --without-pip "$clone_venv"
+  "$clone_venv/bin/python" - "$venv" "$root" "$clone_venv" <<'PY'
+import os, pathlib, re, sys, sysconfig
+shared, root, clone = (pathlib.Path(a) for a in sys.argv[1:])
+site = pathlib.Path(sysconfig.get_paths(vars={"base": str(clone), "platbase": str(clone)})["purelib"])
+shared_site = next((shared / "lib").glob("python3*/site-packages"))
+# .pth files run in name order: this clone's code first, then the shared packages (with their own .pth).
+(site / "_medmo_0_clone.pth").write_text(f"{root / 'operator'}\n{root}\n")
+(site / "_medmo_1_shared.pth").write_text(f"import site; site.addsitedir({str(shared_site)!r})\n")
+# The shared virtualenv's commands, run by this clone's interpreter (python scripts) or linked (binaries).
+for command in sorted((shared / "bin").iterdir()):
+    target = clone / "bin" / command.name
+    if target.exists() or command.name.startswith(("python", "activate", "pip", "Activate")):
+        continue
+    head = command.read_bytes()[:200]
+    if head.startswith(b"#!") and b"python" in head.split(b"\n", 1)[0]:
+        body = command.read_text().split("\n", 1)[1]
+        target.write_text(f"#!{clone / 'bin' / 'python'}\n{body}")
+        target.chmod(0o755)
+    else:
+        target.symlink_to(command)
+medmo = clone / "bin" / "medmo"
+medmo.write_text(f"#!{clone / 'bin' / 'python'}\nimport sys\nfrom medmo_operator.cli import main\nsys.exit(main())\n")
+medmo.chmod(0o755)
+PY
+  echo "$stamp" > "$clone_venv/.medmo-bootstrap"
+fi
+echo "$clone_venv"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the project needs beyond Python's, when missing (idempotent):
 #   libnss-wrapper  per-pod hosts files and hostnames for the local pod runner
-#   gcc             compiles the local pod runner's network shim (operator/local/podnet_shim.c)
+#   gcc             compiles the local pod runner's network shim (operator/medmo_operator/local/podnet_shim.c)
 set -euo pipefail
 packages=(libnss-wrapper gcc libc6-dev)
 missing=()

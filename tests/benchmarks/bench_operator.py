@@ -42,7 +42,7 @@ from datetime import datetime
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))  # tests/, never the repo root (its operator/ shadows the stdlib)
+sys.path.insert(0, str(TESTS))  # tests/ holds the shared test modules
 
 import yaml  # noqa: E402
 from controlplane.harness import ControlPlane  # noqa: E402

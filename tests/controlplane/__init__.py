@@ -1,6 +1,5 @@
 """Real servers for tests: a Kubernetes control plane built from Go modules, and SeaweedFS for S3.
 
 Imported as the package ``controlplane`` (pytest puts tests/ on sys.path through tests/conftest.py;
-tests/controlplane/up.py does the same for people), never as ``tests.controlplane``: that would
-need the repository root on sys.path, where the folder operator/ shadows the stdlib module.
+tests/controlplane/up.py does the same for people).
 """

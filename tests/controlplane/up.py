@@ -2,9 +2,7 @@
 
     $VENV/bin/python tests/controlplane/up.py [--workdir DIR] [--s3]
 
-It prints the KUBECONFIG to use (and the S3 settings). Run it as a script, as above, not as
-``python -m tests.controlplane``: -m would put the repository root on sys.path, where the folder
-operator/ shadows the standard library's ``operator``.
+It prints the KUBECONFIG to use (and the S3 settings).
 """
 
 from __future__ import annotations
