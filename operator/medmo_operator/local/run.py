@@ -65,7 +65,8 @@ class LocalRun:
         self.training = training
         self.spec = training.spec
         self.name = training.metadata.name
-        self.state_dir = workdir / self.name
+        # Absolute: pods get paths under it (their hosts file, volumes) and run in other directories.
+        self.state_dir = Path(workdir).resolve() / self.name
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.out = out
         self.interval_s = interval_s

@@ -484,7 +484,8 @@ class PodRunner:
                  extra_env: Mapping[str, str] | None = None, host_ip: str = network.HOST_ADDRESS,
                  entrypoints: Mapping[str, list[str]] | None = None,
                  backoff_base_s: float = 1.0, backoff_max_s: float = 30.0):
-        self.workdir = Path(workdir)
+        # Every path handed to a pod is absolute: its processes run in their own working directory.
+        self.workdir = Path(workdir).resolve()
         self.objects = objects
         self.on_change = on_change
         self.cluster_records = cluster_records or self._own_records
