@@ -48,7 +48,7 @@ shared_site = next((shared / "lib").glob("python3*/site-packages"))
 # The shared virtualenv's commands, run by this clone's interpreter (python scripts) or linked (binaries).
 for command in sorted((shared / "bin").iterdir()):
     target = clone / "bin" / command.name
-    if target.exists() or command.name.startswith(("python", "activate", "pip", "Activate")):
+    if command.is_dir() or target.exists() or command.name.startswith(("python", "activate", "pip", "Activate")):
         continue
     head = command.read_bytes()[:200]
     if head.startswith(b"#!") and b"python" in head.split(b"\n", 1)[0]:

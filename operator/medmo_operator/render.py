@@ -43,6 +43,8 @@ WORKER_PORT = 8000
 TRAINER_UID = 1000
 TRAINER_ENTRYPOINT = ["python", "-m", "medmo_trainer.launch"]
 """The trainer image's ENTRYPOINT (images/trainer/Dockerfile); learner pods set only args."""
+WORKER_ROLES = ("rollout", "reward")
+"""The worker groups of an rl stage, each a Deployment behind a Service."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def config_map_name(run: RunRef, stage: api.Stage) -> str:
 
 
 def worker_name(run: RunRef, stage: api.Stage, role: str) -> str:
-    """Deployment and Service of an RL worker group (`rollout` or `reward`)."""
+    """Deployment and Service of an RL worker group (one of `WORKER_ROLES`)."""
     return f"{run.name}-{stage.name}-{role}"
 
 
@@ -247,7 +249,11 @@ def build_stage_service(run: RunRef, stage: api.Stage) -> dict:
 # -- pods ---------------------------------------------------------------------------------------
 
 
-def _security_context() -> dict:
+def _pod_security_context() -> dict:
+    return {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "fsGroup": TRAINER_UID}
+
+
+def _container_security_context() -> dict:
     return {
         "runAsNonRoot": True,
         "runAsUser": TRAINER_UID,
@@ -354,7 +360,7 @@ def build_learner_job(
         "env": env,
         "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
         "volumeMounts": mounts,
-        "securityContext": _security_context(),
+        "securityContext": _container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     resources = _resources(pool, gpus)
@@ -365,7 +371,7 @@ def build_learner_job(
         "subdomain": service,
         "containers": [container],
         "volumes": volumes,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "fsGroup": TRAINER_UID},
+        "securityContext": _pod_security_context(),
         "automountServiceAccountToken": False,
         **_placement(pool, spec),
     }
@@ -427,7 +433,7 @@ def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api
         "env": env,
         "ports": [{"name": "http", "containerPort": WORKER_PORT}],
         "volumeMounts": mounts,
-        "securityContext": _security_context(),
+        "securityContext": _container_security_context(),
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": WORKER_PORT}, "periodSeconds": 2},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": WORKER_PORT}, "periodSeconds": 10, "failureThreshold": 6},
     }
@@ -447,7 +453,7 @@ def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api
                 "spec": {
                     "containers": [container],
                     "volumes": volumes,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "fsGroup": TRAINER_UID},
+                    "securityContext": _pod_security_context(),
                     "automountServiceAccountToken": False,
                     **_placement(worker_pool, spec),
                 },
@@ -477,7 +483,7 @@ def build_stage_children(
     """Every object one attempt of a stage needs, in the order to create them."""
     children = [build_token_secret(run, endpoints), build_config_map(run, spec, stage), build_stage_service(run, stage)]
     if stage.type == "rl":
-        for role in ("reward", "rollout"):
+        for role in WORKER_ROLES:
             children += [build_worker_service(run, stage, role), build_worker_deployment(run, spec, stage, role)]
     children.append(build_learner_job(run, spec, stage, attempt, endpoints))
     return children
