@@ -18,7 +18,7 @@ import yaml
 
 from medmo_operator import api
 
-CRD_PATH = Path(__file__).resolve().parent.parent / "crds" / f"{api.PLURAL}.{api.GROUP}.yaml"
+CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / f"{api.PLURAL}.{api.GROUP}.yaml"
 
 DEFAULT_MAX_STRING = 4096
 DEFAULT_MAX_ITEMS = 64
