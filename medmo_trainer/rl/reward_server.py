@@ -28,6 +28,8 @@ from medmo_trainer.config import ConfigModel, RewardWeights, TaskType, load_stag
 from medmo_trainer.rl.http import READY, add_health_routes, json_error, parse_body, serve
 from medmo_trainer.rl.rewards import RewardSuite
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 MAX_ITEMS = 8192
 
@@ -91,7 +93,11 @@ def score_request(request: ScoreRequest, defaults: Defaults) -> dict:
 async def handle_score(request: web.Request) -> web.Response:
     body = await parse_body(request, ScoreRequest)
     # Scoring is CPU work; a thread keeps /healthz answering while a large batch is scored.
-    return web.json_response(await asyncio.to_thread(score_request, body, request.app[DEFAULTS]))
+    scored = await asyncio.to_thread(score_request, body, request.app[DEFAULTS])
+    totals = [reward["total"] for reward in scored["rewards"]]
+    # One line per request (the access log is off: probes would drown it), so `kubectl logs` shows the traffic.
+    log.info("score: %d completions, mean reward %.3f (from %s)", len(totals), sum(totals) / len(totals), request.remote)
+    return web.json_response(scored)
 
 
 @web.middleware

@@ -93,12 +93,18 @@ async def handle_generate(request: web.Request) -> web.Response:
         if group.error is not None:
             result["error"] = group.error
         results.append(result)
+    generated_tokens = sum(len(c.token_ids) for group in groups for c in group.completions)
+    seconds = time.monotonic() - started
+    # One line per request (the access log is off: probes would drown it), so `kubectl logs` shows the traffic.
+    log.info("generate: %d prompts -> %d completions, %d tokens, policy version %d, %.1fs (from %s)",
+             len(body.prompts), sum(len(group.completions) for group in groups), generated_tokens,
+             backend.policy_version, seconds, request.remote)
     return web.json_response(
         {
             "policyVersion": backend.policy_version,
             "results": results,
-            "generatedTokens": sum(len(c.token_ids) for group in groups for c in group.completions),
-            "seconds": time.monotonic() - started,
+            "generatedTokens": generated_tokens,
+            "seconds": seconds,
         }
     )
 
