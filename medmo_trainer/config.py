@@ -27,6 +27,11 @@ StrategyName = Literal["ddp", "fsdp", "deepspeed"]
 ALL_TASKS: tuple[TaskType, ...] = ("caption", "vqa", "report", "retrieval", "grounding")
 ALL_MODULE_GROUPS: tuple[ModuleGroup, ...] = ("vision", "projector", "language")
 
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+"""An RFC 1123 label, Kubernetes' rule for most object names: lowercase letters, digits and `-`,
+a letter or digit at both ends, at most 63 characters. The operator's API uses it too."""
+DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]
+
 
 class ConfigModel(BaseModel):
     """Base of every config section: camelCase on the wire, unknown fields rejected."""
@@ -46,7 +51,7 @@ class ConfigModel(BaseModel):
 class DatasetSpec(ConfigModel):
     """One dataset of a stage's weighted mixture."""
 
-    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+    name: DnsLabel
     """Short name, used in progress reports and record counts."""
     uri: Annotated[str, Field(min_length=1)]
     """fsspec URI of a JSONL shard or a folder of `*.jsonl` shards (`s3://`, `file://`, a local path)."""
@@ -163,7 +168,7 @@ class RewardWeights(ConfigModel):
 class BenchmarkSpec(ConfigModel):
     """One held-out benchmark of an eval stage."""
 
-    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+    name: DnsLabel
     """Short name; metrics are reported as `<name>/<metric>`."""
     uri: Annotated[str, Field(min_length=1)]
     """fsspec URI of the benchmark's JSONL records."""
@@ -176,7 +181,7 @@ class BenchmarkSpec(ConfigModel):
 class CompareModel(ConfigModel):
     """A model an `eval` stage scores besides its own, for comparison (e.g. the model before RL)."""
 
-    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+    name: DnsLabel
     """Label of the model; its metrics are reported as `<name>/<benchmark>/<metric>`."""
     uri: Annotated[str, Field(min_length=1)]
     """Model source, as `model.base` takes it (an earlier stage's export URI, a path, a preset)."""
@@ -185,7 +190,7 @@ class CompareModel(ConfigModel):
 class EvalSettings(ConfigModel):
     """How an `eval` stage generates answers, and which models it compares."""
 
-    model_name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")] = "final"
+    model_name: DnsLabel = "final"
     """Label of the stage's own model (`model.base`) in metrics.json and the report; its metric keys
     carry no prefix (`<benchmark>/<metric>`)."""
     compare_models: list[CompareModel] = Field(default_factory=list)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from medmo_trainer.config import (
     ALL_MODULE_GROUPS,
+    DNS_LABEL,
     BenchmarkSpec,
     CheckpointPolicy,
     ConfigModel,
@@ -43,7 +44,6 @@ MAX_RUN_NAME = 36
 MAX_STAGES = 16
 MAX_STAGE_NAME = 20
 STORAGE_SCHEMES = ("s3://", "gs://", "az://", "file://")
-DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
 """A Kubernetes resource quantity: `4`, `500m`, `64Gi`."""
@@ -487,6 +487,15 @@ class Metadata(BaseModel):
 
     name: Annotated[str, Field(min_length=1, max_length=MAX_RUN_NAME, pattern=DNS_LABEL)]
     namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_starts_with_a_letter(cls, name: str) -> str:
+        # The run's Services are named `<run>-<stage>`, and Kubernetes wants Service names to be
+        # RFC 1035 labels: an RFC 1123 label that starts with a letter.
+        if not name[0].isalpha():
+            raise ValueError(f"metadata.name {name!r} must start with a letter: the run's Services are named after it")
+        return name
 
 
 class MedMOTraining(BaseModel):

@@ -71,3 +71,31 @@ def test_wire_names_are_camel_case():
 
     assert "nodePool" in wire and "runPolicy" in wire
     assert "learningRate" in wire["stages"][0]["hyperparameters"]
+
+
+# Names as Kubernetes' RFC 1123 label check (k8s.io/apimachinery IsDNS1123Label) judges them.
+RFC1123_LABELS = ["a", "0", "a-b", "1st", "x9", "a--b", "a" * 20]
+NOT_RFC1123_LABELS = ["", "-a", "a-", "A", "Ab", "a_b", "a.b", "a b", "ä", "a\n"]
+
+
+@pytest.mark.parametrize("name", RFC1123_LABELS)
+def test_stage_benchmark_and_dataset_names_accept_every_rfc1123_label(name):
+    api.Stage.model_validate({"name": name, "type": "sft", "datasets": [{"name": name, "uri": "s3://b/d"}]})
+    api.Stage.model_validate({"name": "bench", "type": "eval", "benchmarks": [{"name": name, "uri": "s3://b/h"}]})
+
+
+@pytest.mark.parametrize("name", NOT_RFC1123_LABELS)
+def test_stage_benchmark_and_dataset_names_reject_what_kubernetes_rejects(name):
+    with pytest.raises(ValidationError, match=r"(?m)^name$"):
+        api.Stage.model_validate({"name": name, "type": "sft", "datasets": [{"name": "d", "uri": "s3://b/d"}]})
+    with pytest.raises(ValidationError, match=r"(?m)^datasets\.0\.name$"):
+        api.Stage.model_validate({"name": "s", "type": "sft", "datasets": [{"name": name, "uri": "s3://b/d"}]})
+    with pytest.raises(ValidationError, match=r"(?m)^benchmarks\.0\.name$"):
+        api.Stage.model_validate({"name": "bench", "type": "eval", "benchmarks": [{"name": name, "uri": "s3://b/h"}]})
+
+
+def test_run_name_must_start_with_a_letter_as_its_service_names_must():
+    run = load_sample("medmo-tiny.yaml")
+    run["metadata"]["name"] = "1st-run"
+    with pytest.raises(ValidationError, match="must start with a letter"):
+        api.parse_training(run)
