@@ -52,7 +52,7 @@ from kubernetes.client.exceptions import ApiException  # noqa: E402
 from medmo_cases import REPO, STANDIN_IMAGE  # noqa: E402
 
 from medmo_operator import api, crd, render  # noqa: E402
-from medmo_operator.local import NodeAgent, NodeSpec  # noqa: E402
+from controlplane.node_agent import NodeAgent, NodeSpec  # noqa: E402
 
 OPERATOR_USER = "system:serviceaccount:medmo-system:medmo-operator"
 NODES = [NodeSpec(name=f"bench-node-{i}", cpu="64", memory="256Gi", pods=200) for i in range(4)]

@@ -1,6 +1,6 @@
 """Fixtures for integration tests that need pods to run: the project's node agent on the test cluster.
 
-  node_agent (session)  ``medmo_operator.local.NodeAgent`` serving nodes ``node-a`` and ``node-b``
+  node_agent (session)  ``controlplane.node_agent.NodeAgent`` (the test kubelet) serving nodes ``node-a`` and ``node-b``
                         (cpu 8, memory 32Gi, nvidia.com/gpu 2 each) on the ``control_plane``. Pods the
                         scheduler binds to them run as local processes; ``node_agent.pod(namespace,
                         name).log_path(container)`` is a container's log, ``.pids()`` its processes.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from medmo_operator.local import NodeAgent, NodeSpec
+from controlplane.node_agent import NodeAgent, NodeSpec
 
 NODE_GPUS = 2
 NODES = [NodeSpec(name="node-a", gpus=NODE_GPUS), NodeSpec(name="node-b", gpus=NODE_GPUS)]

@@ -12,13 +12,15 @@ import signal
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from kubernetes import client
 
 from polling import alive, wait_for
 
-from medmo_operator.local import NodeAgent, NodeSpec
+from controlplane import node_agent as node_agent_module
+from controlplane.node_agent import NodeAgent, NodeSpec
 
 pytestmark = pytest.mark.controlplane
 
@@ -307,7 +309,7 @@ def test_command_line_agent_registers_its_nodes_until_interrupted(control_plane,
     import sys
 
     node = f"cli-{uuid.uuid4().hex[:6]}"
-    agent = subprocess.Popen([sys.executable, "-m", "medmo_operator.local.node_agent", "--kubeconfig",
+    agent = subprocess.Popen([sys.executable, str(Path(node_agent_module.__file__)), "--kubeconfig",
                               str(control_plane.kubeconfig), "--node", f"{node}:cpu=4,memory=8Gi,gpu=8",
                               "--workdir", str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

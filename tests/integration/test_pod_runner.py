@@ -69,11 +69,13 @@ def test_init_containers_run_first_and_share_volumes(runner):
 
 
 def test_restart_policy_on_failure_restarts_until_success(runner, tmp_path):
-    counter = tmp_path / "attempts"
-    pod = runner.start(make_pod("flaky", [{"name": "main", "command": python(f"""
+    # The count lives on the host (a hostPath volume): a restarted container's root starts afresh.
+    pod = runner.start(make_pod("flaky", [{"name": "main", "command": python("""
         import pathlib, sys
-        p = pathlib.Path({str(counter)!r}); n = int(p.read_text()) if p.exists() else 0
-        p.write_text(str(n + 1)); sys.exit(0 if n >= 2 else 1)""")}], restart_policy="OnFailure"))
+        p = pathlib.Path("/state/attempts"); n = int(p.read_text()) if p.exists() else 0
+        p.write_text(str(n + 1)); sys.exit(0 if n >= 2 else 1)"""),
+        "volumeMounts": [{"name": "state", "mountPath": "/state"}]}], restart_policy="OnFailure",
+        volumes=[{"name": "state", "hostPath": {"path": str(tmp_path / "state"), "type": "DirectoryOrCreate"}}]))
     assert pod.wait_finished(60) == "Succeeded"
     status = pod.status()["containerStatuses"][0]
     assert status["restartCount"] == 2
@@ -87,11 +89,12 @@ def test_graceful_stop_then_kill_of_the_whole_process_group(runner, tmp_path):
             import signal, sys, time
             signal.signal(signal.SIGTERM, lambda *_: (print("terminating", flush=True), sys.exit(0)))
             time.sleep(600)""")},
-        {"name": "stubborn", "command": ["sh", "-c", "trap '' TERM; sleep 600 & echo $! > child.pid; wait"]},
+        {"name": "stubborn", "command": ["sh", "-c", "trap '' TERM; sleep 600 & wait"]},
     ], restart_policy="Always"))
-    wait_for(lambda: len(pod.pids()) == 2 and (pod.directory / "containers/stubborn/child.pid").exists(), what="containers")
-    child = int((pod.directory / "containers/stubborn/child.pid").read_text())
+    wait_for(lambda: len(pod.pids()) == 2, what="containers")
     pids = pod.pids()
+    # The background sleep's pid inside the container's PID namespace means nothing here: find it on the host.
+    child = wait_for(lambda: [p for p in _group(pids["stubborn"]) if _command_line(p) == "sleep 600"], what="the sleep")[0]
     time.sleep(1)  # let python install its handler
     started = time.monotonic()
     runner.stop_pod(pod.uid, grace_s=2)
@@ -106,11 +109,11 @@ def test_graceful_stop_then_kill_of_the_whole_process_group(runner, tmp_path):
 def test_what_cannot_run_fails_the_pod_with_a_reason(runner):
     pod = runner.start(make_pod("privileged", [{"name": "main", "command": ["true"],
                                                 "securityContext": {"privileged": True}}],
-                                volumes=[{"name": "root", "hostPath": {"path": "/"}}]))
+                                volumes=[{"name": "disk", "persistentVolumeClaim": {"claimName": "data"}}]))
     assert pod.wait_finished(10) == "Failed"
     status = pod.status()
     assert status["reason"] == "UnsupportedPodSpec"
-    assert "spec.volumes[root].hostPath" in status["message"]
+    assert "spec.volumes[disk].persistentVolumeClaim" in status["message"]
     assert "securityContext.privileged" in status["message"]
 
 
@@ -140,7 +143,7 @@ def test_pods_share_a_port_and_reach_each_other_and_the_host_by_name(runner):
             spec["metadata"]["labels"]["tier"] = "web"
             servers.append(runner.start(spec))
         for server in servers:
-            wait_for(lambda: (server.directory / "ports" / "tcp-8080").exists(), what="server listening")
+            wait_for(lambda: (server.network_dir / "ports" / "tcp-8080").exists(), what="server listening")
         client = runner.start(make_pod("client", [{"name": "main", "command": python(f"""
             import socket, urllib.request
             for name in ("web-0.web", "web-1.web.ns.svc.cluster.local"):
@@ -221,6 +224,17 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
+
+
+def _group(pgid: int) -> list[int]:
+    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _pgid(int(pid)) == pgid]
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def test_python_of_this_environment_runs_pods(runner):

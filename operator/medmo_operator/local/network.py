@@ -204,14 +204,35 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def pod_network_env(pod_ip: str, hostname: str, hosts_file: Path, ports_dir: Path,
-                    shim: Path, nss_wrapper: Path) -> dict[str, str]:
-    """The environment that puts a process on the pod's address with the pod's names."""
+POD_NETWORK_MOUNT = "/run/medmo-podnet"
+"""Where a pod's network directory (hosts file, ports, the preloaded libraries) appears in its containers."""
+PORTS = "ports"
+HOSTS = "hosts"
+
+
+def prepare_pod_network(directory: Path, shim: Path, nss_wrapper: Path) -> None:
+    """A pod's network directory: the libraries it preloads, and a ports directory any user may write.
+
+    Containers bind the directory, not its files: the hosts file is replaced (a new inode) on
+    every change, and a bound file would keep showing the old one.
+    """
+    (directory / PORTS).mkdir(parents=True, exist_ok=True)
+    (directory / PORTS).chmod(0o777)
+    for library in (shim, nss_wrapper):
+        copy = directory / library.name
+        if not copy.exists():
+            shutil.copyfile(library, copy)
+            copy.chmod(0o755)
+
+
+def pod_network_env(pod_ip: str, hostname: str, shim: Path, nss_wrapper: Path) -> dict[str, str]:
+    """The environment that puts a container's processes on the pod's address with the pod's names."""
+    inside = Path(POD_NETWORK_MOUNT)
     return {
-        "LD_PRELOAD": f"{shim} {nss_wrapper}",
+        "LD_PRELOAD": f"{inside / shim.name} {inside / nss_wrapper.name}",
         "MEDMO_POD_IP": pod_ip,
-        "MEDMO_POD_PORTS_DIR": str(ports_dir),
-        "NSS_WRAPPER_HOSTS": str(hosts_file),
+        "MEDMO_POD_PORTS_DIR": str(inside / PORTS),
+        "NSS_WRAPPER_HOSTS": str(inside / HOSTS),
         "NSS_WRAPPER_HOSTNAME": hostname,
         "HOSTNAME": hostname,
     }

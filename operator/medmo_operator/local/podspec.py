@@ -1,4 +1,4 @@
-"""Pure pieces of running a pod as local processes: what cannot run, env, volume files, paths.
+"""Pure pieces of running a pod as local processes: what cannot run, env, volume files, identity.
 
 Everything here works on pods as plain dicts in the API's camelCase form (what the API server
 returns, or ``ApiClient.sanitize_for_serialization`` of a ``V1Pod``) and reads ConfigMaps and
@@ -8,14 +8,15 @@ Secrets through an :class:`ObjectSource`, so it is tested without a cluster.
 from __future__ import annotations
 
 import base64
+import pwd
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
-# Volume types materialised as directories; anything else ends the pod as Failed.
-SUPPORTED_VOLUME_TYPES = ("configMap", "secret", "emptyDir", "downwardAPI", "projected")
+# Volume types the runner can mount; anything else ends the pod as Failed.
+SUPPORTED_VOLUME_TYPES = ("configMap", "secret", "emptyDir", "downwardAPI", "projected", "hostPath")
 _VAR_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 _FIELD_SUBSCRIPT = re.compile(r"^metadata\.(labels|annotations)\['([^']+)'\]$")
 
@@ -258,25 +259,54 @@ def _token_file(pod: Mapping, projection: Mapping, source: ObjectSource) -> dict
 
 
 @dataclass(frozen=True)
-class PathMap:
-    """Container paths (mount paths, the termination-message path) and the host paths behind them.
+class Identity:
+    """Who a container's process runs as, and how its root is confined (from its securityContext)."""
 
-    The local runner does not give processes a mount namespace of their own: it rewrites these
-    paths where the process receives them (command, args, env values, working directory).
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    read_only_root: bool
+    no_new_privileges: bool
+
+
+def _user_entry(uid: int) -> pwd.struct_passwd | None:
+    """The image's /etc/passwd entry (the image is this host)."""
+    try:
+        return pwd.getpwuid(uid)
+    except KeyError:
+        return None
+
+
+def container_identity(pod: Mapping, container: Mapping) -> Identity:
+    """The container's user, groups and root confinement, as the kubelet resolves its securityContext.
+
+    Container fields win over the pod's; without ``runAsUser`` the image's user (root) runs it.
+    Raises :class:`PodConfigError` (the kubelet's CreateContainerConfigError) when ``runAsNonRoot``
+    is asked of a container that would run as root.
     """
+    pod_context = (pod.get("spec") or {}).get("securityContext") or {}
+    context = container.get("securityContext") or {}
 
-    mounts: tuple[tuple[str, str], ...]
+    def setting(name: str):
+        return context[name] if context.get(name) is not None else pod_context.get(name)
 
-    @classmethod
-    def of(cls, mapping: Mapping[str, str]) -> PathMap:
-        # Longest first, so /data/cache wins over /data.
-        return cls(tuple(sorted(((k.rstrip("/") or "/", v) for k, v in mapping.items()),
-                                key=lambda kv: -len(kv[0]))))
+    uid = int(setting("runAsUser") or 0)
+    if setting("runAsNonRoot") and uid == 0:
+        raise PodConfigError(f"container {container['name']} has runAsNonRoot and image will run as root "
+                             "(set securityContext.runAsUser to a non-zero uid)")
+    entry = _user_entry(uid)
+    gid = setting("runAsGroup")
+    gid = int(gid) if gid is not None else (entry.pw_gid if entry else 0)
+    groups = [int(g) for g in pod_context.get("supplementalGroups") or []]
+    if pod_context.get("fsGroup") is not None:
+        groups.insert(0, int(pod_context["fsGroup"]))
+    return Identity(uid=uid, gid=gid, groups=tuple(dict.fromkeys(groups)),
+                    read_only_root=bool(context.get("readOnlyRootFilesystem")),
+                    # Kubernetes' default: escalation allowed unless the container says otherwise.
+                    no_new_privileges=context.get("allowPrivilegeEscalation") is False)
 
-    def rewrite(self, text: str) -> str:
-        """Replace each container path in ``text`` (whole path components only) by its host path."""
-        if not self.mounts:
-            return text
-        pattern = "|".join(re.escape(path) for path, _ in self.mounts)
-        lookup = dict(self.mounts)
-        return re.sub(rf"(?<![\w.-])({pattern})(?=/|$|[^\w.-])", lambda m: lookup[m.group(1)], text)
+
+def home_of(uid: int) -> str:
+    """HOME as a runtime sets it: the user's home in the image's /etc/passwd, else ``/``."""
+    entry = _user_entry(uid)
+    return entry.pw_dir if entry and entry.pw_dir else "/"

@@ -1,13 +1,17 @@
-"""One readiness check of a container, as the kubelet runs it: HTTP GET, TCP connect, or a command."""
+"""Readiness probes as the kubelet runs them: HTTP GET, TCP connect, or a command in the container."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+
+from .container import ContainerRun
 
 # Probes go straight to the pod's address: a proxy configured for this process must not intercept them.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}),
@@ -24,8 +28,18 @@ def resolve_port(port: int | str, container: Mapping) -> int:
     raise ValueError(f"container {container['name']} has no port named {port!r}")
 
 
+def exec_in(run: ContainerRun, command: list[str]) -> list[str] | None:
+    """``command`` run inside ``run``'s namespaces and root, as its user (None while it has no process)."""
+    target = run.command_pid()
+    if target is None or run.identity is None:
+        return None
+    nsenter = shutil.which("nsenter") or "nsenter"
+    return [nsenter, f"--target={target}", "--mount", "--pid", "--root", "--wd",
+            f"--setgid={run.identity.gid}", f"--setuid={run.identity.uid}", "--", *command]
+
+
 def check(probe: Mapping, pod_ip: str, container: Mapping, command: list[str] | None, env: Mapping[str, str]) -> bool:
-    """True when the probe passes. ``command`` is the exec probe's command with paths rewritten.
+    """True when the probe passes. ``command`` is the exec probe's command as run in the container.
 
     gRPC probes are not run (no gRPC health client here): they pass, so such pods still become Ready.
     """
@@ -48,3 +62,41 @@ def check(probe: Mapping, pod_ip: str, container: Mapping, command: list[str] | 
     except (OSError, ValueError, urllib.error.URLError, subprocess.TimeoutExpired):
         return False
     return True
+
+
+class ReadinessProber:
+    """Probes one container process until it ends; its readiness flips after the probe's thresholds.
+
+    ``changed(passed)`` is called when the verdict flips; ``stopping`` ends probing early.
+    """
+
+    def __init__(self, run: ContainerRun, pod_ip: str, stopping: threading.Event,
+                 changed: Callable[[bool], None]):
+        self.run = run
+        self.process = run.process
+        self.pod_ip = pod_ip
+        self.stopping = stopping
+        self.changed = changed
+
+    def start(self, name: str) -> None:
+        threading.Thread(target=self._loop, daemon=True, name=name).start()
+
+    def _loop(self) -> None:
+        probe = self.run.spec["readinessProbe"]
+        period = float(probe.get("periodSeconds", 10))
+        needed = {True: int(probe.get("successThreshold", 1)), False: int(probe.get("failureThreshold", 3))}
+        streak, last, verdict = 0, None, False
+        if self.stopping.wait(float(probe.get("initialDelaySeconds", 0))):
+            return
+        while self.process.poll() is None and not self.stopping.is_set():
+            command = None
+            if "exec" in probe:
+                command = exec_in(self.run, list(probe["exec"].get("command") or []))
+            passed = (command is not None or "exec" not in probe) and check(
+                probe, self.pod_ip, self.run.spec, command, self.run.env)
+            streak = streak + 1 if passed == last else 1
+            last = passed
+            if streak >= needed[passed] and verdict != passed and self.run.process is self.process:
+                verdict = passed
+                self.changed(passed)
+            self.stopping.wait(period)

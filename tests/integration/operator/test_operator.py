@@ -19,7 +19,7 @@ import yaml
 from medmo_cases import STANDIN_IMAGE, TRAINER_IMAGE, load_sample
 from polling import wait_for
 
-from medmo_operator.local import NodeSpec
+from controlplane.node_agent import NodeSpec
 
 pytestmark = pytest.mark.controlplane
 

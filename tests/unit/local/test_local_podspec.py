@@ -4,7 +4,7 @@ import base64
 
 import pytest
 
-from medmo_operator.local.node_agent import NodeSpec
+from controlplane.node_agent import NodeSpec
 from medmo_operator.local.podspec import (PathMap, PodConfigError, StaticObjects, container_command,
                                           expand_references, field_ref_value, resolve_env, unsupported_features,
                                           volume_files)

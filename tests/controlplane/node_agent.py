@@ -1,11 +1,13 @@
-"""A small kubelet for one machine: registers Nodes and runs the pods bound to them as processes.
+"""The test kubelet: registers Nodes and runs the pods bound to them as confined local processes.
 
     agent = NodeAgent(kubeconfig, workdir, [NodeSpec(name="node-a", gpus=8)]).start()
     ...
     agent.add_node(NodeSpec(name="node-b", gpus=16))
     agent.stop()                          # kills every process it started
 
-For people: ``python -m medmo_operator.local.node_agent --kubeconfig K --node node-a:cpu=8,memory=32Gi,gpu=8``.
+For people: ``python tests/controlplane/node_agent.py --kubeconfig K --node node-a:cpu=8,memory=32Gi,gpu=8``.
+It is part of the test harness, not of the product: ``medmo run`` drives the same
+:class:`~medmo_operator.local.runner.PodRunner` without it.
 
 What it does, as a kubelet would: Node objects with capacity and allocatable cpu, memory, pods and
 ``nvidia.com/gpu``; their Leases in ``kube-node-lease`` and the Ready condition kept fresh; pods bound
@@ -35,9 +37,10 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from . import network
-from .podspec import PodConfigError
-from .runner import PodRunner, RunningPod, now
+from medmo_operator.local import network
+from medmo_operator.local.container import now
+from medmo_operator.local.podspec import PodConfigError
+from medmo_operator.local.runner import PodRunner, RunningPod
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +477,7 @@ def _micro_time() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m medmo_operator.local.node_agent",
+    parser = argparse.ArgumentParser(prog="python tests/controlplane/node_agent.py",
                                      description="Register Nodes and run their pods as local processes.")
     parser.add_argument("--kubeconfig", required=True, help="kubeconfig of the API server to join")
     parser.add_argument("--node", action="append", required=True, type=NodeSpec.parse,
