@@ -241,3 +241,115 @@ def test_python_of_this_environment_runs_pods(runner):
     pod = runner.start(make_pod("which", [{"name": "main", "command": python("import sys; print(sys.prefix)")}]))
     assert pod.wait_finished(30) == "Succeeded"
     assert pod.log_path("main").read_text().strip() == sys.prefix
+
+
+# --- confinement: what a kubelet and a container runtime enforce -----------------------------------
+
+def _finished_log(pod, container: str = "main") -> tuple[str, str]:
+    phase = pod.wait_finished(60)
+    return phase, pod.log_path(container).read_text()
+
+
+def test_read_only_root_filesystem_refuses_writes_outside_volumes(runner):
+    pod = runner.start(make_pod("read-only", [{"name": "main", "command": ["sh", "-c", "echo x > /written"],
+                                               "securityContext": {"readOnlyRootFilesystem": True},
+                                               "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+                                volumes=[{"name": "scratch", "emptyDir": {}}]))
+    phase, log = _finished_log(pod)
+    assert phase == "Failed"
+    assert "Read-only file system" in log
+    allowed = runner.start(make_pod("read-only-volume", [{"name": "main", "command": ["sh", "-c", "echo y > /scratch/ok && cat /scratch/ok"],
+                                                           "securityContext": {"readOnlyRootFilesystem": True},
+                                                           "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+                                    volumes=[{"name": "scratch", "emptyDir": {}}]))
+    assert _finished_log(allowed) == ("Succeeded", "y\n")
+
+
+def test_a_pod_runs_as_its_users_and_groups(runner):
+    pod = runner.start(make_pod("ids", [{"name": "main", "command": ["sh", "-c", "id -u; id -g; id -G"],
+                                         "securityContext": {"runAsUser": 1234}}],
+                                securityContext={"runAsUser": 1000, "runAsGroup": 1500, "fsGroup": 2000}))
+    phase, log = _finished_log(pod)
+    assert phase == "Succeeded", log
+    uid, gid, groups = log.splitlines()
+    assert (uid, gid) == ("1234", "1500")
+    assert "2000" in groups.split()
+
+
+def test_run_as_non_root_refuses_a_root_container(runner):
+    pod = runner.start(make_pod("root", [{"name": "main", "command": ["true"]}],
+                                securityContext={"runAsNonRoot": True}))
+    waiting = wait_for(lambda: pod.status()["containerStatuses"][0]["state"].get("waiting", {}).get("reason")
+                       == "CreateContainerConfigError" and pod.status()["containerStatuses"][0]["state"]["waiting"],
+                       what="CreateContainerConfigError")
+    assert "runAsNonRoot" in waiting["message"]
+    assert not pod.pids() and pod.phase == "Pending"
+
+
+def test_a_non_root_user_writes_its_empty_dir_and_runs_this_python(runner):
+    pod = runner.start(make_pod("writer", [{"name": "main", "command": python("""
+        import os, pathlib, sys
+        pathlib.Path("/cache/model.bin").write_bytes(b"weights")
+        print(os.getuid(), pathlib.Path("/cache/model.bin").stat().st_uid, sys.prefix)"""),
+        "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "readOnlyRootFilesystem": True},
+        "volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}],
+        volumes=[{"name": "cache", "emptyDir": {}}]))
+    phase, log = _finished_log(pod)
+    assert phase == "Succeeded", log
+    assert log.split() == ["1000", "1000", sys.prefix]
+
+
+def test_the_environment_is_only_what_the_spec_and_a_runtime_give(runner, monkeypatch):
+    monkeypatch.setenv("MEDMO_RUNNER_ONLY", "leaked")
+    pod = runner.start(make_pod("env", [{"name": "main", "command": ["env"], "env": [{"name": "GIVEN", "value": "1"}],
+                                         "securityContext": {"runAsUser": 4321}}]))
+    phase, log = _finished_log(pod)
+    assert phase == "Succeeded", log
+    env = dict(line.split("=", 1) for line in log.splitlines())
+    assert env["GIVEN"] == "1" and env["HOME"] == "/" and env["HOSTNAME"] == "env"
+    assert env["PATH"].split(":")[0] == os.path.dirname(sys.executable)
+    network = {"LD_PRELOAD", "MEDMO_POD_IP", "MEDMO_POD_PORTS_DIR", "NSS_WRAPPER_HOSTS", "NSS_WRAPPER_HOSTNAME"}
+    assert set(env) == {"GIVEN", "HOME", "HOSTNAME", "PATH"} | network
+    assert all(" " not in value and value.startswith("/run/") for value in
+               (env["MEDMO_POD_PORTS_DIR"], env["NSS_WRAPPER_HOSTS"]))
+
+
+def test_working_dir_is_honoured_and_defaults_to_the_root(runner):
+    pod = runner.start(make_pod("cwd", [{"name": "there", "command": ["pwd"], "workingDir": "/srv/app"},
+                                        {"name": "default", "command": ["pwd"]}]))
+    assert pod.wait_finished(60) == "Succeeded"
+    assert pod.log_path("there").read_text() == "/srv/app\n"
+    assert pod.log_path("default").read_text() == "/\n"
+
+
+def test_writes_outside_volumes_never_reach_the_host(runner, tmp_path):
+    target = tmp_path / "from-the-pod"
+    pod = runner.start(make_pod("scribbler", [{"name": "main", "command": ["sh", "-c", f"echo x > {target} && cat {target}"]}]))
+    assert _finished_log(pod) == ("Succeeded", "x\n")  # the container saw its own write...
+    assert not target.exists()  # ...in its own root, not the host's
+
+
+RUNNER_SCRIPT = """
+import sys, time, uuid
+from medmo_operator.local import PodRunner, StaticObjects
+runner = PodRunner(sys.argv[1], StaticObjects())
+pod = runner.start({"metadata": {"name": "sleeper", "namespace": "ns", "uid": str(uuid.uuid4())},
+                    "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "command": ["sleep", "600"]}]}})
+while not pod.command_pids():
+    time.sleep(0.1)
+print(pod.command_pids()["main"], flush=True)
+time.sleep(600)
+"""
+
+
+def test_pod_processes_die_with_a_killed_runner(tmp_path):
+    import subprocess
+
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        sleep = int(runner.stdout.readline())
+        assert alive(sleep) and _command_line(sleep) == "sleep 600"
+    finally:
+        runner.kill()  # SIGKILL: no cleanup code of the runner runs
+        runner.wait()
+    wait_for(lambda: not alive(sleep), timeout_s=10, what="the pod's sleep to die with its runner")

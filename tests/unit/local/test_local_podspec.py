@@ -5,9 +5,10 @@ import base64
 import pytest
 
 from controlplane.node_agent import NodeSpec
-from medmo_operator.local.podspec import (PathMap, PodConfigError, StaticObjects, container_command,
-                                          expand_references, field_ref_value, resolve_env, unsupported_features,
-                                          volume_files)
+from medmo_operator.local.podspec import (PodConfigError, StaticObjects, container_command, container_identity,
+                                          expand_references, field_ref_value, home_of, resolve_env,
+                                          unsupported_features, volume_files)
+from medmo_operator.local.sandbox import in_root
 
 POD = {
     "metadata": {"name": "train-0-abc", "namespace": "runs", "uid": "u-1",
@@ -91,13 +92,32 @@ def test_volume_files_for_each_supported_type(objects):
     assert volume_files(POD, {"name": "s", "secret": {"secretName": "other", "optional": True}}, objects, "") == {}
 
 
-def test_path_map_rewrites_whole_path_components_longest_first():
-    paths = PathMap.of({"/etc/medmo": "/w/v/config", "/etc/medmo/extra": "/w/v/extra", "/dev/termination-log": "/w/c/tl"})
-    assert paths.rewrite("--config=/etc/medmo/stage.yaml") == "--config=/w/v/config/stage.yaml"
-    assert paths.rewrite("/etc/medmo/extra/a") == "/w/v/extra/a"
-    assert paths.rewrite("echo done > /dev/termination-log") == "echo done > /w/c/tl"
-    assert paths.rewrite("/etc/medmo2/x /opt/etc/medmo") == "/etc/medmo2/x /opt/etc/medmo"
-    assert paths.rewrite("/etc/medmo") == "/w/v/config"
+def test_identity_takes_the_containers_security_context_over_the_pods():
+    pod = {"spec": {"securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000,
+                                        "supplementalGroups": [3000], "runAsNonRoot": True}}}
+    identity = container_identity(pod, {"name": "main", "securityContext": {"runAsUser": 1001, "readOnlyRootFilesystem": True,
+                                                                          "allowPrivilegeEscalation": False}})
+    assert (identity.uid, identity.gid, identity.groups) == (1001, 1000, (2000, 3000))
+    assert identity.read_only_root and identity.no_new_privileges
+    assert container_identity({"spec": {}}, {"name": "main"}).uid == 0  # the image's user: root
+    assert not container_identity({"spec": {}}, {"name": "main"}).read_only_root
+    with pytest.raises(PodConfigError, match="runAsNonRoot and image will run as root"):
+        container_identity({"spec": {"securityContext": {"runAsNonRoot": True}}}, {"name": "main"})
+
+
+def test_home_comes_from_the_images_passwd_else_root_directory():
+    assert home_of(0) == "/root"
+    assert home_of(54321) == "/"
+
+
+def test_paths_in_a_containers_root_never_follow_symlinks_out_of_it(tmp_path):
+    root = tmp_path / "root"
+    (root / "run").mkdir(parents=True)
+    (root / "var").mkdir()
+    (root / "var" / "run").symlink_to("/run")  # absolute, as on the host: must mean <root>/run
+    (root / "up").symlink_to("../../..")
+    assert in_root(str(root), "/var/run/medmo/progress") == str(root / "run" / "medmo" / "progress")
+    assert in_root(str(root), "/up/etc") == str(root / "etc")
 
 
 def test_expand_references_leaves_unknown_names():
@@ -107,11 +127,11 @@ def test_expand_references_leaves_unknown_names():
 def test_unsupported_features_are_named_by_field():
     pod = {"metadata": {"name": "p"}, "spec": {
         "hostNetwork": True,
-        "volumes": [{"name": "h", "hostPath": {"path": "/"}}, {"name": "e", "emptyDir": {}}],
+        "volumes": [{"name": "h", "nfs": {"server": "x", "path": "/"}}, {"name": "e", "emptyDir": {}}],
         "containers": [{"name": "a", "command": ["x"], "securityContext": {"privileged": True}},
                        {"name": "b", "image": "unknown:1"}]}}
     found = unsupported_features(pod, entrypoints={})
-    assert found[:3] == ["spec.hostNetwork", "spec.volumes[h].hostPath", "spec.containers[a].securityContext.privileged"]
+    assert found[:3] == ["spec.hostNetwork", "spec.volumes[h].nfs", "spec.containers[a].securityContext.privileged"]
     assert found[3].startswith("spec.containers[b].command")
     assert unsupported_features(POD, entrypoints={}) == []
 
