@@ -9,9 +9,13 @@ from `AWS_REGION` / `AWS_DEFAULT_REGION`.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import fsspec
 from fsspec import AbstractFileSystem
+
+if TYPE_CHECKING:
+    from medmo_trainer.config import StorageConfig
 
 ENDPOINT_ENV_VARS = ("MEDMO_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL")
 
@@ -29,6 +33,14 @@ def s3_options() -> dict:
     if client_kwargs:
         options["client_kwargs"] = client_kwargs
     return options
+
+
+def export_storage_environment(storage: StorageConfig) -> None:
+    """Makes the run's S3 endpoint and region the default of every fsspec user in this process."""
+    if storage.endpoint:
+        os.environ.setdefault("MEDMO_S3_ENDPOINT", storage.endpoint)
+    if storage.region:
+        os.environ.setdefault("AWS_REGION", storage.region)
 
 
 def url_to_fs(uri: str) -> tuple[AbstractFileSystem, str]:

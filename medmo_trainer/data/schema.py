@@ -22,16 +22,13 @@ Per task:
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from medmo_trainer.boxes import GRID, GROUP_SEPARATOR, format_box_group, parse_boxes
 from medmo_trainer.config import TaskType
-
-GRID = 1000
-"""Box coordinates are integers on Qwen-VL's relative 0-1000 grid."""
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -101,28 +98,12 @@ def format_grounding(boxes: list[Box]) -> str:
     by_label: dict[str, list[tuple[int, int, int, int]]] = {}
     for box in boxes:
         by_label.setdefault(box.label, []).append(box.box)
-    groups = []
-    for label, coords in by_label.items():
-        inner = ", ".join("[" + ", ".join(str(v) for v in c) + "]" for c in coords)
-        groups.append(f"{label} <box>[{inner}]</box>")
-    return "; ".join(groups)
+    return GROUP_SEPARATOR.join(format_box_group(label, coords) for label, coords in by_label.items())
 
 
-_GROUP = re.compile(r"([^;<>]+?)\s*<box>\s*\[(.*?)\]\s*</box>", re.S)
-_COORDS = re.compile(r"\[\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*\]")
-
-
-def parse_grounding(text: str) -> set[tuple[str, tuple[int, int, int, int]]]:
-    """The (label, box) pairs written in `text`; tolerant of spacing, ignores anything unparseable.
-
-    A label is the text before `<box>` back to the previous sentence or list delimiter.
-    """
-    pairs = set()
-    for prefix, inner in _GROUP.findall(text):
-        label = re.split(r"[.:;,\n]", prefix)[-1].strip()
-        for coords in _COORDS.findall(inner):
-            pairs.add((label, tuple(int(v) for v in coords)))
-    return pairs
+def parse_grounding(text: str) -> set[tuple[str, tuple[float, float, float, float]]]:
+    """The (label, box) pairs written in `text` (`medmo_trainer.boxes` reads them); malformed boxes are left out."""
+    return {(group.label, box) for group in parse_boxes(text).groups for box in group.boxes}
 
 
 def retrieval_prompt(question: str, options: list[str]) -> str:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from medmo_trainer.data.schema import GRID, Box, Record, format_grounding, retrieval_prompt
+from medmo_trainer.boxes import GRID
+from medmo_trainer.data.schema import Box, Record, format_grounding, retrieval_prompt
 from medmo_trainer.fsio import join, url_to_fs
 
 LOCATIONS = ("upper left", "upper right", "lower left", "lower right")

@@ -1,8 +1,8 @@
 """The MedMO paper's evaluation metrics, as pure functions of prediction and reference texts.
 
 Per-sample functions return a score in [0, 1], or None when the prediction cannot be read (the
-caller counts it as unparseable and scores it 0). Parsing is shared with the RL rewards
-(`medmo_trainer.rl.parsing`, `medmo_trainer.rl.rewards`), so eval and reward read model text alike.
+caller counts it as unparseable and scores it 0). Reading model text (`medmo_trainer.answers`,
+`medmo_trainer.boxes`) is shared with the RL rewards, so eval and reward read model text alike.
 
 Grounding is scored per ground-truth box: within one sample, predicted boxes are matched one to
 one to ground-truth boxes by the Hungarian method maximising total IoU; each ground-truth box
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from medmo_trainer.rl.parsing import Box, coerce_box, extract_answer, normalize_text, parse_boxes
-from medmo_trainer.rl.rewards import finding_f1, vqa_accuracy
+from medmo_trainer.answers import extract_answer, finding_f1, normalize_text, vqa_accuracy
+from medmo_trainer.boxes import Box, coerce_box, iou, parse_boxes
 
 IOU_THRESHOLD = 0.5
 """IoU at which a ground-truth box counts as found (Acc@0.5)."""
@@ -84,24 +84,15 @@ def report_finding_f1(prediction: str, reference: str) -> float | None:
 # Grounding
 
 
-def box_iou(a: Box, b: Box) -> float:
-    """Intersection over union of two XYXY boxes; 0 when the union has no area."""
-    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    intersection = inter_w * inter_h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
-    return intersection / union if union > 0 else 0.0
-
-
 def matched_ious(predicted: Sequence[Box], truths: Sequence[Box]) -> list[float]:
     """One IoU per ground-truth box, in order: its one-to-one Hungarian match, 0 when unmatched."""
     scores = [0.0] * len(truths)
     if not predicted or not truths:
         return scores
-    iou = np.array([[box_iou(p, t) for p in predicted] for t in truths])
-    rows, cols = linear_sum_assignment(iou, maximize=True)
+    overlaps = np.array([[iou(p, t) for p in predicted] for t in truths])
+    rows, cols = linear_sum_assignment(overlaps, maximize=True)
     for row, col in zip(rows, cols):
-        scores[row] = float(iou[row, col])
+        scores[row] = float(overlaps[row, col])
     return scores
 
 
@@ -129,7 +120,7 @@ def grounding_summary(ious: Sequence[float]) -> dict[str, float]:
         return {}
     return {
         "grounding_miou": float(np.mean(ious)),
-        "grounding_acc50": float(np.mean([iou >= IOU_THRESHOLD for iou in ious])),
+        "grounding_acc50": float(np.mean([score >= IOU_THRESHOLD for score in ious])),
     }
 
 

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from medmo_trainer.answers import extract_answer, vqa_accuracy
 from medmo_trainer.data.schema import OPTION_LETTERS, Record
 from medmo_trainer.eval import metrics
-from medmo_trainer.rl.parsing import extract_answer
-from medmo_trainer.rl.rewards import vqa_accuracy
 
 RECALL_AT = (1, 2)
 """The k of the retrieval recall@k metrics."""

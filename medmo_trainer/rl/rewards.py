@@ -17,7 +17,6 @@ reads and resets); nothing here raises on model output.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,23 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from medmo_trainer.answers import extract_answer, finding_f1, normalize_text, vqa_accuracy
+from medmo_trainer.boxes import Box, coerce_box, generalized_iou, normalized_l1, parse_boxes
 from medmo_trainer.config import RewardWeights
-from medmo_trainer.rl.parsing import (
-    GRID_SIZE,
-    Box,
-    coerce_box,
-    extract_answer,
-    normalize_text,
-    parse_boxes,
-)
 
 RewardFn = Callable[..., list[float | None]]
 
 # The paper's weights inside the box reward: 5 for the L1 term, 2 for the GIoU term.
 L1_WEIGHT = 5.0
 GIOU_WEIGHT = 2.0
-BOX_NORMALIZER = 2.0 * math.sqrt(GRID_SIZE**2 + GRID_SIZE**2)
-"""2*sqrt(H^2 + W^2) of the paper's L1 term, with H = W = the 0-1000 grid."""
 
 
 def _column(columns: dict, name: str, size: int) -> list:
@@ -52,25 +43,6 @@ def _column(columns: dict, name: str, size: int) -> list:
 
 # ---------------------------------------------------------------------------------------------
 # Box reward
-
-
-def normalized_l1(pred: Box, truth: Box) -> float:
-    """(|dx1|+|dy1|+|dx2|+|dy2|) / (2*sqrt(H^2+W^2)) on the grid (can exceed 1 for far boxes)."""
-    return sum(abs(p - t) for p, t in zip(pred, truth)) / BOX_NORMALIZER
-
-
-def generalized_iou(a: Box, b: Box) -> float:
-    """GIoU in [-1, 1]. Zero-area boxes have IoU 0; two identical zero-area boxes have GIoU 1."""
-    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    intersection = inter_w * inter_h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
-    if union <= 0.0:
-        return 1.0 if a == b else -1.0
-    iou = intersection / union
-    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
-    # A zero-area hull means both boxes lie on one line; the enclosing term is then undefined.
-    return iou if hull <= 0.0 else iou - (hull - union) / hull
 
 
 def pair_score(pred: Box, truth: Box) -> float:
@@ -153,96 +125,12 @@ class BoxReward:
 # ---------------------------------------------------------------------------------------------
 # Label accuracy
 
-_YES_NO = re.compile(r"\b(yes|no)\b")
-_LETTER_ALONE = re.compile(r"^\(?([a-z])\)?$")
-_LETTER_LEADING = re.compile(r"^\(?([A-Za-z])(?:\)|\.|:)(?:\s|$)|^\(([A-Za-z])\)")
-_LETTER_PHRASE = re.compile(r"\b(?:answer|option|choice)(?: is)?:?\s*\(?([A-Za-z])\)?(?:[\s.,)]|$)", re.IGNORECASE)
+_JOINING_AND = re.compile(r"\band\b")
 
 
-def _letter(index: int) -> str:
-    return chr(ord("a") + index)
-
-
-def _option_letter(text: str, options: Sequence[str] | None) -> str | None:
-    """The option letter a free-text answer picks, or None when it picks none."""
-    stripped = text.strip()
-    normalized = normalize_text(stripped)
-    if match := _LETTER_ALONE.match(stripped.lower().rstrip(".")):
-        return match.group(1)
-    if match := _LETTER_LEADING.match(stripped):
-        return (match.group(1) or match.group(2)).lower()
-    if match := _LETTER_PHRASE.search(stripped):
-        return match.group(1).lower()
-    if options:
-        option_texts = [normalize_text(o) for o in options]
-        if normalized in option_texts:
-            return _letter(option_texts.index(normalized))
-        mentioned = [i for i, o in enumerate(option_texts) if o and re.search(rf"\b{re.escape(o)}\b", normalized)]
-        if len(mentioned) == 1:
-            return _letter(mentioned[0])
-    return None
-
-
-def vqa_accuracy(prediction: str, reference: str, options: Sequence[str] | None = None) -> float | None:
-    """1.0 or 0.0 for a VQA answer; None when the prediction cannot be read.
-
-    Yes/no references compare the first yes/no word; multiple-choice references (a letter, or an
-    answer among `options`) compare option letters; anything else is a normalised exact match.
-    """
-    ref = normalize_text(reference)
-    pred = normalize_text(prediction)
-    if ref in ("yes", "no"):
-        found = _YES_NO.search(pred)
-        return None if found is None else float(found.group(1) == ref)
-    reference_letter = _option_letter(reference, options) if (options or _LETTER_ALONE.match(ref)) else None
-    if reference_letter is not None:
-        predicted_letter = _option_letter(prediction, options)
-        return None if predicted_letter is None else float(predicted_letter == reference_letter)
-    if not pred:
-        return None
-    return float(pred == ref)
-
-
-_CLAUSE_SPLIT = re.compile(r"[.;\n,]|\band\b|\bbut\b")
-_NEGATION_CUES = re.compile(
-    r"\b(?:no evidence of|negative for|free of|absence of|without|no|not|absent|ruled out|none)\b"
-)
-_FILLER = re.compile(
-    r"\b(?:there|is|are|was|were|seen|identified|noted|visible|present|observed|demonstrated|evidence|of)\b"
-)
-
-
-def findings(report: str) -> set[tuple[str, bool]]:
-    """The (finding, negated) pairs of a report: one per clause, negation cues removed from the key."""
-    result = set()
-    for clause in _CLAUSE_SPLIT.split(normalize_text_keep_clauses(report)):
-        clause = " ".join(clause.split())
-        if not clause:
-            continue
-        negated = bool(_NEGATION_CUES.search(clause))
-        key = " ".join(_FILLER.sub(" ", _NEGATION_CUES.sub(" ", clause)).split())
-        if key:
-            result.add((key, negated))
-    return result
-
-
-def normalize_text_keep_clauses(text: object) -> str:
-    """Lower-cased text with clause punctuation kept and other punctuation and articles removed."""
-    if not isinstance(text, str):
-        return ""
-    text = re.sub(r"[^\w\s.;,\n]", " ", text.lower())
-    return re.sub(r"\b(a|an|the)\b", " ", text)
-
-
-def finding_f1(prediction: str, reference: str) -> float | None:
-    """F1 of the (finding, negated) sets; None when the prediction states no finding at all."""
-    predicted, expected = findings(prediction), findings(reference)
-    if not predicted:
-        return None if expected else 1.0
-    if not expected:
-        return 0.0
-    true_positives = len(predicted & expected)
-    return 2.0 * true_positives / (len(predicted) + len(expected))
+def label_key(label: str) -> str:
+    """A label as label accuracy compares it: normalised, after a joining `and` (`... and mass <box>`)."""
+    return normalize_text(_JOINING_AND.split(label)[-1])
 
 
 def label_f1(predicted: Sequence[str], expected: Sequence[str]) -> float:
@@ -274,10 +162,10 @@ class AccuracyReward:
         if answer is None or task in (None, "caption"):
             return None
         if task == "grounding":
-            reference_labels = parse_boxes(answer).labels
+            reference_labels = [label_key(label) for label in parse_boxes(answer).labels]
             if not any(reference_labels):
                 return None
-            return label_f1(parse_boxes(completion).labels, reference_labels)
+            return label_f1([label_key(label) for label in parse_boxes(completion).labels], reference_labels)
         prediction = extract_answer(completion)
         if task == "report":
             score = finding_f1(prediction, answer)

@@ -38,7 +38,7 @@ from pydantic import Field
 from safetensors.torch import load as load_safetensors
 
 from medmo_trainer.config import ConfigModel, load_stage_config
-from medmo_trainer.__main__ import export_storage_environment
+from medmo_trainer.fsio import export_storage_environment
 from medmo_trainer.rl.http import READY, add_health_routes, json_error, parse_body, serve
 from medmo_trainer.rl.prompts import Prompt
 from medmo_trainer.rl.rollout import BACKENDS, RolloutBackend, SamplingParams, read_weights

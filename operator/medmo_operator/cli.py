@@ -60,7 +60,7 @@ def _print_results(training: api.MedMOTraining, status: api.MedMOTrainingStatus,
         from medmo_operator.report import write_report
     except ImportError:
         return
-    from medmo_trainer.__main__ import export_storage_environment
+    from medmo_trainer.fsio import export_storage_environment
 
     # The report reads the run's storage as its pods did: an S3-compatible server needs the spec's endpoint.
     export_storage_environment(training.spec.storage)

@@ -3,8 +3,8 @@
 import pytest
 
 from medmo_trainer.data.schema import Box, Record
+from medmo_trainer.boxes import iou
 from medmo_trainer.eval.metrics import (
-    box_iou,
     closed_vqa_accuracy,
     grounding_summary,
     lcs_length,
@@ -64,11 +64,11 @@ def test_report_finding_f1_keeps_negations_apart():
 # --- grounding ----------------------------------------------------------------------------------
 
 
-def test_box_iou_by_hand():
+def test_iou_by_hand():
     # [0,0,100,100] vs [50,0,150,100]: intersection 50*100 = 5000, union 20000 - 5000 = 15000 -> 1/3
-    assert box_iou((0, 0, 100, 100), (50, 0, 150, 100)) == pytest.approx(1 / 3)
-    assert box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
-    assert box_iou((5, 5, 5, 9), (5, 5, 5, 9)) == 0.0  # zero area
+    assert iou((0, 0, 100, 100), (50, 0, 150, 100)) == pytest.approx(1 / 3)
+    assert iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert iou((5, 5, 5, 9), (5, 5, 5, 9)) == 0.0  # zero area
 
 
 def test_matching_is_one_to_one_and_unmatched_truths_score_zero():

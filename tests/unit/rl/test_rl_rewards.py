@@ -4,8 +4,9 @@ import math
 
 import pytest
 
+from medmo_trainer.answers import finding_f1, vqa_accuracy
+from medmo_trainer.boxes import generalized_iou, parse_boxes
 from medmo_trainer.config import RewardWeights
-from medmo_trainer.rl.parsing import parse_boxes
 from medmo_trainer.rl.rewards import (
     AccuracyReward,
     BoxReward,
@@ -13,10 +14,8 @@ from medmo_trainer.rl.rewards import (
     RewardSuite,
     TagCountFormatReward,
     box_reward,
-    finding_f1,
-    generalized_iou,
+    label_key,
     pair_score,
-    vqa_accuracy,
 )
 
 NORM = 2 * math.sqrt(2) * 1000  # 2*sqrt(H^2+W^2) on the 0-1000 grid = 2828.427...
@@ -156,8 +155,14 @@ def test_box_reward_function_matches_formula_for_two_pairs():
 
 def test_labels_parse_before_each_box():
     parsed = parse_boxes("<think>two blobs.</think><answer>Lesion <box>[[1, 2, 3, 4]]</box>, Cyst <box>[[5, 6, 7, 8]]</box></answer>")
-    assert parsed.labels == ["lesion", "cyst"]
+    assert parsed.labels == ["Lesion", "Cyst"]
+    assert [label_key(label) for label in parsed.labels] == ["lesion", "cyst"]
     assert parsed.boxes == [(1, 2, 3, 4), (5, 6, 7, 8)]
+
+
+def test_a_joining_and_is_not_part_of_the_next_label():
+    parsed = parse_boxes("The nodule <box>[[1, 2, 3, 4]]</box> and an effusion <box>[[5, 6, 7, 8]]</box>")
+    assert [label_key(label) for label in parsed.labels] == ["nodule", "effusion"]
 
 
 # --- accuracy ---------------------------------------------------------------------------------

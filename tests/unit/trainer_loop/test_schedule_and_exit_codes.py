@@ -7,7 +7,7 @@ import math
 import pytest
 import torch.distributed as dist
 
-from medmo_trainer.__main__ import classify
+from medmo_trainer.entrypoint import classify
 from medmo_trainer.config import Hyperparameters
 from medmo_trainer.data import DatasetUnavailableError
 from medmo_trainer.exit_codes import NON_RETRYABLE, RETRYABLE, ConfigError, ExitCode, StorageError

@@ -1,0 +1,163 @@
+"""Boxes in model text: the `<box>` grammar, reading and writing it, and box geometry (IoU, GIoU, L1).
+
+One module for every reader of boxes: the record schema (a grounding answer writes its record's
+boxes), evaluation (grounding IoU) and the RL box reward. Pure Python; nothing here raises on bad text.
+
+Boxes are XYXY on Qwen3-VL's 0-1000 relative grid, written `Lesion <box>[[x1, y1, x2, y2], ...]</box>`,
+one group per label, groups joined with `; `. Decisions about odd boxes, shared by predictions and
+references:
+
+- a coordinate outside the grid is clipped to [0, 1000]: a box that overshoots the image edge
+  still points at the right region, and clipping keeps a graded reward for near misses;
+- a box whose corners are reversed (x2 < x1 or y2 < y1), or that is not exactly four finite
+  numbers, is *malformed*: it is counted, it cannot be matched, and it still counts as a
+  prediction (the model did emit it), so it can only cost reward, never earn it;
+- a box of zero width or height (after clipping) is *degenerate* but valid: its IoU with
+  anything is 0, so it scores only through its L1 distance and GIoU.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+GRID = 1000
+"""Side of Qwen3-VL's relative box grid; record boxes are integers on it."""
+
+Box = tuple[float, float, float, float]
+"""x1, y1, x2, y2 on the grid."""
+
+L1_NORMALIZER = 2.0 * math.sqrt(GRID**2 + GRID**2)
+"""2*sqrt(H^2 + W^2) of the paper's L1 term, with H = W = the grid."""
+
+_BOX_BLOCK = re.compile(r"<box>(.*?)</box>", re.DOTALL | re.IGNORECASE)
+_INNER_LIST = re.compile(r"\[([^\[\]]*)\]")
+_LABEL_SEPARATORS = re.compile(r"<[^>]*>|[,;.:\n]")
+
+
+@dataclass
+class BoxGroup:
+    """One `<box>...</box>` block and the label written before it."""
+
+    label: str
+    """The clause right before the block (back to the previous tag or punctuation), stripped; may be empty."""
+    boxes: list[Box] = field(default_factory=list)
+    """Valid boxes of the block, clipped to the grid, in the order written."""
+    malformed: int = 0
+    """Entries of the block that are not a valid XYXY box (an empty block counts as one)."""
+
+
+@dataclass
+class ParsedBoxes:
+    """Every box group of one text."""
+
+    groups: list[BoxGroup] = field(default_factory=list)
+
+    @property
+    def boxes(self) -> list[Box]:
+        return [box for group in self.groups for box in group.boxes]
+
+    @property
+    def labels(self) -> list[str]:
+        """One label per group, as written."""
+        return [group.label for group in self.groups]
+
+    @property
+    def malformed(self) -> int:
+        return sum(group.malformed for group in self.groups)
+
+    @property
+    def found_block(self) -> bool:
+        """Whether the text had at least one `<box>...</box>` block."""
+        return bool(self.groups)
+
+    @property
+    def predicted_count(self) -> int:
+        """P of the box reward: valid plus malformed boxes."""
+        return len(self.boxes) + self.malformed
+
+
+def parse_boxes(text: object) -> ParsedBoxes:
+    """Every `<box>[[...]]</box>` block of `text`; non-strings parse as no boxes."""
+    parsed = ParsedBoxes()
+    if not isinstance(text, str):
+        return parsed
+    cursor = 0
+    for block in _BOX_BLOCK.finditer(text):
+        group = BoxGroup(label=_LABEL_SEPARATORS.split(text[cursor : block.start()])[-1].strip())
+        parsed.groups.append(group)
+        cursor = block.end()
+        entries = _INNER_LIST.findall(block.group(1))
+        if not entries:
+            group.malformed += 1
+        for entry in entries:
+            box = coerce_box(entry.split(","))
+            if box is None:
+                group.malformed += 1
+            else:
+                group.boxes.append(box)
+    return parsed
+
+
+def coerce_box(values: object) -> Box | None:
+    """Four numbers (or numeric strings) as a grid-clipped box; None when malformed."""
+    if not isinstance(values, (list, tuple)) or len(values) != 4:
+        return None
+    numbers = []
+    for value in values:
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            return None
+        if not math.isfinite(number):
+            return None
+        numbers.append(min(max(number, 0.0), float(GRID)))
+    x1, y1, x2, y2 = numbers
+    if x2 < x1 or y2 < y1:
+        return None
+    return (x1, y1, x2, y2)
+
+
+def format_box_group(label: str, boxes: Sequence[Sequence[int]]) -> str:
+    """`<label> <box>[[x1, y1, x2, y2], ...]</box>`: one label's boxes as the model writes them."""
+    inner = ", ".join("[" + ", ".join(str(v) for v in box) + "]" for box in boxes)
+    return f"{label} <box>[{inner}]</box>"
+
+
+GROUP_SEPARATOR = "; "
+"""Between the groups of one answer."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+
+
+def intersection_and_union(a: Box, b: Box) -> tuple[float, float]:
+    """Areas of the intersection and the union of two XYXY boxes."""
+    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    intersection = inter_w * inter_h
+    return intersection, (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
+
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union; 0 when the union has no area."""
+    intersection, union = intersection_and_union(a, b)
+    return intersection / union if union > 0 else 0.0
+
+
+def generalized_iou(a: Box, b: Box) -> float:
+    """GIoU in [-1, 1]. Zero-area boxes have IoU 0; two identical zero-area boxes have GIoU 1."""
+    intersection, union = intersection_and_union(a, b)
+    if union <= 0.0:
+        return 1.0 if a == b else -1.0
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    # A zero-area hull means both boxes lie on one line; the enclosing term is then undefined.
+    return intersection / union if hull <= 0.0 else intersection / union - (hull - union) / hull
+
+
+def normalized_l1(pred: Box, truth: Box) -> float:
+    """(|dx1|+|dy1|+|dx2|+|dy2|) / (2*sqrt(H^2+W^2)) on the grid (can exceed 1 for far boxes)."""
+    return sum(abs(p - t) for p, t in zip(pred, truth)) / L1_NORMALIZER
