@@ -161,6 +161,60 @@ class StorageSpec(ConfigModel):
         return self
 
 
+class PersistentVolumeClaimCache(ConfigModel):
+    """A PersistentVolumeClaim in the run's namespace (ReadWriteMany when stages span nodes)."""
+
+    claim_name: Annotated[str, Field(min_length=1, max_length=253)]
+    """Name of the claim."""
+
+
+class HostPathCache(ConfigModel):
+    """A directory on each node (writable by the trainer's uid, 1000)."""
+
+    path: Annotated[str, Field(min_length=2, max_length=1024, pattern=r"^/")]
+    """Absolute path on the node."""
+
+
+class EmptyDirCache(ConfigModel):
+    """A fresh directory per pod, gone with the pod."""
+
+    size_limit: Quantity | None = None
+    """Most the pod may write to it, e.g. `50Gi`."""
+
+
+class CacheSpec(ConfigModel):
+    """The volume each pod keeps its caches on: hub downloads, tokenizers, synthetic data, compiled
+    kernels (DeepSpeed, Triton), matplotlib and XDG caches. Pods have a read-only root filesystem,
+    so everything they write outside storage goes here. Set exactly one source."""
+
+    model_config = ConfigModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "(has(self.persistentVolumeClaim) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + (has(self.emptyDir) ? 1 : 0) == 1",
+                "cache: set exactly one of persistentVolumeClaim, hostPath, emptyDir",
+            ),
+        )
+    }
+
+    persistent_volume_claim: PersistentVolumeClaimCache | None = None
+    """A claim shared by the run's pods, so downloads and compiled kernels are made once."""
+    host_path: HostPathCache | None = None
+    """A directory on the node, kept between runs."""
+    empty_dir: EmptyDirCache | None = None
+    """A fresh directory per pod (the default when `cache` is unset)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CacheSpec:
+        sources = [self.persistent_volume_claim, self.host_path, self.empty_dir]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError("cache: set exactly one of persistentVolumeClaim, hostPath, emptyDir")
+        return self
+
+    def volume_source(self) -> dict:
+        """The pod volume source, as the Kubernetes API takes it."""
+        return self.to_wire()
+
+
 class ModelSpec(ConfigModel):
     """The base model the first stage starts from."""
 
@@ -352,6 +406,8 @@ class MedMOTrainingSpec(ConfigModel):
     """Restarts, deadline, clean-up and suspension."""
     scheduling: Scheduling = Field(default_factory=Scheduling)
     """Queueing, priority and gang scheduling."""
+    cache: CacheSpec | None = None
+    """The volume pods keep caches on (mounted at /var/cache/medmo); unset: an emptyDir per pod."""
 
     @model_validator(mode="after")
     def _check_recipe(self) -> MedMOTrainingSpec:

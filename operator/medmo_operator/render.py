@@ -37,6 +37,19 @@ COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 CONFIG_DIR = "/etc/medmo"
 CONFIG_FILE = "stage.yaml"
 TOKEN_DIR = "/var/run/medmo/progress"
+CACHE_DIR = "/var/cache/medmo"
+CACHE_ENV = {
+    # Pods have a read-only root filesystem: everything that writes a cache writes it here.
+    "HOME": f"{CACHE_DIR}/home",
+    "XDG_CACHE_HOME": CACHE_DIR,
+    "MEDMO_CACHE": f"{CACHE_DIR}/medmo",
+    "HF_HOME": f"{CACHE_DIR}/huggingface",
+    "TORCH_HOME": f"{CACHE_DIR}/torch",
+    "TORCH_EXTENSIONS_DIR": f"{CACHE_DIR}/torch-extensions",
+    "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton",
+    "MPLCONFIGDIR": f"{CACHE_DIR}/matplotlib",
+}
+"""Where each library that writes caches is told to write them: under the cache volume."""
 TOKEN_KEY = "token"
 RENDEZVOUS_PORT = 29500
 WORKER_PORT = 8000
@@ -305,18 +318,37 @@ def _placement(pool: api.NodePool, spec: api.MedMOTrainingSpec) -> dict:
     return out
 
 
-def _common_volumes(run: RunRef, stage: api.Stage) -> tuple[list[dict], list[dict]]:
+def _common_volumes(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stage) -> tuple[list[dict], list[dict]]:
+    cache = spec.cache.volume_source() if spec.cache else {"emptyDir": {}}
     volumes = [
         {"name": "config", "configMap": {"name": config_map_name(run, stage)}},
         {"name": "progress-token", "secret": {"secretName": token_secret_name(run)}},
         {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", **cache},
     ]
     mounts = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "progress-token", "mountPath": TOKEN_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": CACHE_DIR},
     ]
+    directory = file_storage_path(spec)
+    if directory is not None:
+        # file:// storage is a directory on the nodes (shared between them by the cluster's admin,
+        # writable by TRAINER_UID); listed after /tmp, so a path under /tmp is mounted onto it.
+        volumes.append({"name": "storage", "hostPath": {"path": directory, "type": "DirectoryOrCreate"}})
+        mounts.append({"name": "storage", "mountPath": directory})
     return volumes, mounts
+
+
+def file_storage_path(spec: api.MedMOTrainingSpec) -> str | None:
+    """The node directory behind `file://` storage; None for object storage."""
+    uri = spec.storage.uri
+    return uri.removeprefix("file://").rstrip("/") or "/" if uri.startswith("file://") else None
+
+
+def _cache_env() -> list[dict]:
+    return [{"name": name, "value": value} for name, value in CACHE_ENV.items()]
 
 
 def _progress_env(run: RunRef, endpoints: OperatorEndpoints) -> list[dict]:
@@ -334,7 +366,7 @@ def build_learner_job(
     gpus = pool.gpus_per_node or 0
     job_name = learner_job_name(run, stage, attempt)
     service = stage_service_name(run, stage)
-    volumes, mounts = _common_volumes(run, stage)
+    volumes, mounts = _common_volumes(run, spec, stage)
     volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
     mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     env = [
@@ -348,6 +380,7 @@ def build_learner_job(
         {"name": "MEDMO_TERMINATION_LOG", "value": "/dev/termination-log"},
         *_progress_env(run, endpoints),
         *_storage_env(spec),
+        *_cache_env(),
     ]
     labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.name, LABEL_ROLE: "learner", LABEL_ATTEMPT: str(attempt)}
     if spec.scheduling.gang:
@@ -411,7 +444,7 @@ def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api
     group = stage.rl.rollout if role == "rollout" else stage.rl.reward
     pool = spec.stage_node_pool(stage)
     name = worker_name(run, stage, role)
-    volumes, mounts = _common_volumes(run, stage)
+    volumes, mounts = _common_volumes(run, spec, stage)
     if role == "rollout":
         command = ["python", "-m", "medmo_trainer.rl.rollout_server"]
         args = ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--host", "0.0.0.0", "--port", str(WORKER_PORT)]
@@ -420,6 +453,7 @@ def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api
         command = ["python", "-m", "medmo_trainer.rl.reward_server"]
         args = ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--host", "0.0.0.0", "--port", str(WORKER_PORT)]
         env = []
+    env = [*env, *_cache_env()]
     worker_pool = api.NodePool(
         node_selector=group.node_selector if group.node_selector is not None else (pool.node_selector if group.gpus else None),
         tolerations=group.tolerations if group.tolerations is not None else (pool.tolerations if group.gpus else None),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from medmo_cases import load_sample
 
@@ -136,3 +137,40 @@ def test_eval_after_rl_compares_with_the_model_from_before_rl():
 
     assert config.evaluation.model_name == "grpo"
     assert [(m.name, m.uri) for m in config.evaluation.compare_models] == [("instruct", "s3://medmo-runs/medmo-8b/instruct/model")]
+
+
+def _pods(children):
+    return [c["spec"]["template"]["spec"] for c in children if c["kind"] in ("Job", "Deployment")]
+
+
+def test_every_cache_of_a_read_only_pod_is_written_to_its_cache_volume():
+    spec = _spec()
+    for pod in _pods(render.build_stage_children(RUN, spec, _stage(spec, "grpo"), 0, ENDPOINTS)):
+        cache = next(v for v in pod["volumes"] if v["name"] == "cache")
+        assert cache == {"name": "cache", "emptyDir": {}}  # the default: a fresh directory per pod
+        for container in pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            mounted = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            for variable in ("HOME", "MEDMO_CACHE", "HF_HOME", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR",
+                             "MPLCONFIGDIR", "XDG_CACHE_HOME"):
+                assert any(env[variable] == path or env[variable].startswith(path + "/") for path in mounted), variable
+
+
+def test_the_cache_volume_and_file_storage_come_from_the_spec():
+    obj = load_sample("medmo-tiny.yaml")
+    obj["spec"]["cache"] = {"persistentVolumeClaim": {"claimName": "medmo-cache"}}
+    spec = api.parse_training(obj).spec
+    pod = _pods(render.build_stage_children(RUN, spec, spec.stages[0], 0, ENDPOINTS))[0]
+    assert {"name": "cache", "persistentVolumeClaim": {"claimName": "medmo-cache"}} in pod["volumes"]
+    storage = next(v for v in pod["volumes"] if v["name"] == "storage")
+    assert storage["hostPath"]["path"] == "/tmp/medmo/runs/medmo-tiny"
+    mounts = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
+    assert mounts.index("/tmp/medmo/runs/medmo-tiny") > mounts.index("/tmp")  # mounted onto the /tmp volume
+
+
+def test_a_cache_names_exactly_one_volume_source():
+    obj = load_sample("medmo-tiny.yaml")
+    obj["spec"]["cache"] = {"hostPath": {"path": "/var/cache/medmo"}, "emptyDir": {}}
+    with pytest.raises(ValueError, match="exactly one of persistentVolumeClaim, hostPath, emptyDir"):
+        api.parse_training(obj)
