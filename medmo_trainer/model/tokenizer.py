@@ -15,6 +15,8 @@ import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from medmo_trainer.data.synthetic import corpus_texts
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -76,8 +78,6 @@ def train_tokenizer(corpus: list[str]) -> Tokenizer:
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """The presets' tokenizer, trained on first use and cached by the hash of its recipe."""
-    from medmo_trainer.data.synthetic import corpus_texts  # the corpus is the synthetic data's vocabulary
-
     corpus = list(corpus_texts())
     folder = _cache_root() / "tokenizers" / _recipe_hash(corpus)
     path = folder / "tokenizer.json"

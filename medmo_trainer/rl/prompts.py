@@ -43,7 +43,7 @@ class Prompt(ConfigModel):
 
 def record_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     """The user turn of a record, laid out exactly as the SFT stages train on it."""
-    from medmo_trainer.data.encode import prompt_messages
+    from medmo_trainer.inputs.encode import prompt_messages
 
     # prompt_messages reads only the prompt text; a wire record need not carry a full, valid Record.
     return prompt_messages(SimpleNamespace(prompt=record["prompt"]))

@@ -25,13 +25,13 @@ import torch
 import torch.distributed as dist
 
 from medmo_trainer.config import BenchmarkSpec, StageConfig
-from medmo_trainer.data.encode import prompt_messages
 from medmo_trainer.data.records import MalformedRecordError, iter_records, load_image
 from medmo_trainer.data.schema import OPTION_LETTERS, Record
 from medmo_trainer.dist import DistContext
 from medmo_trainer.eval.scoring import BenchmarkScorer
 from medmo_trainer.exit_codes import DataError, ModelError, StorageError
 from medmo_trainer.fsio import join, url_to_fs
+from medmo_trainer.inputs import prompt_messages
 from medmo_trainer.progress import Progress, ProgressReporter
 from medmo_trainer.stages import StageResult, register
 

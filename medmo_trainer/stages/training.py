@@ -21,9 +21,10 @@ import torch
 
 from medmo_trainer.checkpoint import CheckpointManager
 from medmo_trainer.config import StageConfig
-from medmo_trainer.data import SKIP_REASONS, TrainLoader, build_train_loader
+from medmo_trainer.data import SKIP_REASONS
 from medmo_trainer.dist import DistContext
 from medmo_trainer.exit_codes import ModelError, StorageError
+from medmo_trainer.inputs import TrainLoader, build_train_loader
 from medmo_trainer.model import (
     LoadedModel,
     ModelUnavailableError,

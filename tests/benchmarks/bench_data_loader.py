@@ -13,8 +13,8 @@ import tempfile
 import time
 
 from medmo_trainer.config import DatasetSpec, Hyperparameters
-from medmo_trainer.data import build_train_loader
 from medmo_trainer.data.synthetic import generate
+from medmo_trainer.inputs import build_train_loader
 from medmo_trainer.model import load_model
 
 

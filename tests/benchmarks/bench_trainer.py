@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from medmo_trainer.config import StageConfig
-from medmo_trainer.data import build_train_loader
 from medmo_trainer.data.synthetic import generate
 from medmo_trainer.dist import init_distributed
+from medmo_trainer.inputs import build_train_loader
 from medmo_trainer.model import load_model
 from medmo_trainer.progress import LOG_PREFIX, ProgressReporter
 from medmo_trainer.stages.training import Trainer, seed_everything

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from medmo_trainer.config import DatasetSpec, Hyperparameters, ModelSource
-from medmo_trainer.data import DatasetUnavailableError, build_train_loader
+from medmo_trainer.data import DatasetUnavailableError
 from medmo_trainer.data.synthetic import main as synthetic_main
+from medmo_trainer.inputs import build_train_loader
 from medmo_trainer.model import ModelUnavailableError, export_hf, load_model
 
 

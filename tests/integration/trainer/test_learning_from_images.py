@@ -7,7 +7,7 @@ import json
 import torch
 
 from medmo_trainer.config import DatasetSpec, Hyperparameters
-from medmo_trainer.data import IGNORE_INDEX, build_train_loader
+from medmo_trainer.inputs import IGNORE_INDEX, build_train_loader
 from medmo_trainer.data.synthetic import generate
 from medmo_trainer.model import load_model
 

@@ -9,7 +9,7 @@ from transformers import Qwen3VLForConditionalGeneration
 
 from integration.trainer_loop.trainer_loop_runs import assert_succeeded, run_stage, stage_config
 from medmo_trainer.config import DatasetSpec, Hyperparameters
-from medmo_trainer.data import build_train_loader
+from medmo_trainer.inputs import build_train_loader
 from medmo_trainer.model import load_model, module_groups
 
 STEPS = 4

@@ -11,15 +11,9 @@ import pytest
 import torch
 
 from medmo_trainer.config import DatasetSpec, Hyperparameters
-from medmo_trainer.data import (
-    IGNORE_INDEX,
-    DatasetUnavailableError,
-    build_prompt,
-    build_train_loader,
-    iter_records,
-    num_tokens,
-)
+from medmo_trainer.data import DatasetUnavailableError, iter_records
 from medmo_trainer.data.synthetic import generate
+from medmo_trainer.inputs import IGNORE_INDEX, build_prompt, build_train_loader, num_tokens
 
 
 def _loader(specs, processor, hp, *, rank=0, world_size=1, seed=0):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from medmo_trainer.config import DatasetSpec, Hyperparameters
-from medmo_trainer.data import build_train_loader
 from medmo_trainer.data.synthetic import corpus_texts
+from medmo_trainer.inputs import build_train_loader
 from medmo_trainer.model import FAMILIES, apply_trainable, load_model, module_groups
 from medmo_trainer.model.tokenizer import SPECIAL_TOKENS, TEXT_TOKENS
 

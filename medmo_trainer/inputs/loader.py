@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medmo_trainer.config import DatasetSpec, Hyperparameters
-from medmo_trainer.data.encode import EncodedSample, encode_sample, num_tokens, pack, pad
+from medmo_trainer.inputs.encode import EncodedSample, encode_sample, num_tokens, pack, pad
 from medmo_trainer.data.records import (
     DatasetUnavailableError,
     MalformedRecordError,
