@@ -52,6 +52,10 @@ CACHE_ENV = {
 """Where each library that writes caches is told to write them: under the cache volume."""
 TOKEN_KEY = "token"
 RENDEZVOUS_PORT = 29500
+RENDEZVOUS_TIMEOUT_S = 300
+"""How long torchrun waits for rank 0's name to resolve and for every node to join (torchrun's own
+default is 600 s, per connection try): long enough for a slow node's image pull, short enough that a
+rendezvous that cannot complete fails the attempt with a message naming the host, not a silent wait."""
 WORKER_PORT = 8000
 TRAINER_UID = 1000
 TRAINER_ENTRYPOINT = ["python", "-m", "medmo_trainer.launch"]
@@ -376,6 +380,7 @@ def build_learner_job(
         {"name": "PET_NPROC_PER_NODE", "value": str(max(gpus, 1))},
         {"name": "PET_MASTER_ADDR", "value": f"{job_name}-0.{service}"},
         {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "PET_RDZV_CONF", "value": f"timeout={RENDEZVOUS_TIMEOUT_S}"},
         {"name": "MEDMO_ATTEMPT", "value": str(attempt)},
         {"name": "MEDMO_TERMINATION_LOG", "value": "/dev/termination-log"},
         *_progress_env(run, endpoints),
