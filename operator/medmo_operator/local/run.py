@@ -63,7 +63,7 @@ class LocalRun:
 
     def __init__(self, training: api.MedMOTraining, workdir: Path, *, out: TextIO = sys.stdout, interval_s: float = 1.0):
         self.training = training
-        self.spec = training.spec
+        self.spec = _local_spec(training.spec)
         self.name = training.metadata.name
         # Absolute: pods get paths under it (their hosts file, volumes) and run in other directories.
         self.state_dir = Path(workdir).resolve() / self.name
@@ -317,10 +317,32 @@ def _terminated(status: dict) -> tuple[int, str | None] | None:
 
 
 def _passed_through_env() -> dict[str, str]:
-    """What a trainer image would carry: caches and CPU-only settings of this machine."""
-    names = ("MEDMO_CACHE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HOME", "HF_HUB_OFFLINE",
-             "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "CUDA_VISIBLE_DEVICES", "AWS_ENDPOINT_URL")
+    """What the node adds to every pod: CPU-only settings of this machine (caches are the spec's)."""
+    names = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+             "CUDA_VISIBLE_DEVICES", "AWS_ENDPOINT_URL")
     return {name: os.environ[name] for name in names if name in os.environ}
+
+
+def _local_spec(spec: api.MedMOTrainingSpec) -> api.MedMOTrainingSpec:
+    """The spec as this machine runs it: pods keep caches under the user's cache directory (so a
+    second run reuses the tokenizer, data and compiled kernels), and file:// storage, a hostPath
+    in the pods, is handed to the pods' user."""
+    storage = render.file_storage_path(spec)
+    if storage is not None:
+        _hand_to_trainer(Path(storage), recursive=True)
+    if spec.cache is not None:
+        return spec
+    cache = network.cache_dir() / "pod-cache"
+    _hand_to_trainer(cache)
+    return spec.model_copy(update={"cache": api.CacheSpec(host_path=api.HostPathCache(path=str(cache)))})
+
+
+def _hand_to_trainer(path: Path, recursive: bool = False) -> None:
+    """Create ``path`` owned by the pods' user, as a cluster admin prepares a hostPath for them."""
+    path.mkdir(parents=True, exist_ok=True)
+    for directory, _, files in os.walk(path) if recursive else [(str(path), [], [])]:
+        for entry in (directory, *(os.path.join(directory, name) for name in files)):
+            os.chown(entry, render.TRAINER_UID, render.TRAINER_UID, follow_symlinks=False)
 
 
 def _free_port() -> int:
