@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -37,16 +38,19 @@ def _run(args: argparse.Namespace) -> int:
     from medmo_operator.local.run import resource_yaml, run_locally
 
     training = load_training_file(args.file)
-    status = run_locally(training, args.workdir)
-    print(resource_yaml(training, status))
-    if status.phase == api.Phase.SUCCEEDED:
+    outcome = run_locally(training, args.workdir)
+    status = outcome.status
+    if status is not None:
+        print(resource_yaml(training, status))
+    if status is not None and status.phase == api.Phase.SUCCEEDED:
         _print_results(training, status, args.workdir)
         return 0
-    if status.phase == api.Phase.FAILED:
+    if status is not None and status.phase == api.Phase.FAILED:
         failed = next((c for c in status.conditions if c.type == "Failed"), None)
         print(f"run {training.metadata.name} failed: {failed.message if failed else 'see the status above'}", file=sys.stderr)
         return 1
-    return 130
+    # Stopped by a signal: the shell's convention, 128 + its number (130 for Ctrl-C, 143 for SIGTERM).
+    return 128 + int(outcome.interrupted_by)
 
 
 def _print_results(training: api.MedMOTraining, status: api.MedMOTrainingStatus, workdir: Path) -> None:

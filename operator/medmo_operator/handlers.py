@@ -8,11 +8,13 @@ Run it with `medmo operator` (see `medmo_operator.cli`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import logging
 import os
 import secrets
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +24,7 @@ import kubernetes
 from aiohttp import web
 from kubernetes.client.rest import ApiException
 
-from medmo_operator import api, observe, plan, render, telemetry
+from medmo_operator import api, execute, observe, plan, render, telemetry
 from medmo_operator.progress import ProgressEndpoint, ProgressStore
 
 log = logging.getLogger(__name__)
@@ -50,15 +52,62 @@ class OperatorSettings:
 
 
 SETTINGS = OperatorSettings()
-STORE = ProgressStore()
-_state: dict[str, Any] = {}
+
+
+@dataclass
+class OperatorState:
+    """What the handlers share. The startup handler builds it, before any watch starts and before
+    the progress endpoint takes a request, and hands it to every handler as `memo.operator`."""
+
+    settings: OperatorSettings
+    endpoints: render.OperatorEndpoints
+    run_uids: Mapping[tuple[str, str], Collection[str]]
+    """kopf's index of runs, (namespace, name) -> uids; filled by the watch after startup."""
+    store: ProgressStore = field(default_factory=ProgressStore)
+    server: web.AppRunner | None = None
+
+    @classmethod
+    async def start(cls, settings: OperatorSettings, run_uids: Mapping[tuple[str, str], Collection[str]]) -> OperatorState:
+        """Reads the token key and starts serving progress reports."""
+        token_key = await asyncio.to_thread(_token_key, settings.namespace)
+        state = cls(settings, render.OperatorEndpoints(settings.progress_advertise_url, token_key), run_uids)
+        endpoint = ProgressEndpoint(store=state.store, token_key=token_key, run_uid=state.run_uid)
+        state.server = web.AppRunner(endpoint.app(), access_log=None)
+        await state.server.setup()
+        await web.TCPSite(state.server, settings.progress_bind_host, settings.progress_port).start()
+        log.info("progress endpoint on %s:%d", settings.progress_bind_host, settings.progress_port)
+        return state
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.cleanup()
+
+    def run_uid(self, namespace: str, name: str) -> str | None:
+        """A run's uid from the index; until the watch has listed the run (just after a start, when
+        trainers that outlived the previous operator report at once), from the API server."""
+        uids = self.run_uids.get((namespace, name))
+        if uids:
+            return next(iter(uids))
+        return _read_run_uid(namespace, name)
+
+
+def _read_run_uid(namespace: str, name: str) -> str | None:
+    try:
+        run = kubernetes.client.CustomObjectsApi().get_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, _request_timeout=5
+        )
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return run["metadata"]["uid"]
 
 
 # -- start-up ---------------------------------------------------------------------------------
 
 
 @kopf.on.startup()
-async def on_operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def on_operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, run_uids: kopf.Index, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="medmo.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="medmo.io", key="last-handled-configuration")
     settings.posting.level = logging.INFO
@@ -69,41 +118,33 @@ async def on_operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None
     else:
         kubernetes.config.load_incluster_config()
     telemetry.setup(SETTINGS.metrics_port)
-    token_key = await asyncio.to_thread(_token_key)
-    endpoint = ProgressEndpoint(store=STORE, token_key=token_key, run_uid=_run_uid)
-    runner = web.AppRunner(endpoint.app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, SETTINGS.progress_bind_host, SETTINGS.progress_port).start()
-    _state.update(runner=runner, endpoints=render.OperatorEndpoints(SETTINGS.progress_advertise_url, token_key))
-    log.info("progress endpoint on %s:%d", SETTINGS.progress_bind_host, SETTINGS.progress_port)
+    memo.operator = await OperatorState.start(SETTINGS, run_uids)
 
 
 @kopf.on.cleanup()
-async def on_operator_cleanup(**_: Any) -> None:
-    if "runner" in _state:
-        await _state["runner"].cleanup()
+async def on_operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if "operator" in memo:
+        await memo.operator.stop()
 
 
-def _token_key() -> bytes:
+def _token_key(namespace: str) -> bytes:
     """The key progress tokens are derived from: kept in a Secret so a restarted operator still
     accepts the tokens its predecessor handed out."""
     if os.environ.get("MEDMO_TOKEN_KEY"):
         return os.environ["MEDMO_TOKEN_KEY"].encode()
     core = kubernetes.client.CoreV1Api()
     try:
-        secret = core.read_namespaced_secret(TOKEN_KEY_SECRET, SETTINGS.namespace)
+        secret = core.read_namespaced_secret(TOKEN_KEY_SECRET, namespace)
     except ApiException as error:
         if error.status != 404:
             raise
         body = {"metadata": {"name": TOKEN_KEY_SECRET}, "stringData": {"key": secrets.token_hex(32)}}
         try:
-            core.create_namespaced_secret(SETTINGS.namespace, body)
+            core.create_namespaced_secret(namespace, body)
         except ApiException as race:
             if race.status != 409:
                 raise
-        secret = core.read_namespaced_secret(TOKEN_KEY_SECRET, SETTINGS.namespace)
-    import base64
-
+        secret = core.read_namespaced_secret(TOKEN_KEY_SECRET, namespace)
     return base64.b64decode(secret.data["key"])
 
 
@@ -129,13 +170,6 @@ def learner_pods_by_run(namespace: str, labels: dict, body: kopf.Body, **_: Any)
     return {(namespace, labels[render.LABEL_RUN]): _snapshot(body, "metadata", "status")}
 
 
-def _run_uid(namespace: str, name: str) -> str | None:
-    index = _state.get("run_uids")
-    if index is None or (namespace, name) not in index:
-        return None
-    return next(iter(index[(namespace, name)]), None)
-
-
 # -- the reconcile ----------------------------------------------------------------------------
 
 
@@ -149,15 +183,15 @@ def reconcile_training(
     namespace: str,
     uid: str,
     patch: kopf.Patch,
-    run_uids: kopf.Index,
+    memo: kopf.Memo,
     jobs_by_run: kopf.Index,
     learner_pods_by_run: kopf.Index,
     **_: Any,
 ) -> None:
     """One reconcile of one run (kopf calls it every reconcileInterval seconds per run)."""
-    _state["run_uids"] = run_uids
     if meta.get("deletionTimestamp"):
         return  # the garbage collector removes the children; writing status now is wasted work
+    state: OperatorState = memo.operator
     started = time.monotonic()
     run = render.RunRef(name=name, namespace=namespace, uid=uid)
     training_spec = api.MedMOTrainingSpec.model_validate(copy.deepcopy(dict(spec)))
@@ -165,22 +199,21 @@ def reconcile_training(
     current_status = api.MedMOTrainingStatus.model_validate(copy.deepcopy(current)) if current else None
     observed = plan.Observed(
         jobs=observe.latest_jobs(list(jobs_by_run.get((namespace, name), [])), list(learner_pods_by_run.get((namespace, name), []))),
-        progress=STORE.latest(namespace, name),
+        progress=state.store.latest(namespace, name),
     )
     result = plan.plan(training_spec, current_status, observed, datetime.now(UTC), generation=meta.get("generation"))
-    for action in result.actions:
-        _carry_out(action, run, training_spec, body)
+    execute.carry_out(result.actions, run, training_spec, state.endpoints, KubernetesExecutor(run, body))
     new_status = plan.status_patch(result.status)
-    if new_status != {k: v for k, v in current.items()}:
+    if new_status != current:
         patch.status.update(new_status)
     telemetry.record_actions(result.actions, _finished_stage_durations(result, training_spec))
     telemetry.record_reconcile(time.monotonic() - started)
     if any(isinstance(a, plan.DeleteRun) for a in result.actions):
-        STORE.forget(namespace, name)
+        state.store.forget(namespace, name)
 
 
 def _finished_stage_durations(result: plan.Plan, spec: api.MedMOTrainingSpec) -> dict[str, float]:
-    finished = {a.message.split()[1] for a in result.actions if isinstance(a, plan.Event) and a.reason == "StageSucceeded"}
+    finished = {a.stage for a in result.actions if isinstance(a, plan.Event) and a.reason == "StageSucceeded"}
     types = {s.name: s.type for s in spec.stages}
     return {
         types[r.name]: (r.completion_time - r.start_time).total_seconds()
@@ -189,29 +222,7 @@ def _finished_stage_durations(result: plan.Plan, spec: api.MedMOTrainingSpec) ->
     }
 
 
-def _carry_out(action: plan.Action, run: render.RunRef, spec: api.MedMOTrainingSpec, body: kopf.Body) -> None:
-    stages = {s.name: s for s in spec.stages}
-    match action:
-        case plan.EnsureStage(stage=stage_name, attempt=attempt):
-            for child in render.build_stage_children(run, spec, stages[stage_name], attempt, _state["endpoints"]):
-                _create_if_absent(child)
-        case plan.DeleteJob(name=job_name):
-            _delete("Job", run.namespace, job_name)
-        case plan.SuspendJob(name=job_name, suspend=suspend):
-            _call(lambda: kubernetes.client.BatchV1Api().patch_namespaced_job(job_name, run.namespace, {"spec": {"suspend": suspend}}))
-        case plan.DeleteWorkers(stage=stage_name):
-            for role in ("rollout", "reward"):
-                worker = render.worker_name(run, stages[stage_name], role)
-                _delete("Deployment", run.namespace, worker)
-                _delete("Service", run.namespace, worker)
-        case plan.DeleteRun():
-            _call(
-                lambda: kubernetes.client.CustomObjectsApi().delete_namespaced_custom_object(
-                    api.GROUP, api.VERSION, run.namespace, api.PLURAL, run.name
-                )
-            )
-        case plan.Event(reason=reason, message=message, warning=warning):
-            kopf.event(body, type="Warning" if warning else "Normal", reason=reason, message=message)
+# -- carrying out the plan in the cluster -------------------------------------------------------
 
 
 _CREATE = {
@@ -228,21 +239,39 @@ _DELETE = {
 }
 
 
-def _create_if_absent(obj: dict) -> None:
-    """Deterministic names make creation idempotent: an existing child is left as it is."""
-    namespace = obj["metadata"]["namespace"]
-    try:
-        _call(lambda: _CREATE[obj["kind"]](namespace, obj))
-    except _AlreadyExists:
-        pass
+@dataclass
+class KubernetesExecutor:
+    """`execute.Executor` against the API server, for one run."""
 
+    run: render.RunRef
+    body: kopf.Body
 
-def _delete(kind: str, namespace: str, name: str) -> None:
-    options = kubernetes.client.V1DeleteOptions(propagation_policy="Background")
-    try:
-        _call(lambda: _DELETE[kind](name, namespace, options))
-    except _NotFound:
-        pass
+    def create(self, obj: dict) -> None:
+        """Deterministic names make creation idempotent: an existing child is left as it is."""
+        try:
+            _call(lambda: _CREATE[obj["kind"]](self.run.namespace, obj))
+        except _AlreadyExists:
+            pass
+
+    def delete(self, kind: str, name: str) -> None:
+        options = kubernetes.client.V1DeleteOptions(propagation_policy="Background")
+        try:
+            _call(lambda: _DELETE[kind](name, self.run.namespace, options))
+        except _NotFound:
+            pass
+
+    def suspend_job(self, name: str, suspend: bool) -> None:
+        _call(lambda: kubernetes.client.BatchV1Api().patch_namespaced_job(name, self.run.namespace, {"spec": {"suspend": suspend}}))
+
+    def delete_run(self) -> None:
+        _call(
+            lambda: kubernetes.client.CustomObjectsApi().delete_namespaced_custom_object(
+                api.GROUP, api.VERSION, self.run.namespace, api.PLURAL, self.run.name
+            )
+        )
+
+    def emit(self, event: plan.Event) -> None:
+        kopf.event(self.body, type="Warning" if event.warning else "Normal", reason=event.reason, message=event.message)
 
 
 class _AlreadyExists(Exception):

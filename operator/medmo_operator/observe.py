@@ -44,7 +44,7 @@ def latest_jobs(jobs: Iterable[Obj], pods: Iterable[Obj]) -> dict[str, JobObserv
 def observe_job(job: Obj, pods: list[Obj]) -> JobObservation:
     conditions = {c.get("type"): c for c in _get(job, "status", "conditions", default=[]) or []}
     failed = conditions.get("Failed", {})
-    exit_code, message = _first_failure(pods)
+    exit_code, message = first_failure(pods)
     return JobObservation(
         name=_get(job, "metadata", "name"),
         attempt=int(_get(job, "metadata", "labels", render.LABEL_ATTEMPT, default="0")),
@@ -62,7 +62,7 @@ def observe_job(job: Obj, pods: list[Obj]) -> JobObservation:
     )
 
 
-def _first_failure(pods: list[Obj]) -> tuple[int | None, str | None]:
+def first_failure(pods: list[Obj]) -> tuple[int | None, str | None]:
     """Exit code and termination message of the earliest failed trainer container."""
     found: list[tuple[str, int, str | None]] = []
     for pod in pods:

@@ -104,7 +104,10 @@ class Event:
 
     reason: str
     message: str
+    """For people (`kubectl describe`): names the stage too; code reads `stage`, never this."""
     warning: bool = False
+    stage: str | None = None
+    """The stage the event is about; None for events about the whole run."""
 
 
 Action = EnsureStage | DeleteJob | SuspendJob | DeleteWorkers | DeleteRun | Event
@@ -112,10 +115,11 @@ Action = EnsureStage | DeleteJob | SuspendJob | DeleteWorkers | DeleteRun | Even
 
 @dataclass
 class Plan:
+    """What to do now and the status to write. Time-based decisions (deadline, TTL) need no wake-up
+    of their own: the caller plans every few seconds, and each plan compares against `now`."""
+
     actions: list[Action]
     status: api.MedMOTrainingStatus
-    requeue_after: float | None = None
-    """Seconds until a time-based decision (deadline, TTL) is due, if any."""
 
 
 # -- the state machine ------------------------------------------------------------------------
@@ -148,7 +152,9 @@ def plan(
         if stage and stage.name in observed.jobs:
             actions.append(DeleteJob(observed.jobs[stage.name].name))
         deadline = spec.run_policy.active_deadline_seconds
-        return _fail(spec, status, now, actions, "DeadlineExceeded", f"the run exceeded activeDeadlineSeconds ({deadline}s)")
+        return _fail(
+            status, now, actions, "DeadlineExceeded", f"the run exceeded activeDeadlineSeconds ({deadline}s)", stage.name if stage else None
+        )
 
     if spec.run_policy.suspend:
         return _suspend(spec, status, observed, now, actions)
@@ -188,7 +194,7 @@ def plan(
         _stage_running(status, record, stage, job, now, actions)
         break
 
-    return Plan(actions, status, requeue_after=_next_deadline(spec, status, now))
+    return Plan(actions, status)
 
 
 def _with_stage_records(spec: api.MedMOTrainingSpec, status: api.MedMOTrainingStatus) -> api.MedMOTrainingStatus:
@@ -219,7 +225,7 @@ def _start_attempt(spec, status, record, stage, now, actions) -> None:
     if first:
         record.phase = Phase.RUNNING
         record.start_time = record.start_time or now
-        actions.append(Event("StageStarted", f"stage {stage.name} ({stage.type}) started"))
+        actions.append(Event("StageStarted", f"stage {stage.name} ({stage.type}) started", stage=stage.name))
     status.phase = Phase.RESTARTING if record.phase == Phase.RESTARTING else Phase.RUNNING
     status.current_stage = stage.name
     status.current_step = record.step
@@ -235,7 +241,7 @@ def _stage_running(status, record, stage, job: JobObservation, now, actions) -> 
     status.phase = Phase.RESTARTING if record.phase == Phase.RESTARTING else Phase.RUNNING
     if job.unschedulable_message:
         if _set_condition(status, ConditionType.WAITING_FOR_RESOURCES, True, "Unschedulable", job.unschedulable_message, now):
-            actions.append(Event("WaitingForResources", job.unschedulable_message, warning=True))
+            actions.append(Event("WaitingForResources", job.unschedulable_message, warning=True, stage=stage.name))
     elif _condition(status, ConditionType.WAITING_FOR_RESOURCES):
         _set_condition(status, ConditionType.WAITING_FOR_RESOURCES, False, "Scheduled", "all pods are scheduled", now)
 
@@ -248,7 +254,8 @@ def _stage_succeeded(spec, status, record, stage, job: JobObservation, now, acti
         record.output_model = render.stage_output_uri(spec, stage)
     if record.total_steps and record.step < record.total_steps:
         record.step = record.total_steps
-    actions.append(Event("StageSucceeded", f"stage {stage.name} succeeded" + (f": {job.termination_message}" if job.termination_message else "")))
+    detail = f": {job.termination_message}" if job.termination_message else ""
+    actions.append(Event("StageSucceeded", f"stage {stage.name} succeeded{detail}", stage=stage.name))
     # cleanPodPolicy: a finished Job has no running pods left, but an rl stage's workers still run.
     if spec.run_policy.clean_pod_policy == "All":
         actions.append(DeleteJob(job.name))
@@ -263,22 +270,26 @@ def _stage_failed_attempt(spec, status, record, stage, job: JobObservation, now,
         record.phase = Phase.FAILED
         record.message = reason_text
         record.completion_time = now
-        _fail(spec, status, now, actions, "NonRetryableFailure", f"stage {stage.name} failed and cannot be retried: {reason_text}")
+        _fail(status, now, actions, "NonRetryableFailure", f"stage {stage.name} failed and cannot be retried: {reason_text}", stage.name)
         return
     if record.restarts >= spec.run_policy.backoff_limit:
         record.phase = Phase.FAILED
         record.message = reason_text
         record.completion_time = now
         _fail(
-            spec, status, now, actions, "BackoffLimitExceeded",
+            status, now, actions, "BackoffLimitExceeded",
             f"stage {stage.name} failed {record.restarts + 1} times (backoffLimit {spec.run_policy.backoff_limit}): {reason_text}",
+            stage.name,
         )
         return
     record.restarts += 1
     record.phase = Phase.RESTARTING
     record.message = f"restart {record.restarts} after: {reason_text}"
     actions.append(DeleteJob(job.name))
-    actions.append(Event("StageRestarting", f"stage {stage.name} restarts from {record.last_checkpoint or 'the start'} (restart {record.restarts}): {reason_text}", warning=True))
+    where = record.last_checkpoint or "the start"
+    actions.append(
+        Event("StageRestarting", f"stage {stage.name} restarts from {where} (restart {record.restarts}): {reason_text}", warning=True, stage=stage.name)
+    )
     _set_condition(status, ConditionType.RESTARTING, True, "GangRestart", record.message, now)
     _start_attempt(spec, status, record, stage, now, actions)
 
@@ -314,7 +325,7 @@ def _succeed(spec, status, now, actions) -> Plan:
     return _after_finish(spec, status, now, actions)
 
 
-def _fail(spec, status, now, actions, reason: str, message: str) -> Plan:
+def _fail(status, now, actions, reason: str, message: str, stage: str | None) -> Plan:
     status.phase = Phase.FAILED
     status.completion_time = now
     for record in status.stages:
@@ -325,7 +336,7 @@ def _fail(spec, status, now, actions, reason: str, message: str) -> Plan:
     if _condition(status, ConditionType.RESTARTING):
         _set_condition(status, ConditionType.RESTARTING, False, reason, message, now)
     _set_condition(status, ConditionType.FAILED, True, reason, message, now)
-    actions.append(Event(reason, message, warning=True))
+    actions.append(Event(reason, message, warning=True, stage=stage))
     return Plan(actions, status)
 
 
@@ -336,11 +347,9 @@ def _after_finish(spec, status, now, actions) -> Plan:
     ttl = spec.run_policy.ttl_seconds_after_finished
     if ttl is None or status.completion_time is None:
         return Plan(actions, status)
-    expires = status.completion_time + timedelta(seconds=ttl)
-    if now >= expires:
+    if now >= status.completion_time + timedelta(seconds=ttl):
         actions.append(DeleteRun())
-        return Plan(actions, status)
-    return Plan(actions, status, requeue_after=(expires - now).total_seconds())
+    return Plan(actions, status)
 
 
 def _already(actions: list[Action], stage: str) -> bool:
@@ -350,13 +359,6 @@ def _already(actions: list[Action], stage: str) -> bool:
 def _deadline_passed(spec, status, now) -> bool:
     deadline = spec.run_policy.active_deadline_seconds
     return deadline is not None and status.start_time is not None and now >= status.start_time + timedelta(seconds=deadline)
-
-
-def _next_deadline(spec, status, now) -> float | None:
-    deadline = spec.run_policy.active_deadline_seconds
-    if deadline is None or status.start_time is None:
-        return None
-    return max(0.0, (status.start_time + timedelta(seconds=deadline) - now).total_seconds())
 
 
 def _fold_progress(status: api.MedMOTrainingStatus, observed: Observed) -> None:

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,7 +29,8 @@ from typing import Any, TextIO
 import yaml
 from aiohttp import web
 
-from medmo_operator import api, plan, render
+from medmo_operator import api, observe, plan, render
+from medmo_operator.execute import carry_out
 from medmo_operator.local import network
 from medmo_operator.local.podspec import StaticObjects
 from medmo_operator.local.runner import PodRunner, RunningPod
@@ -44,18 +45,15 @@ STOP_GRACE_S = 10.0
 class LocalJob:
     """A Job expanded into its indexed pods."""
 
-    name: str
-    stage: str
-    attempt: int
+    job: dict
+    """The Job as rendered."""
     pods: list[RunningPod]
-    failed_at: float | None = None
+    failing: bool = False
+    """A rank failed: the Job fails and its other ranks are being stopped."""
 
-
-@dataclass
-class LocalDeployment:
-    name: str
-    pods: list[RunningPod] = field(default_factory=list)
-    service: dict | None = None
+    @property
+    def stage(self) -> str:
+        return self.job["metadata"]["labels"][render.LABEL_STAGE]
 
 
 class LocalRun:
@@ -77,7 +75,7 @@ class LocalRun:
         self.objects = StaticObjects()
         self.services: dict[str, dict] = {}
         self.jobs: dict[str, LocalJob] = {}
-        self.deployments: dict[str, LocalDeployment] = {}
+        self.deployments: dict[str, list[RunningPod]] = {}
         self.runner = PodRunner(
             self.state_dir / "pods",
             self.objects,
@@ -149,8 +147,7 @@ class LocalRun:
         try:
             while not self._stop.is_set():
                 result = plan.plan(self.spec, status, self._observe(), datetime.now(UTC), generation=1)
-                for action in result.actions:
-                    self._carry_out(action)
+                carry_out(result.actions, self.run, self.spec, self.endpoints, self)
                 status = result.status
                 self.save_status(status)
                 self.display.update(status, self.spec)
@@ -186,85 +183,81 @@ class LocalRun:
                 for line in text.decode(errors="replace").splitlines():
                     if "resumed from" in line:
                         where = line.split("resumed from", 1)[1].strip()
-                        self.display.event("Resumed", f"from {where}")
+                        self.display.event(plan.Event("Resumed", f"from {where}", stage=job.stage))
 
-    # -- what the Job and Deployment controllers would do ------------------------------------
+    # -- what the Job controller would report ----------------------------------------------
 
     def _observe(self) -> plan.Observed:
-        jobs = {}
+        """The run's Jobs and pods as the API would show them, reduced the way the operator does."""
+        jobs, pods = [], []
         for job in self.jobs.values():
-            observation = self._observe_job(job)
-            current = jobs.get(job.stage)
-            if current is None or observation.attempt > current.attempt:
-                jobs[job.stage] = observation
-        return plan.Observed(jobs=jobs, progress=self.store.latest(NAMESPACE, self.name))
+            job_object, pod_objects = self._job_controller(job)
+            jobs.append(job_object)
+            pods += pod_objects
+        return plan.Observed(jobs=observe.latest_jobs(jobs, pods), progress=self.store.latest(NAMESPACE, self.name))
 
-    def _observe_job(self, job: LocalJob) -> plan.JobObservation:
-        statuses = [pod.status() for pod in job.pods]
-        phases = [s["phase"] for s in statuses]
-        failures = [_terminated(s) for s in statuses if s["phase"] == "Failed"]
-        failures = [f for f in failures if f is not None]
-        if failures and job.failed_at is None:
-            # One failed rank fails the Job (backoffLimit 0): the other ranks are stopped, as the
-            # Job controller deletes a failed Job's active pods.
-            job.failed_at = time.monotonic()
+    def _job_controller(self, job: LocalJob) -> tuple[dict, list[dict]]:
+        """A Job with the status its controller would give it, and its pods. One failed rank fails
+        the Job (backoffLimit 0) and its other ranks are stopped, as the Job controller deletes a
+        failed Job's active pods; a non-retryable exit code fails it through its podFailurePolicy."""
+        pods = [{"metadata": pod.pod["metadata"], "status": pod.status()} for pod in job.pods]
+        phases = [pod["status"]["phase"] for pod in pods]
+        exit_code, message = observe.first_failure(pods)
+        if exit_code is not None and not job.failing:
+            job.failing = True
             for pod in job.pods:
                 if pod.phase not in ("Succeeded", "Failed"):
                     threading.Thread(target=pod.stop, args=(STOP_GRACE_S,), daemon=True).start()
-        finished = all(p in ("Succeeded", "Failed") for p in phases)
-        exit_code, message = (failures[0] if failures else (None, None))
-        return plan.JobObservation(
-            name=job.name,
-            attempt=job.attempt,
-            active=sum(p in ("Pending", "Running") for p in phases),
-            succeeded=phases.count("Succeeded"),
-            failed=phases.count("Failed"),
-            complete=bool(phases) and all(p == "Succeeded" for p in phases),
-            failed_condition=bool(failures) and finished,
-            failure_reason="PodFailurePolicy" if exit_code in NON_RETRYABLE else "BackoffLimitExceeded",
-            failure_message=message,
-            exit_code=exit_code,
-            termination_message=message,
-        )
+        status: dict[str, Any] = {
+            "active": sum(p in ("Pending", "Running") for p in phases),
+            "succeeded": phases.count("Succeeded"),
+            "failed": phases.count("Failed"),
+            "conditions": [],
+        }
+        if phases and all(p == "Succeeded" for p in phases):
+            status["conditions"].append({"type": "Complete", "status": "True"})
+        elif exit_code is not None and all(p in ("Succeeded", "Failed") for p in phases):
+            reason = "PodFailurePolicy" if exit_code in NON_RETRYABLE else "BackoffLimitExceeded"
+            status["conditions"].append({"type": "Failed", "status": "True", "reason": reason, "message": message})
+        return {**job.job, "status": status}, pods
 
-    def _carry_out(self, action: plan.Action) -> None:
-        match action:
-            case plan.EnsureStage(stage=stage_name, attempt=attempt):
-                stage = next(s for s in self.spec.stages if s.name == stage_name)
-                for child in render.build_stage_children(self.run, self.spec, stage, attempt, self.endpoints):
-                    self._create(child, stage_name, attempt)
-            case plan.DeleteJob(name=name):
-                job = self.jobs.pop(name, None)
-                if job:
-                    for pod in job.pods:
-                        self.runner.forget(pod.uid)
-            case plan.DeleteWorkers(stage=stage_name):
-                for role in ("rollout", "reward"):
-                    name = f"{self.name}-{stage_name}-{role}"
-                    deployment = self.deployments.pop(name, None)
-                    if deployment:
-                        for pod in deployment.pods:
-                            self.runner.forget(pod.uid)
-                    self.services.pop(name, None)
-            case plan.Event(reason=reason, message=message):
-                self.display.event(reason, message)
-            case plan.SuspendJob() | plan.DeleteRun():
-                pass  # suspension and TTLs are cluster features; locally Ctrl-C stops a run
+    # -- execute.Executor: the children as local objects and processes -----------------------
 
-    def _create(self, child: dict, stage: str, attempt: int) -> None:
-        kind, name = child["kind"], child["metadata"]["name"]
+    def create(self, obj: dict) -> None:
+        kind, name = obj["kind"], obj["metadata"]["name"]
         if kind in ("ConfigMap", "Secret"):
-            self.objects.add(child)
+            self.objects.add(obj)
         elif kind == "Service":
-            self.services[name] = child
+            self.services[name] = obj
         elif kind == "Job" and name not in self.jobs:
-            pods = [self.runner.start(_indexed_pod(child, index)) for index in range(child["spec"]["completions"])]
-            self.jobs[name] = LocalJob(name=name, stage=stage, attempt=attempt, pods=pods)
+            # No Kueue admits a queued Job here: it runs at once, and says so.
+            job = {**obj, "spec": {**obj["spec"], "suspend": False}}
+            self.jobs[name] = LocalJob(job, [self.runner.start(_indexed_pod(job, index)) for index in range(job["spec"]["completions"])])
         elif kind == "Deployment" and name not in self.deployments:
-            pods = [self.runner.start(_replica_pod(child, replica)) for replica in range(child["spec"]["replicas"])]
-            self.deployments[name] = LocalDeployment(name=name, pods=pods)
+            self.deployments[name] = [self.runner.start(_replica_pod(obj, replica)) for replica in range(obj["spec"]["replicas"])]
         if kind in ("Job", "Deployment", "Service"):
             self.runner.refresh_hosts()
+
+    def delete(self, kind: str, name: str) -> None:
+        if kind == "Service":
+            self.services.pop(name, None)
+            return
+        if kind == "Job":
+            job = self.jobs.pop(name, None)
+            pods = job.pods if job else []
+        else:
+            pods = self.deployments.pop(name, [])
+        for pod in pods:
+            self.runner.forget(pod.uid)
+
+    def suspend_job(self, name: str, suspend: bool) -> None:
+        """Suspension is a cluster feature: locally a signal stops the run and the same command resumes it."""
+
+    def delete_run(self) -> None:
+        """A TTL deletes a resource from a cluster; a local run's state stays for the report and reruns."""
+
+    def emit(self, event: plan.Event) -> None:
+        self.display.event(event)
 
     def _add_storage_secret(self) -> None:
         """Locally, the storage Secret the spec names is made from this shell's AWS_* variables."""
@@ -279,41 +272,35 @@ class LocalRun:
         self.objects.add({"kind": "Secret", "metadata": {"name": ref.name, "namespace": NAMESPACE}, "stringData": values})
 
     def _dns_records(self, pod: RunningPod) -> list[tuple[str, list[str]]]:
-        running = [p for job in self.jobs.values() for p in job.pods] + [p for d in self.deployments.values() for p in d.pods]
+        running = [p for job in self.jobs.values() for p in job.pods] + [p for pods in self.deployments.values() for p in pods]
         pods = [{"metadata": p.pod["metadata"], "spec": p.pod.get("spec", {}), "status": p.status()} for p in running]
         return network.dns_records(NAMESPACE, pods, list(self.services.values()))
 
 
+def _pod_from_template(owner: dict, number: int) -> dict:
+    """Pod `number` of a Job or Deployment, named as its controller names it, with a fresh uid."""
+    pod = copy.deepcopy(owner["spec"]["template"])
+    name = f"{owner['metadata']['name']}-{number}"
+    pod.setdefault("metadata", {}).update(name=name, namespace=owner["metadata"]["namespace"], uid=f"{name}-{uuid.uuid4().hex[:8]}")
+    return {"apiVersion": "v1", "kind": "Pod", **pod}
+
+
 def _indexed_pod(job: dict, index: int) -> dict:
     """Pod `index` of an Indexed Job, with what the Job controller would add."""
-    template = copy.deepcopy(job["spec"]["template"])
-    meta = template.setdefault("metadata", {})
-    name = f"{job['metadata']['name']}-{index}"
-    meta.update(name=name, namespace=job["metadata"]["namespace"], uid=f"{name}-{uuid.uuid4().hex[:8]}")
+    pod = _pod_from_template(job, index)
+    meta = pod["metadata"]
     meta.setdefault("labels", {}).update({"batch.kubernetes.io/job-name": job["metadata"]["name"], "batch.kubernetes.io/job-completion-index": str(index)})
     meta.setdefault("annotations", {})[render.COMPLETION_INDEX_ANNOTATION] = str(index)
-    template["spec"]["hostname"] = name
-    for container in template["spec"]["containers"]:
+    pod["spec"]["hostname"] = meta["name"]
+    for container in pod["spec"]["containers"]:
         container.setdefault("env", []).append({"name": "JOB_COMPLETION_INDEX", "value": str(index)})
-    return {"apiVersion": "v1", "kind": "Pod", **template}
+    return pod
 
 
 def _replica_pod(deployment: dict, replica: int) -> dict:
-    template = copy.deepcopy(deployment["spec"]["template"])
-    meta = template.setdefault("metadata", {})
-    name = f"{deployment['metadata']['name']}-{replica}"
-    meta.update(name=name, namespace=deployment["metadata"]["namespace"], uid=f"{name}-{uuid.uuid4().hex[:8]}")
-    template["spec"].setdefault("restartPolicy", "Always")
-    return {"apiVersion": "v1", "kind": "Pod", **template}
-
-
-def _terminated(status: dict) -> tuple[int, str | None] | None:
-    for container in status.get("containerStatuses", []):
-        terminated = (container.get("state") or {}).get("terminated")
-        if terminated and terminated.get("exitCode", 0) != 0:
-            lines = (terminated.get("message") or "").strip().splitlines()
-            return int(terminated["exitCode"]), (lines[-1] if lines else None)
-    return None
+    pod = _pod_from_template(deployment, replica)
+    pod["spec"].setdefault("restartPolicy", "Always")
+    return pod
 
 
 def _passed_through_env() -> dict[str, str]:
@@ -365,10 +352,13 @@ class ProgressDisplay:
         self.last_print = 0.0
         self.started: dict[str, tuple[float, int]] = {}
 
-    def event(self, reason: str, message: str) -> None:
+    def event(self, event: plan.Event) -> None:
         self._clear()
-        self.out.write(f"[{reason}] {message}\n")
+        self.out.write(f"[{event.reason}] {event.message}\n")
         self.out.flush()
+        if event.reason in ("StageRestarting", "Resumed"):
+            # The attempt starts again from a checkpoint: its ETA is measured from there.
+            self.started.pop(event.stage, None)
 
     def update(self, status: api.MedMOTrainingStatus, spec: api.MedMOTrainingSpec) -> None:
         record = next((r for r in status.stages if r.name == status.current_stage), None)
@@ -420,16 +410,36 @@ def resource_yaml(training: api.MedMOTraining, status: api.MedMOTrainingStatus) 
     return yaml.safe_dump(obj, sort_keys=False)
 
 
-def run_locally(training: api.MedMOTraining, workdir: Path, out: TextIO = sys.stdout) -> api.MedMOTrainingStatus:
-    """`medmo run`: runs with Ctrl-C stopping every process cleanly; returns the final status."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Ctrl-C, `kill` or a CI timeout, and a closed terminal: each stops every pod of the run."""
+
+
+@dataclass
+class LocalOutcome:
+    status: api.MedMOTrainingStatus | None
+    interrupted_by: signal.Signals | None = None
+    """The signal that stopped the run before it finished, if one did."""
+
+
+def run_locally(training: api.MedMOTraining, workdir: Path, out: TextIO = sys.stdout) -> LocalOutcome:
+    """`medmo run`: runs until the run finishes or one of `STOP_SIGNALS` arrives, which stops every
+    process cleanly (the next run of the same command resumes)."""
     local = LocalRun(training, workdir, out=out)
+    outcome = LocalOutcome(status=None)
 
-    def interrupt(signum, frame):
-        out.write("\ninterrupted: stopping every process; run the same command again to resume\n")
-        local.stop()
+    def interrupt(signum: int, frame: Any) -> None:
+        local.stop()  # first: after SIGHUP the terminal may be gone and the write below fail
+        outcome.interrupted_by = signal.Signals(signum)
+        try:
+            out.write(f"\ninterrupted ({outcome.interrupted_by.name}): stopping every process; run the same command again to resume\n")
+            out.flush()
+        except OSError:
+            pass
 
-    previous = signal.signal(signal.SIGINT, interrupt)
+    previous = {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS}
     try:
-        return local.execute()
+        outcome.status = local.execute()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return outcome
