@@ -253,6 +253,10 @@ class StageConfig(ConfigModel):
 
     run: Annotated[str, Field(min_length=1)]
     """Name of the MedMOTraining this stage belongs to."""
+    run_uid: str | None = None
+    """The MedMOTraining's uid (`medmo run` keeps one per work directory). Checkpoints record it, and a
+    stage resumes only from checkpoints of its own run: a resource deleted and applied again under the
+    same name and storage is a new run. Unset when a stage is run by hand."""
     stage: Annotated[str, Field(min_length=1)]
     """Name of the stage."""
     type: StageType

@@ -26,6 +26,9 @@ class ExitCode(enum.IntEnum):
     """A dataset URI cannot be read, or holds no usable record."""
     MODEL_INVALID = 4
     """The model source cannot be found or loaded."""
+    CHECKPOINT_INCOMPATIBLE = 5
+    """The stage's checkpoint folder holds a checkpoint this stage must not or cannot resume from: written
+    by another run or under another config, or with tensors whose names or shapes do not match the model."""
     STORAGE_UNAVAILABLE = 10
     """Checkpoint or export storage failed (network, credentials refused mid-run, server down)."""
     DISTRIBUTED_FAILURE = 11
@@ -60,6 +63,10 @@ class DataError(StageError):
 
 class ModelError(StageError):
     exit_code = ExitCode.MODEL_INVALID
+
+
+class CheckpointIncompatibleError(StageError):
+    exit_code = ExitCode.CHECKPOINT_INCOMPATIBLE
 
 
 class StorageError(StageError):

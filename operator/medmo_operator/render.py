@@ -199,6 +199,7 @@ def build_stage_config(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stag
     extra = {"evaluation": evaluation_settings(spec, stage)} if stage.type == "eval" else {}
     return StageConfig(
         run=run.name,
+        run_uid=run.uid,
         stage=stage.name,
         type=stage.type,
         model=ModelSource(base=stage_input_model(spec, stage), trainable=stage.effective_trainable()),
