@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -88,18 +89,65 @@ def test_ctrl_c_during_sft_then_the_same_command_resumes_from_the_checkpoint(tmp
     assert [s["phase"] for s in final["stages"]] == ["Succeeded", "Succeeded"]
 
 
-def _trainer_processes(workdir: Path) -> list[int]:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_stops_every_pod_as_ctrl_c_does(tmp_path, signum):
+    """`kill`, a CI timeout or a closed terminal stops the run's pods; none is left training."""
+    name = f"stop-{signum.name.lower()}-{uuid.uuid4().hex[:6]}"
+    obj = load_sample("medmo-tiny.yaml")
+    obj["metadata"]["name"] = name
+    obj["spec"]["storage"]["uri"] = f"file://{tmp_path / 'storage'}"
+    align = obj["spec"]["stages"][0]
+    align["hyperparameters"]["maxSteps"] = 100_000  # it never finishes by itself: only the signal ends it
+    obj["spec"]["stages"] = [align]
+    spec_file, workdir = tmp_path / "run.yaml", tmp_path / "state"
+    spec_file.write_text(yaml.safe_dump(obj))
+    # Every container of the run has the run's progress URL in its environment, and nothing else does.
+    marker = f"/medmotrainings/{name}/progress".encode()
+    run = subprocess.Popen([*MEDMO, "run", str(spec_file), "--workdir", str(workdir)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not _training_step(workdir, name):
+            assert run.poll() is None, run.stdout.read()
+            assert time.monotonic() < deadline, "the run's first pod never reported a step"
+            time.sleep(0.2)
+        assert _processes_with(marker), "the training pod's processes are not where this test looks"
+
+        run.send_signal(signum)
+        output = run.communicate(timeout=120)[0]
+
+        assert run.returncode == 128 + signum, output
+        assert f"interrupted ({signum.name})" in output and "run the same command again to resume" in output
+        assert not _processes_with(marker), f"{signum.name} left processes of the run behind"
+        assert _status(workdir, name)["phase"] == "Running"
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+        for pid in _processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _training_step(workdir: Path, name: str) -> int:
+    return max((stage.get("step", 0) for stage in _status(workdir, name).get("stages", [])), default=0)
+
+
+def _processes_with(marker: bytes) -> list[int]:
+    """Processes whose environment contains ``marker``."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            environ = (proc / "environ").read_bytes()
+            if marker in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
         except OSError:
             continue
-        if str(workdir).encode() in environ:
-            pids.append(int(proc.name))
-    return [p for p in pids if p != os.getpid()]
+    return pids
+
+
+def _trainer_processes(workdir: Path) -> list[int]:
+    return [pid for pid in _processes_with(str(workdir).encode()) if pid != os.getpid()]
 
 
 @pytest.mark.slow
