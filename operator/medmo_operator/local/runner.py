@@ -34,8 +34,8 @@ from typing import Any
 from . import network
 from .container import ContainerRun, now
 from .image import image_env, python_paths
-from .podspec import (ObjectSource, PodConfigError, container_command, container_identity, expand_references,
-                      home_of, resolve_env, unsupported_features)
+from .podspec import (Identity, ObjectSource, PodConfigError, container_command, container_identity,
+                      expand_references, home_of, resolve_env, unsupported_features)
 from .podstatus import RESTART_RESET_AFTER_S, PodConditions, RestartPolicy
 from .probes import ReadinessProber
 from .sandbox import Mount
@@ -185,7 +185,8 @@ class RunningPod:
             thread.join()
 
     def _retry_config(self, attempt: Callable[[], Any], reason: str, only: ContainerRun | None = None) -> Any:
-        """``attempt()``'s result, retried while config is missing as the kubelet does; None once stopping."""
+        """``attempt()``'s result (True for None), retried while config is missing as the kubelet does;
+        None once the pod is stopping."""
         while not self.stopping.is_set():
             try:
                 return attempt() or True
@@ -194,9 +195,8 @@ class RunningPod:
                 self.stopping.wait(CONFIG_RETRY_S)
         return None
 
-    def _container_env(self, run: ContainerRun) -> dict[str, str]:
+    def _container_env(self, run: ContainerRun, identity: Identity) -> dict[str, str]:
         """The container's whole environment: the image's, the node's, the pod spec's, then the network's."""
-        identity = container_identity(self.pod, run.spec)
         env = image_env() | {"HOME": home_of(identity.uid)} | self.extra_env
         env.update(resolve_env(self.pod, run.spec, self.runner.objects, self.ip))
         net = self.runner.network_env(self)
@@ -204,12 +204,14 @@ class RunningPod:
             net["LD_PRELOAD"] = f"{net['LD_PRELOAD']} {env['LD_PRELOAD']}"
         return env | net
 
-    def _launch_config(self, run: ContainerRun) -> tuple:
-        env = self._container_env(run)
+    def _launch_config(self, run: ContainerRun) -> tuple[list[str], dict[str, str], Identity, list[Mount]]:
+        """What ``run.launch`` takes; raises :class:`PodConfigError` (CreateContainerConfigError) if it cannot be made."""
+        identity = container_identity(self.pod, run.spec)
+        env = self._container_env(run, identity)
         command = [expand_references(a, env) for a in container_command(run.spec, self.runner.entrypoints)]
         mounts = self.volumes.mounts(run.spec)
         mounts.append(Mount(str(self.network_dir), network.POD_NETWORK_MOUNT))
-        return command, env, container_identity(self.pod, run.spec), mounts
+        return command, env, identity, mounts
 
     def _execute(self, run: ContainerRun) -> dict | None:
         """Run the container once to its end; None when the pod is stopping before it starts."""

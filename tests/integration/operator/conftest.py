@@ -46,6 +46,13 @@ ENTRYPOINTS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _storage_writable_by_pods(tmp_path):
+    """Runs store under tmp_path (file:// storage: a hostPath in the pods, which run as the
+    trainer's non-root user): handed to that user, as a cluster admin prepares a hostPath."""
+    os.chown(tmp_path, render.TRAINER_UID, render.TRAINER_UID)
+
+
 @pytest.fixture(scope="module")
 def operator_ns(control_plane, node_agent):
     """CRD, operator namespace and RBAC; the node agent learns the test images' entrypoints."""
