@@ -9,14 +9,16 @@ at close). A writer continues the numbering after the parts already there, so a 
 never overwrites history. Lines are JSON objects:
 
     {"step": 12, "time": 1764470000.0, "loss": 1.93, "learningRate": 0.0002, ...}   one per logged step
+                                                                                     (a progress report's metrics)
     {"event": "start", "step": 10, "time": ...}                                      a (re)start of the stage
 
 A start line says the stage (re)started from step N (its checkpoint; 0 when fresh), so a reader
 drops every earlier record past step N: those steps were lost with the killed attempt and are run
 again. Readers see, per step, the record of the latest attempt.
 
-Key conventions the report reads: `loss` (training loss), `reward/<component>` (RL reward
-components, e.g. `reward/bbox`, and `reward/total`). Values must be numbers; non-finite ones are
+Keys are those of `medmo_trainer.progress.Progress.metrics` (camelCase); the report reads `loss`
+(training loss) and `reward/<component>` (RL reward components, e.g. `reward/bbox`, and
+`reward/total`). Values must be numbers; non-finite ones are
 written as null. Nothing here imports torch: the operator's report reads the log with
 `read_metrics_log`.
 """
@@ -35,8 +37,6 @@ from medmo_trainer.fsio import join, url_to_fs
 logger = logging.getLogger(__name__)
 
 LOG_FOLDER = "metrics"
-LOSS_KEY = "loss"
-REWARD_PREFIX = "reward/"
 _PART = re.compile(r"part-(\d+)\.jsonl$")
 
 

@@ -1,17 +1,16 @@
-"""Progress of a stage: one JSON line per step on stdout, and an HTTP push to the operator.
+"""Progress of a stage: the report trainer rank 0 writes (one JSON line per step on stdout, and an
+HTTP push to the operator), and the operator reads and folds into `status.stages[]`.
+
+`Progress` is the one contract: the trainer builds it, the operator validates the pushed JSON with it,
+and `metrics` and `counters` reach the stage's status unchanged. Every key is camelCase, like the rest
+of the status, with `/` between the parts of a path (`reward/bbox`, `<benchmark>/groundingMiou`,
+`skipped/badJson`); names a user chose (benchmarks, compared models) are DNS labels and fit that rule.
 
 The push goes to `$MEDMO_PROGRESS_URL` with `Authorization: Bearer <token>`, the token read from
 the file `$MEDMO_PROGRESS_TOKEN_FILE` (a mounted Secret, re-read on every send so rotation works)
 or `$MEDMO_PROGRESS_TOKEN`. A background thread sends; the queue holds one report and a newer one
 replaces an unsent one (the operator wants the latest state, not the history), failures are
 retried with backoff, and nothing here ever blocks or fails training.
-
-The payload (camelCase JSON):
-
-    run, stage, phase ("Running" | "Succeeded" | "Failed"), step, totalSteps,
-    loss, learningRate, gradNorm, tokensPerSecond, samplesPerSecond, recordsRead, skippedRecords,
-    skippedByReason {reason: count}, lastCheckpoint (URI or null), message, timestamp (Unix seconds),
-    metrics {name: number}
 """
 
 from __future__ import annotations
@@ -19,49 +18,92 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TextIO
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
 
 logger = logging.getLogger(__name__)
 
 LOG_PREFIX = "[medmo] "
 """Prefix of the per-step JSON lines on stdout (what `kubectl logs` shows)."""
 
+# Metrics of the training stages (pretrain, sft) and the RL learner.
+LOSS = "loss"
+LEARNING_RATE = "learningRate"
+GRAD_NORM = "gradNorm"
+TOKENS_PER_SECOND = "tokensPerSecond"
+SAMPLES_PER_SECOND = "samplesPerSecond"
+REWARD_PREFIX = "reward/"
+"""RL reward components, `reward/<component>` and `reward/total`."""
 
-@dataclass
-class Progress:
-    """One report of a stage's state."""
+# Counters: running totals of the stage, never averaged.
+RECORDS_READ = "recordsRead"
+SKIPPED_RECORDS = "skippedRecords"
+SKIPPED_PREFIX = "skipped/"
+"""Malformed records (or unusable prompts) skipped, `skipped/<reason>`."""
+
+KEY_PATTERN = re.compile(r"^[a-z0-9][a-zA-Z0-9-]*(/[a-z0-9][a-zA-Z0-9-]*)*$")
+"""camelCase parts (or DNS-label names) joined by `/`: `loss`, `reward/bbox`, `vqa-rad/vqaClosedAcc`."""
+
+ReportedPhase = Literal["Running", "Succeeded", "Failed"]
+
+
+class Progress(BaseModel):
+    """One report of a stage's state (camelCase JSON on the wire)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_attribute_docstrings=True,
+        validate_assignment=True,
+    )
 
     run: str
+    """The MedMOTraining's name."""
     stage: str
-    phase: str = "Running"
-    step: int = 0
-    total_steps: int = 0
-    loss: float | None = None
-    learning_rate: float | None = None
-    grad_norm: float | None = None
-    tokens_per_second: float | None = None
-    samples_per_second: float | None = None
-    records_read: int = 0
-    skipped_records: int = 0
-    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    """The stage's name."""
+    phase: ReportedPhase = "Running"
+    step: Annotated[int, Field(ge=0)] = 0
+    """Optimizer steps done (eval: generated batches)."""
+    total_steps: Annotated[int, Field(ge=0)] | None = None
+    """Steps the stage will run, once known."""
     last_checkpoint: str | None = None
+    """URI of the last committed checkpoint."""
     message: str = ""
+    """Why the stage is in its phase (a failure's error, where eval results were written)."""
     timestamp: float = 0.0
-    metrics: dict[str, float] = field(default_factory=dict)
-    """Further named metrics (eval scores, reward components), folded into the stage's status metrics."""
+    """Unix seconds when the report was sent (set by `ProgressReporter.report`)."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Latest measurements: loss, learningRate, gradNorm, tokensPerSecond, samplesPerSecond,
+    reward/<component>, eval scores ...; folded into `status.stages[].metrics`."""
+    counters: dict[str, int] = Field(default_factory=dict)
+    """Running totals: recordsRead, skippedRecords, skipped/<reason>, eval sample counts ...;
+    folded into `status.stages[].counters`."""
+
+    @field_validator("metrics", "counters")
+    @classmethod
+    def _keys_are_camel_case(cls, values: Mapping[str, Any]) -> Mapping[str, Any]:
+        wrong = sorted(key for key in values if not KEY_PATTERN.match(key))
+        if wrong:
+            raise ValueError(f"keys {wrong} are not camelCase parts joined by '/' (e.g. 'gradNorm', 'reward/bbox')")
+        return values
 
     def to_json(self) -> dict[str, Any]:
-        return {_camel(key): value for key, value in asdict(self).items()}
+        """The report as the trainer logs and pushes it."""
+        return self.model_dump(mode="json", by_alias=True)
 
 
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
+def data_counters(records_read: int | None, skipped_by_reason: Mapping[str, int]) -> dict[str, int]:
+    """Counters of the records a stage read and skipped: recordsRead, skippedRecords, skipped/<reason>."""
+    counters = {} if records_read is None else {RECORDS_READ: int(records_read)}
+    counters[SKIPPED_RECORDS] = int(sum(skipped_by_reason.values()))
+    counters.update({SKIPPED_PREFIX + reason: int(n) for reason, n in skipped_by_reason.items() if n})
+    return counters
 
 
 class ProgressReporter:
@@ -108,8 +150,7 @@ class ProgressReporter:
         """Logs the report and queues it for sending (replacing an unsent one); returns at once."""
         if not self.enabled:
             return
-        progress.timestamp = time.time()
-        payload = progress.to_json()
+        payload = progress.model_copy(update={"timestamp": time.time()}).to_json()
         self._stream.write(LOG_PREFIX + json.dumps(payload) + "\n")
         self._stream.flush()
         if self._thread is None:

@@ -23,7 +23,7 @@ from medmo_trainer.config import ALL_TASKS, TaskType
 from medmo_trainer.data.schema import Record
 from medmo_trainer.fsio import join, url_to_fs
 
-SKIP_REASONS = ("bad_json", "unknown_task", "bad_box", "invalid_record", "missing_image", "bad_image", "too_long")
+SKIP_REASONS = ("badJson", "unknownTask", "badBox", "invalidRecord", "missingImage", "badImage", "tooLong")
 """Why a record was skipped: unparseable line; task not one of the five; a box off the 0-1000 grid or
 not matching the answer; any other schema violation; image not found; image not decodable; prompt
 and image alone longer than `maxSeqLength`."""
@@ -59,13 +59,13 @@ class RawRecord:
     """The record's task when the line is a JSON object with a string `task`, else None."""
 
     def parse(self) -> dict:
-        """The JSON object of the line; raises MalformedRecordError('bad_json')."""
+        """The JSON object of the line; raises MalformedRecordError('badJson')."""
         try:
             data = json.loads(self.line)
         except json.JSONDecodeError as error:
-            raise MalformedRecordError("bad_json", f"{error}: {self.line[:80]}") from error
+            raise MalformedRecordError("badJson", f"{error}: {self.line[:80]}") from error
         if not isinstance(data, dict):
-            raise MalformedRecordError("bad_json", f"not a JSON object: {self.line[:80]}")
+            raise MalformedRecordError("badJson", f"not a JSON object: {self.line[:80]}")
         return data
 
 
@@ -138,10 +138,10 @@ def _reason(error: ValidationError) -> str:
     first = error.errors()[0]
     location = first["loc"]
     if location and location[0] == "task":
-        return "unknown_task"
+        return "unknownTask"
     if (location and location[0] == "boxes") or "box" in first["msg"]:
-        return "bad_box"
-    return "invalid_record"
+        return "badBox"
+    return "invalidRecord"
 
 
 def resolve_image_ref(image: str, base: str) -> str:
@@ -157,12 +157,12 @@ def _image_bytes(ref: str) -> bytes:
         try:
             return base64.b64decode(ref.split(",", 1)[1], validate=True)
         except (IndexError, binascii.Error) as error:
-            raise MalformedRecordError("bad_image", f"embedded image is not base64: {error}") from error
+            raise MalformedRecordError("badImage", f"embedded image is not base64: {error}") from error
     try:
         fs, path = url_to_fs(ref)
         return fs.cat_file(path)
     except FileNotFoundError as error:
-        raise MalformedRecordError("missing_image", ref) from error
+        raise MalformedRecordError("missingImage", ref) from error
 
 
 def load_image(ref: str) -> Image.Image:
@@ -172,7 +172,7 @@ def load_image(ref: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
-        raise MalformedRecordError("bad_image", f"{ref[:80]}: {error}") from error
+        raise MalformedRecordError("badImage", f"{ref[:80]}: {error}") from error
 
 
 def iter_records(uri: str, tasks: list[TaskType] | tuple[TaskType, ...] | None = None,

@@ -119,8 +119,8 @@ def grounding_summary(ious: Sequence[float]) -> dict[str, float]:
     if not ious:
         return {}
     return {
-        "grounding_miou": float(np.mean(ious)),
-        "grounding_acc50": float(np.mean([score >= IOU_THRESHOLD for score in ious])),
+        "groundingMiou": float(np.mean(ious)),
+        "groundingAcc50": float(np.mean([score >= IOU_THRESHOLD for score in ious])),
     }
 
 

@@ -6,17 +6,17 @@ kept as a (sum, count) pair so that shards combine exactly.
 
 Metrics (a benchmark reports those of the tasks it holds):
 
-    vqa_closed_acc   closed VQA (yes/no, choice among options) accuracy
-    vqa_open_acc     open VQA normalised exact match
-    report_rougeL    ROUGE-L F-measure of generated reports
-    report_f1        finding-set F1 of generated reports (negations kept apart)
-    caption_rougeL   ROUGE-L F-measure of generated captions
-    grounding_miou   mean matched IoU per ground-truth box (see `metrics`)
-    grounding_acc50  fraction of ground-truth boxes found with IoU >= 0.5
-    retrieval_r<k>   recall@k of the matching caption among the candidates, k in RECALL_AT
+    vqaClosedAcc   closed VQA (yes/no, choice among options) accuracy
+    vqaOpenAcc     open VQA normalised exact match
+    reportRougeL    ROUGE-L F-measure of generated reports
+    reportF1        finding-set F1 of generated reports (negations kept apart)
+    captionRougeL   ROUGE-L F-measure of generated captions
+    groundingMiou   mean matched IoU per ground-truth box (see `metrics`)
+    groundingAcc50  fraction of ground-truth boxes found with IoU >= 0.5
+    retrievalR<k>   recall@k of the matching caption among the candidates, k in RECALL_AT
 
 Counts: `samples`, `unparseable` (outputs from which no answer could be read; they score 0 on the
-metrics read from text) and `unparseable_<task>`. Retrieval is a ranking metric: an answer whose
+metrics read from text) and `unparseable<Task>` (e.g. `unparseableVqa`). Retrieval is a ranking metric: an answer whose
 letter cannot be read is ranked by the model's letter scores alone.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from medmo_trainer.answers import extract_answer, vqa_accuracy
+from medmo_trainer.config import ALL_TASKS
 from medmo_trainer.data.schema import OPTION_LETTERS, Record
 from medmo_trainer.eval import metrics
 
@@ -32,17 +33,16 @@ RECALL_AT = (1, 2)
 """The k of the retrieval recall@k metrics."""
 
 METRIC_NAMES: tuple[str, ...] = (
-    "vqa_closed_acc",
-    "vqa_open_acc",
-    "report_rougeL",
-    "report_f1",
-    "caption_rougeL",
-    "grounding_miou",
-    "grounding_acc50",
-    *(f"retrieval_r{k}" for k in RECALL_AT),
+    "vqaClosedAcc",
+    "vqaOpenAcc",
+    "reportRougeL",
+    "reportF1",
+    "captionRougeL",
+    "groundingMiou",
+    "groundingAcc50",
+    *(f"retrievalR{k}" for k in RECALL_AT),
 )
-TASKS = ("caption", "vqa", "report", "retrieval", "grounding")
-COUNT_NAMES: tuple[str, ...] = ("samples", "unparseable", *(f"unparseable_{task}" for task in TASKS))
+COUNT_NAMES: tuple[str, ...] = ("samples", "unparseable", *(f"unparseable{task.capitalize()}" for task in ALL_TASKS))
 
 
 def retrieval_ranking(prediction: str, options: Sequence[str], letter_scores: Mapping[str, float] | None = None) -> list[str]:
@@ -71,7 +71,7 @@ class BenchmarkScorer:
         readable = getattr(self, f"_score_{record.task}")(record, completion, letter_scores)
         if not readable:
             self.counts["unparseable"] += 1
-            self.counts[f"unparseable_{record.task}"] += 1
+            self.counts[f"unparseable{record.task.capitalize()}"] += 1
 
     def _observe(self, name: str, value: float | None) -> bool:
         """Adds one observation (None scores 0); returns whether the value was readable."""
@@ -81,28 +81,28 @@ class BenchmarkScorer:
 
     def _score_vqa(self, record: Record, completion: str, _scores) -> bool:
         if record.answer_type == "closed":
-            return self._observe("vqa_closed_acc", metrics.closed_vqa_accuracy(completion, record.answer, record.options))
-        return self._observe("vqa_open_acc", metrics.open_vqa_accuracy(completion, record.answer))
+            return self._observe("vqaClosedAcc", metrics.closed_vqa_accuracy(completion, record.answer, record.options))
+        return self._observe("vqaOpenAcc", metrics.open_vqa_accuracy(completion, record.answer))
 
     def _score_report(self, record: Record, completion: str, _scores) -> bool:
-        self._observe("report_rougeL", metrics.rouge_l(completion, record.answer))
-        return self._observe("report_f1", metrics.report_finding_f1(completion, record.answer))
+        self._observe("reportRougeL", metrics.rouge_l(completion, record.answer))
+        return self._observe("reportF1", metrics.report_finding_f1(completion, record.answer))
 
     def _score_caption(self, record: Record, completion: str, _scores) -> bool:
-        self._observe("caption_rougeL", metrics.rouge_l(completion, record.answer))
+        self._observe("captionRougeL", metrics.rouge_l(completion, record.answer))
         return bool(extract_answer(completion))
 
     def _score_grounding(self, record: Record, completion: str, _scores) -> bool:
         score = metrics.score_grounding(completion, [box.box for box in record.boxes])
         for iou in score.ious:
-            self._observe("grounding_miou", iou)
-            self._observe("grounding_acc50", float(iou >= metrics.IOU_THRESHOLD))
+            self._observe("groundingMiou", iou)
+            self._observe("groundingAcc50", float(iou >= metrics.IOU_THRESHOLD))
         return score.readable
 
     def _score_retrieval(self, record: Record, completion: str, letter_scores) -> bool:
         ranking = retrieval_ranking(completion, record.options, letter_scores)
         for k in RECALL_AT:
-            self._observe(f"retrieval_r{k}", metrics.recall_at_k([ranking], [record.answer], k))
+            self._observe(f"retrievalR{k}", metrics.recall_at_k([ranking], [record.answer], k))
         return vqa_accuracy(extract_answer(completion), record.answer, record.options) is not None
 
     def totals(self) -> list[float]:

@@ -75,7 +75,7 @@ def rope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor
 def encode_sample(processor: VLProcessor, record: Record, image: Image.Image, *, image_size: int,
                   max_seq_length: int) -> EncodedSample:
     """Tokenises a record for training; answers longer than the budget are cut (`truncated`), a prompt
-    that alone fills `max_seq_length` raises MalformedRecordError('too_long')."""
+    that alone fills `max_seq_length` raises MalformedRecordError('tooLong')."""
     vision = processor.encode_images([image], image_size)
     prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
     prompt = processor.expand_image_tokens(prompt, vision["image_grid_thw"])
@@ -83,7 +83,7 @@ def encode_sample(processor: VLProcessor, record: Record, image: Image.Image, *,
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(record.answer + IM_END, add_special_tokens=False)["input_ids"]
     if len(prompt_ids) >= max_seq_length:
-        raise MalformedRecordError("too_long", f"prompt of {len(prompt_ids)} tokens >= maxSeqLength {max_seq_length}")
+        raise MalformedRecordError("tooLong", f"prompt of {len(prompt_ids)} tokens >= maxSeqLength {max_seq_length}")
     room = max_seq_length - len(prompt_ids)
     truncated = len(answer_ids) > room
     answer_ids = answer_ids[:room]

@@ -51,6 +51,8 @@ class RolloutBatch:
     step: int
     samples: list[Sample]
     metrics: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    """Running totals: worker failovers so far."""
     skipped: Counter[str] = field(default_factory=Counter)
     """Prompts dropped this step, by reason (unreadable image...)."""
 
@@ -129,17 +131,16 @@ class RolloutController:
         metrics = reward_metrics(scored)
         metrics.update(
             {
-                "rollout_tokens_per_second": generated_tokens / max(generation_seconds, 1e-9),
-                "rollout_seconds": generation_seconds,
-                "policy_version": float(min(versions)),
-                "truncated_fraction": sum(s.truncated for s in samples) / len(samples),
-                "completion_length": sum(len(s.token_ids) for s in samples) / len(samples),
-                "rollout_failovers": float(self.rollout.total_failovers()),
-                "reward_failovers": float(self.reward.total_failovers()),
-                **{f"parse_failures/{k}": float(v) for k, v in parse_failures.items()},
+                "rolloutTokensPerSecond": generated_tokens / max(generation_seconds, 1e-9),
+                "rolloutSeconds": generation_seconds,
+                "policyVersion": float(min(versions)),
+                "truncatedFraction": sum(s.truncated for s in samples) / len(samples),
+                "completionLength": sum(len(s.token_ids) for s in samples) / len(samples),
+                **{f"parseFailures/{k}": float(v) for k, v in parse_failures.items()},
             }
         )
-        return RolloutBatch(step=step, samples=samples, metrics=metrics, skipped=skipped)
+        counters = {"rolloutFailovers": self.rollout.total_failovers(), "rewardFailovers": self.reward.total_failovers()}
+        return RolloutBatch(step=step, samples=samples, metrics=metrics, counters=counters, skipped=skipped)
 
     def generate(self, records: list[dict], step: int, policy: PolicyRef):
         """(prompt, completions) per usable record, prompts dropped by reason, tokens, worker versions."""
@@ -165,7 +166,7 @@ class RolloutController:
         for body, response in zip(bodies, responses):
             for prompt, result in zip(body["prompts"], response["results"]):
                 if result.get("error") or len(result["completions"]) != self.algorithm.group_size:
-                    skipped["bad_image" if "image" in result.get("error", "") else "rollout_error"] += 1
+                    skipped["badImage" if "image" in result.get("error", "") else "rolloutError"] += 1
                     continue
                 groups.append((prompt, result["completions"]))
         tokens = sum(r["generatedTokens"] for r in responses)
@@ -195,7 +196,7 @@ class RolloutController:
 
 
 def reward_metrics(scored: list[dict]) -> dict[str, float]:
-    """`reward/<component>` mean and `reward_std/<component>` spread over the samples it applies to."""
+    """`reward/<component>` mean and `rewardStd/<component>` spread over the samples it applies to."""
     metrics = {}
     columns = {"total": [s["total"] for s in scored]}
     for name in scored[0]["components"]:
@@ -204,5 +205,5 @@ def reward_metrics(scored: list[dict]) -> dict[str, float]:
         if values:
             array = np.asarray(values, dtype=float)
             metrics[f"reward/{name}"] = float(array.mean())
-            metrics[f"reward_std/{name}"] = float(array.std())
+            metrics[f"rewardStd/{name}"] = float(array.std())
     return metrics

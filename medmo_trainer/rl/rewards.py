@@ -106,7 +106,7 @@ class BoxReward:
     def _truths(self, task: str | None, answer: str | None, reference_boxes: list | None) -> list[Box] | None:
         if reference_boxes is not None:
             truths = [coerce_box(b.get("box") if isinstance(b, dict) else b) for b in reference_boxes]
-            self.stats["malformed_reference"] += sum(t is None for t in truths)
+            self.stats["malformedReference"] += sum(t is None for t in truths)
             return [t for t in truths if t is not None]
         if task == "grounding" and answer is not None:
             return parse_boxes(answer).boxes
@@ -116,7 +116,7 @@ class BoxReward:
         if truths is None:
             return None
         parsed = parse_boxes(completion)
-        self.stats["malformed_boxes"] += parsed.malformed
+        self.stats["malformedBoxes"] += parsed.malformed
         if truths and not parsed.found_block:
             self.stats["unparseable"] += 1
         return box_reward(parsed.boxes, truths, parsed.malformed, self.lambda_fn, self.lambda_fp)

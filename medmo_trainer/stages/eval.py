@@ -6,10 +6,11 @@ size); the metric sums are all-reduced, so every world size gives the same numbe
 
 - stage metrics in the progress reports (hence in `status.stages[].metrics`): `<benchmark>/<metric>`
   for the stage's own model, `<name>/<benchmark>/<metric>` for each of `evaluation.compareModels`,
-  plus the counts `.../samples`, `.../unparseable` and `.../skipped` (malformed records, unreadable images);
+  and under the same keys the counts `.../samples`, `.../unparseable` and `.../skipped` (malformed
+  records, unreadable images) in the reports' counters (hence in `status.stages[].counters`);
 - `<storage>/<stage>/metrics.json`, which the run report reads:
 
-      {"stage": ..., "benchmarks": [names], "metrics": {the flat keys above},
+      {"stage": ..., "benchmarks": [names], "metrics": {the flat metrics}, "counters": {the flat counts},
        "models": [{"name", "uri", "benchmarks": {bench: {metric: mean}}, "counts": {bench: {count: n}}}]}
 """
 
@@ -38,7 +39,7 @@ from medmo_trainer.stages import StageResult, register
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-SUMMARY_METRICS = ("grounding_miou", "vqa_closed_acc", "report_rougeL")
+SUMMARY_METRICS = ("groundingMiou", "vqaClosedAcc", "reportRougeL")
 """Metrics of the stage's own model named in the one-line termination summary."""
 
 
@@ -85,8 +86,9 @@ class Evaluator:
     def run(self) -> StageResult:
         results = [self._evaluate_model(name, uri) for name, uri in self.models]
         flat = flat_metrics(results, own_model=self.config.evaluation.model_name)
+        counters = flat_counters(results, own_model=self.config.evaluation.model_name)
         if self.context.is_main:
-            self._write_metrics_file(results, flat)
+            self._write_metrics_file(results, flat, counters)
         self.context.barrier()
         summary = ", ".join(
             f"{benchmark.spec.name}/{metric} {value:.4f}"
@@ -94,7 +96,7 @@ class Evaluator:
             for metric in SUMMARY_METRICS
             if (value := results[0].benchmarks[benchmark.spec.name].get(metric)) is not None
         )
-        self._report("Succeeded", metrics=flat, message=f"metrics written to {self._metrics_uri()}")
+        self._report("Succeeded", metrics=flat, counters=counters, message=f"metrics written to {self._metrics_uri()}")
         return StageResult(steps=self.step, output_uri=None, summary=f"eval: {summary or 'no scores'}")
 
     def _evaluate_model(self, name: str, uri: str) -> ModelResult:
@@ -125,20 +127,22 @@ class Evaluator:
             logger.info("model %s on %s: %s (%s)", name, benchmark.spec.name, means, counts)
         return result
 
-    def _report(self, phase: str, metrics: dict[str, float] | None = None, message: str = "") -> None:
+    def _report(self, phase: str, metrics: dict[str, float] | None = None, counters: dict[str, int] | None = None,
+                message: str = "") -> None:
         self.reporter.report(Progress(
             run=self.config.run, stage=self.config.stage, phase=phase, step=self.step,
-            total_steps=self.total_steps, metrics=metrics or {}, message=message,
+            total_steps=self.total_steps, metrics=metrics or {}, counters=counters or {}, message=message,
         ))
 
     def _metrics_uri(self) -> str:
         return join(self.config.storage.uri, self.config.stage, METRICS_FILE)
 
-    def _write_metrics_file(self, results: Sequence[ModelResult], flat: dict[str, float]) -> None:
+    def _write_metrics_file(self, results: Sequence[ModelResult], flat: dict[str, float], counters: dict[str, int]) -> None:
         document = {
             "stage": self.config.stage,
             "benchmarks": [b.spec.name for b in self.benchmarks],
             "metrics": flat,
+            "counters": counters,
             "models": [vars(result) for result in results],
         }
         uri = self._metrics_uri()
@@ -223,11 +227,23 @@ def letter_scores(tokenizer, log_probs: torch.Tensor, options: int) -> dict[str,
 
 def flat_metrics(results: Sequence[ModelResult], own_model: str) -> dict[str, float]:
     """Flat status metrics: `<benchmark>/<name>` for the stage's own model, `<model>/<benchmark>/<name>` else."""
-    flat: dict[str, float] = {}
-    for result in results:
-        prefix = "" if result.name == own_model else f"{result.name}/"
-        for benchmark, means in result.benchmarks.items():
-            flat.update({f"{prefix}{benchmark}/{metric}": value for metric, value in means.items()})
-            counts = result.counts[benchmark]
-            flat.update({f"{prefix}{benchmark}/{name}": float(counts[name]) for name in ("samples", "unparseable", "skipped")})
-    return flat
+    return {
+        f"{_prefix(result, own_model)}{benchmark}/{metric}": value
+        for result in results
+        for benchmark, means in result.benchmarks.items()
+        for metric, value in means.items()
+    }
+
+
+def flat_counters(results: Sequence[ModelResult], own_model: str) -> dict[str, int]:
+    """Flat status counters, keyed like `flat_metrics`: samples, unparseable and skipped per benchmark."""
+    return {
+        f"{_prefix(result, own_model)}{benchmark}/{name}": counts[name]
+        for result in results
+        for benchmark, counts in result.counts.items()
+        for name in ("samples", "unparseable", "skipped")
+    }
+
+
+def _prefix(result: ModelResult, own_model: str) -> str:
+    return "" if result.name == own_model else f"{result.name}/"

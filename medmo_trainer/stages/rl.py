@@ -31,7 +31,7 @@ from medmo_trainer.dist import DistContext
 from medmo_trainer.exit_codes import ConfigError, StorageError
 from medmo_trainer.fsio import join, url_to_fs
 from medmo_trainer.metrics_log import MetricsLog
-from medmo_trainer.progress import Progress, ProgressReporter
+from medmo_trainer.progress import GRAD_NORM, LEARNING_RATE, LOSS, Progress, ProgressReporter, data_counters
 from medmo_trainer.rl.controller import PolicyRef, PromptSampler, RolloutBatch, RolloutController, Sample
 from medmo_trainer.rl.grpo import clipped_policy_loss, completion_mask
 from medmo_trainer.rl.policy import completion_logprobs
@@ -56,6 +56,19 @@ class UpdateMetrics:
     clip_fraction: float
     kl: float
     tokens: int
+
+
+def rl_progress(config: StageConfig, step: int, total_steps: int, batch: RolloutBatch | None,
+                update: UpdateMetrics | None, skipped: Counter[str], last_checkpoint: str | None, phase: str,
+                message: str = "") -> Progress:
+    """The progress report of an RL stage: the step's rollout and update metrics, and its counters."""
+    metrics = dict(batch.metrics) if batch is not None else {}
+    if update is not None:
+        metrics.update({LOSS: update.loss, LEARNING_RATE: update.learning_rate, GRAD_NORM: update.grad_norm,
+                        "kl": update.kl, "clipFraction": update.clip_fraction})
+    counters = {**data_counters(None, skipped), **(batch.counters if batch is not None else {})}
+    return Progress(run=config.run, stage=config.stage, phase=phase, step=step, total_steps=total_steps,
+                    last_checkpoint=last_checkpoint, message=message, metrics=metrics, counters=counters)
 
 
 class PolicyPublisher:
@@ -248,22 +261,12 @@ class GRPOLearner:
     def report(self, batch: RolloutBatch | None, update: UpdateMetrics | None, phase: str, message: str = "") -> None:
         if not self.context.is_main:
             return
-        metrics: dict[str, float] = dict(batch.metrics) if batch is not None else {}
-        if update is not None:
-            metrics.update({"loss": update.loss, "kl": update.kl, "clip_fraction": update.clip_fraction,
-                            "grad_norm": update.grad_norm})
-        skipped = dict(self.sampler.skipped + (batch.skipped if batch is not None else Counter()))
-        progress = Progress(
-            run=self.config.run, stage=self.config.stage, phase=phase, step=self.step, total_steps=self.total_steps,
-            loss=update.loss if update else None, learning_rate=update.learning_rate if update else None,
-            grad_norm=update.grad_norm if update else None,
-            tokens_per_second=metrics.get("rollout_tokens_per_second"),
-            skipped_records=sum(skipped.values()), skipped_by_reason=skipped,
-            last_checkpoint=self.checkpoints.last_committed_uri, message=message, metrics=metrics,
-        )
+        skipped = self.sampler.skipped + (batch.skipped if batch is not None else Counter())
+        progress = rl_progress(self.config, self.step, self.total_steps, batch, update, skipped,
+                               self.checkpoints.last_committed_uri, phase, message)
         self.reporter.report(progress)
         if batch is not None:
-            self.metrics_log.log(self.step, metrics)
+            self.metrics_log.log(self.step, progress.metrics)
 
     def export(self) -> None:
         """Writes the trained policy in Hugging Face format to the stage's output URI."""

@@ -34,7 +34,16 @@ from medmo_trainer.model import (
     load_model,
 )
 from medmo_trainer.metrics_log import MetricsLog
-from medmo_trainer.progress import Progress, ProgressReporter
+from medmo_trainer.progress import (
+    GRAD_NORM,
+    LEARNING_RATE,
+    LOSS,
+    SAMPLES_PER_SECOND,
+    TOKENS_PER_SECOND,
+    Progress,
+    ProgressReporter,
+    data_counters,
+)
 from medmo_trainer.stages import StageResult, register
 from medmo_trainer.strategies import TrainingStrategy, build_strategy
 from medmo_trainer.telemetry import Telemetry
@@ -61,6 +70,23 @@ class StepMetrics:
     samples: int
     seconds: float
     data: DataCounts
+
+    def as_metrics(self) -> dict[str, float]:
+        """The step's progress metrics."""
+        return {
+            LOSS: self.loss, LEARNING_RATE: self.learning_rate, GRAD_NORM: self.grad_norm,
+            TOKENS_PER_SECOND: self.tokens / self.seconds, SAMPLES_PER_SECOND: self.samples / self.seconds,
+        }
+
+
+def training_progress(config: StageConfig, step: int, total_steps: int, metrics: StepMetrics | None, data: DataCounts,
+                      last_checkpoint: str | None, phase: str, message: str = "") -> Progress:
+    """The progress report of a supervised stage (pretrain, sft)."""
+    return Progress(
+        run=config.run, stage=config.stage, phase=phase, step=step, total_steps=total_steps,
+        last_checkpoint=last_checkpoint, message=message, metrics=metrics.as_metrics() if metrics is not None else {},
+        counters=data_counters(data.records_read, data.skipped_by_reason),
+    )
 
 
 class Trainer:
@@ -194,31 +220,12 @@ class Trainer:
 
     def _report(self, metrics: StepMetrics | None, phase: str, message: str = "") -> None:
         data = metrics.data if metrics else self._data_counts(self.context.sum_all(self._local_data_counts()))
-        progress = Progress(
-            run=self.config.run,
-            stage=self.config.stage,
-            phase=phase,
-            step=self.step,
-            total_steps=self.total_steps,
-            records_read=data.records_read,
-            skipped_records=sum(data.skipped_by_reason.values()),
-            skipped_by_reason=data.skipped_by_reason,
-            last_checkpoint=self.checkpoints.last_committed_uri,
-            message=message,
-        )
-        if metrics is not None:
-            progress.loss = metrics.loss
-            progress.learning_rate = metrics.learning_rate
-            progress.grad_norm = metrics.grad_norm
-            progress.tokens_per_second = metrics.tokens / metrics.seconds
-            progress.samples_per_second = metrics.samples / metrics.seconds
-            if phase == "Running":
-                self.telemetry.record_step(metrics.loss, metrics.tokens, metrics.samples, metrics.seconds)
-                if self.metrics_log is not None:
-                    self.metrics_log.log(self.step, {
-                        "loss": metrics.loss, "learningRate": metrics.learning_rate, "gradNorm": metrics.grad_norm,
-                        "tokensPerSecond": progress.tokens_per_second, "samplesPerSecond": progress.samples_per_second,
-                    })
+        progress = training_progress(self.config, self.step, self.total_steps, metrics, data,
+                                     self.checkpoints.last_committed_uri, phase, message)
+        if metrics is not None and phase == "Running":
+            self.telemetry.record_step(metrics.loss, metrics.tokens, metrics.samples, metrics.seconds)
+            if self.metrics_log is not None:
+                self.metrics_log.log(self.step, progress.metrics)
         self.reporter.report(progress)
 
     def _local_data_counts(self) -> list[float]:
@@ -266,11 +273,16 @@ def run_training_stage(config: StageConfig, context: DistContext) -> StageResult
 
 
 def load_stage_model(config: StageConfig) -> Any:
-    """The stage's starting model and processor; a source that cannot be loaded is a ModelError."""
+    """The stage's starting model and processor; a source that cannot be loaded is a ModelError.
+
+    The processor resizes images under the stage's pixel budget, and the export records it, so the
+    exported model's stock processor prepares images as this stage trained on them."""
     try:
-        return load_model(config.model)
+        loaded = load_model(config.model)
     except (ModelUnavailableError, UnsupportedModelError) as error:
         raise ModelError(str(error)) from error
+    loaded.processor.set_image_size(config.hyperparameters.image_size)
+    return loaded
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

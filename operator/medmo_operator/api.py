@@ -497,7 +497,11 @@ class StageStatus(ConfigModel):
     last_checkpoint: str | None = None
     """URI of the last committed checkpoint."""
     metrics: dict[str, float] = Field(default_factory=dict)
-    """Latest metrics: loss, learningRate, tokensPerSecond, rewards, eval scores."""
+    """Latest metrics the trainer reported (`medmo_trainer.progress.Progress.metrics`): loss,
+    learningRate, gradNorm, tokensPerSecond, reward/<component>, eval scores."""
+    counters: dict[str, int] = Field(default_factory=dict)
+    """Running totals the trainer reported (`Progress.counters`): recordsRead, skippedRecords,
+    skipped/<reason>, eval sample counts."""
     message: Annotated[str, Field(max_length=4096)] | None = None
     """Why the stage is in its phase (e.g. the trainer's termination message)."""
     start_time: datetime | None = None

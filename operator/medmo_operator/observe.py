@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from medmo_operator import render
-from medmo_operator.plan import JobObservation, ProgressReport
+from medmo_operator.plan import JobObservation
 
 Obj = Mapping[str, Any]
 
@@ -85,20 +85,3 @@ def _unschedulable(pods: list[Obj]) -> str | None:
             if condition.get("type") == "PodScheduled" and condition.get("status") == "False" and condition.get("reason") == "Unschedulable":
                 return f"pod {_get(pod, 'metadata', 'name')} cannot be scheduled: {condition.get('message', '')}".strip()
     return None
-
-
-def progress_report(body: Obj) -> ProgressReport:
-    """A trainer's progress JSON as the plan folds it: numbers other than the step counters are metrics."""
-    metrics = {}
-    nested = body.get("metrics") or {}
-    for key, value in [*body.items(), *nested.items()]:
-        if key in ("step", "totalSteps", "metrics", "timestamp", "attempt") or isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        metrics[key] = float(value)
-    total = body.get("totalSteps")
-    return ProgressReport(
-        step=int(body.get("step", 0)),
-        total_steps=int(total) if isinstance(total, int | float) else None,
-        last_checkpoint=body.get("lastCheckpoint") if isinstance(body.get("lastCheckpoint"), str) else None,
-        metrics=metrics,
-    )

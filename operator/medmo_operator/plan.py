@@ -15,6 +15,7 @@ from typing import Any
 from medmo_operator import api, render
 from medmo_operator.api import ConditionType, Phase
 from medmo_trainer.exit_codes import NON_RETRYABLE
+from medmo_trainer.progress import Progress
 
 # -- what was observed ------------------------------------------------------------------------
 
@@ -43,22 +44,12 @@ class JobObservation:
 
 
 @dataclass(frozen=True)
-class ProgressReport:
-    """The latest progress a stage's rank 0 reported."""
-
-    step: int
-    total_steps: int | None = None
-    last_checkpoint: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class Observed:
     """Children and progress of one run, as seen now."""
 
     jobs: dict[str, JobObservation] = field(default_factory=dict)
     """Latest-attempt learner Job by stage name."""
-    progress: dict[str, ProgressReport] = field(default_factory=dict)
+    progress: dict[str, Progress] = field(default_factory=dict)
     """Latest progress report by stage name."""
 
 
@@ -372,6 +363,7 @@ def _fold_progress(status: api.MedMOTrainingStatus, observed: Observed) -> None:
         if report.last_checkpoint:
             record.last_checkpoint = report.last_checkpoint
         record.metrics = {**record.metrics, **report.metrics}
+        record.counters = {**record.counters, **report.counters}
 
 
 # -- conditions -------------------------------------------------------------------------------

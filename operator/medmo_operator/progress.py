@@ -1,6 +1,7 @@
 """The operator's progress endpoint: trainer rank 0 posts its progress here, per run, with a token.
 
-Reports are checked (the run's HMAC token), bounded in size, and kept in memory as the latest
+Reports are checked (the run's HMAC token, and the body against the trainer's own contract,
+`medmo_trainer.progress.Progress`), bounded in size, and kept in memory as the latest
 report per stage; the reconcile loop folds them into the resource's status at its own pace, so a
 chatty trainer never turns into a storm of status writes. Nothing here writes to the API server,
 and the operator needs no storage credentials.
@@ -16,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from pydantic import ValidationError
 
-from medmo_operator import observe, render
-from medmo_operator.plan import ProgressReport
+from medmo_operator import render
+from medmo_trainer.progress import Progress
 
 MAX_REPORT_BYTES = 64 * 1024
 log = logging.getLogger(__name__)
@@ -29,13 +31,13 @@ class ProgressStore:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._reports: dict[tuple[str, str], dict[str, ProgressReport]] = {}
+        self._reports: dict[tuple[str, str], dict[str, Progress]] = {}
 
-    def put(self, namespace: str, run: str, stage: str, report: ProgressReport) -> None:
+    def put(self, namespace: str, run: str, stage: str, report: Progress) -> None:
         with self._lock:
             self._reports.setdefault((namespace, run), {})[stage] = report
 
-    def latest(self, namespace: str, run: str) -> dict[str, ProgressReport]:
+    def latest(self, namespace: str, run: str) -> dict[str, Progress]:
         with self._lock:
             return dict(self._reports.get((namespace, run), {}))
 
@@ -77,9 +79,11 @@ class ProgressEndpoint:
             return _error(413, f"progress reports are limited to {MAX_REPORT_BYTES} bytes")
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "the body must be a JSON object")
-        if not isinstance(body, dict) or not isinstance(body.get("stage"), str) or not isinstance(body.get("step"), int):
-            return _error(400, "a progress report needs `stage` (string) and `step` (integer)")
-        self.store.put(namespace, name, body["stage"], observe.progress_report(body))
+        try:
+            report = Progress.model_validate(body)
+        except ValidationError as error:
+            return _error(400, f"not a progress report: {error}")
+        self.store.put(namespace, name, report.stage, report)
         return web.json_response({"accepted": True}, status=202)
 
 

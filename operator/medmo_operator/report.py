@@ -23,10 +23,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from medmo_trainer.fsio import join, url_to_fs
-from medmo_trainer.metrics_log import LOSS_KEY, REWARD_PREFIX, read_metrics_log, stage_log_uri
+from medmo_trainer.metrics_log import read_metrics_log, stage_log_uri
+from medmo_trainer.progress import LOSS, REWARD_PREFIX
 
 EVAL_METRICS_FILE = "metrics.json"
-GROUNDING_METRICS = ("grounding_miou", "grounding_acc50")
+GROUNDING_METRICS = ("groundingMiou", "groundingAcc50")
 EVAL_COUNTS = ("samples", "unparseable", "skipped")
 """Counts of an eval stage's metrics.json shown under its scores."""
 PLOT_SIZE = (8.0, 4.5)
@@ -124,9 +125,12 @@ def _stage_section(stage: Mapping, log: Sequence[Mapping], evaluation: Mapping |
         lines += [str(stage["message"]), ""]
     if evaluation is not None:
         lines += _eval_tables(evaluation)
-    elif stage.get("metrics"):
-        lines += markdown_table(["metric", "latest"], sorted(stage["metrics"].items()))
-    losses = [(r["step"], r[LOSS_KEY]) for r in log if isinstance(r.get(LOSS_KEY), (int, float))]
+    else:
+        if stage.get("metrics"):
+            lines += markdown_table(["metric", "latest"], sorted(stage["metrics"].items()))
+        if stage.get("counters"):
+            lines += markdown_table(["counter", "total"], sorted(stage["counters"].items()))
+    losses = [(r["step"], r[LOSS]) for r in log if isinstance(r.get(LOSS), (int, float))]
     if losses:
         first, last = losses[0], losses[-1]
         lines += [f"Loss {format_value(first[1])} at step {first[0]} -> {format_value(last[1])} at step {last[0]}.", ""]
@@ -161,7 +165,7 @@ def _save(figure: Figure, path: Path) -> Path:
 def plot_loss(logs: Mapping[str, Sequence[Mapping]], path: Path) -> Path | None:
     """Loss over steps, one line per stage with a logged loss; None when no stage logged one."""
     series = {
-        stage: [(r["step"], r[LOSS_KEY]) for r in records if isinstance(r.get(LOSS_KEY), (int, float))]
+        stage: [(r["step"], r[LOSS]) for r in records if isinstance(r.get(LOSS), (int, float))]
         for stage, records in logs.items()
     }
     series = {stage: points for stage, points in series.items() if points}

@@ -164,11 +164,11 @@ def test_the_readme_demo_succeeds_with_eval_metrics_a_report_and_rl_improving_gr
     assert status["phase"] == "Succeeded"
     assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 5
     bench = status["stages"][-1]["metrics"]
-    assert 0 <= bench["heldout/grounding_miou"] <= 1
-    assert bench["heldout/grounding_miou"] > bench["instruct/heldout/grounding_miou"], bench
+    assert 0 <= bench["heldout/groundingMiou"] <= 1
+    assert bench["heldout/groundingMiou"] > bench["instruct/heldout/groundingMiou"], bench
     report = Path(result.stdout.split("report: ")[1].split()[0])
     assert report.exists()
     for plot in ("loss.png", "rewards.png", "grounding_iou.png"):
         image = Image.open(report.parent / plot).convert("L")
         assert image.size[0] >= 400 and len(set(image.getdata())) > 2, plot
-    assert "grounding_miou" in report.read_text()
+    assert "groundingMiou" in report.read_text()

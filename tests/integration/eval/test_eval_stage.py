@@ -77,18 +77,19 @@ def test_eval_stage_scores_models_and_reports_metrics(tmp_path, benchmark):
 
     document = read_metrics(tmp_path)
     assert [m["name"] for m in document["models"]] == ["final", "before-rl"]
-    flat = document["metrics"]
+    flat, counters = document["metrics"], document["counters"]
     for prefix in ("heldout/", "before-rl/heldout/"):
         scores = {name: flat[prefix + name] for name in METRIC_NAMES}  # every task of the set is scored
         assert all(0.0 <= value <= 1.0 for value in scores.values()), scores
-        assert flat[prefix + "samples"] == records
-        assert flat[prefix + "skipped"] == 2  # the bad JSON line and the record whose image is absent
-        assert 0 <= flat[prefix + "unparseable"] <= records
+        assert counters[prefix + "samples"] == records
+        assert counters[prefix + "skipped"] == 2  # the bad JSON line and the record whose image is absent
+        assert 0 <= counters[prefix + "unparseable"] <= records
 
     final = progress_lines(result.stdout)[-1]
     assert final["phase"] == "Succeeded" and final["step"] == final["totalSteps"] > 0
-    assert final["metrics"] == pytest.approx(flat)  # what the operator folds into status.stages[].metrics
-    assert "heldout/grounding_miou" in (tmp_path / "termination.log").read_text()
+    # what the operator folds into status.stages[].metrics and .counters
+    assert final["metrics"] == pytest.approx(flat) and final["counters"] == counters
+    assert "heldout/groundingMiou" in (tmp_path / "termination.log").read_text()
 
 
 def test_two_ranks_give_the_one_rank_metrics(tmp_path, benchmark):
@@ -99,9 +100,9 @@ def test_two_ranks_give_the_one_rank_metrics(tmp_path, benchmark):
         # batch size 1: each record is computed alone, so greedy answers cannot depend on batch padding
         result = run_stage(folder, write_config(folder, uri, batchSize=1), nproc=nproc)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    one, two = read_metrics(single)["metrics"], read_metrics(double)["metrics"]
-    assert two["heldout/samples"] == records
-    assert two == pytest.approx(one)
+    one, two = read_metrics(single), read_metrics(double)
+    assert two["counters"]["heldout/samples"] == records
+    assert two["metrics"] == pytest.approx(one["metrics"]) and two["counters"] == one["counters"]
 
 
 def test_unreadable_benchmark_fails_with_a_data_error_naming_it(tmp_path):

@@ -30,7 +30,7 @@ def test_metrics_log_and_report_on_s3(s3_env, s3_bucket, tmp_path):
     assert [(r["step"], r["loss"]) for r in read_metrics_log(uri)] == [(1, 2.5), (2, 2.0), (3, 1.25)]
 
     evaluation = {"stage": "bench", "benchmarks": ["heldout"], "models": [
-        {"name": "final", "uri": "x", "benchmarks": {"heldout": {"grounding_miou": 0.375, "grounding_acc50": 0.25}}}]}
+        {"name": "final", "uri": "x", "benchmarks": {"heldout": {"groundingMiou": 0.375, "groundingAcc50": 0.25}}}]}
     fs, _ = fsspec.core.url_to_fs(storage, **s3_env.storage_options())
     fs.pipe_file(f"{storage}/bench/metrics.json", json.dumps(evaluation).encode())
 
@@ -38,5 +38,5 @@ def test_metrics_log_and_report_on_s3(s3_env, s3_bucket, tmp_path):
                                                {"name": "bench", "phase": "Succeeded", "step": 1}]}
     text = write_report(status, storage, tmp_path).read_text()
     assert "Loss 2.5 at step 1 -> 1.25 at step 3." in text
-    assert "| grounding_miou | 0.375 |" in text
+    assert "| groundingMiou | 0.375 |" in text
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "grounding_iou.png").stat().st_size > 1000

@@ -19,6 +19,8 @@ from urllib.parse import parse_qs, urlparse
 
 import yaml
 
+from medmo_trainer.progress import LOSS, Progress
+
 
 def _path(uri: str) -> Path:
     return Path(uri.removeprefix("file://"))
@@ -60,9 +62,8 @@ def _report(config: dict, step: int, total: int, checkpoint: str | None) -> None
     if not url:
         return
     token = Path(os.environ["MEDMO_PROGRESS_TOKEN_FILE"]).read_text().strip()
-    body = {"run": config["run"], "stage": config["stage"], "step": step, "totalSteps": total, "loss": 1.0 / step}
-    if checkpoint:
-        body["lastCheckpoint"] = checkpoint
+    body = Progress(run=config["run"], stage=config["stage"], step=step, total_steps=total, last_checkpoint=checkpoint,
+                    metrics={LOSS: 1.0 / step}).to_json()
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), method="POST",
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},

@@ -50,10 +50,10 @@ def test_two_rank_learner_reports_rewards_and_publishes_versions(start_worker, g
     assert [r["step"] for r in running] == [1, 2, 3] and reports[-1]["phase"] == "Succeeded"
     for report in running:
         metrics = report["metrics"]
-        assert 0.0 <= metrics["reward/bbox"] <= 1.0 and metrics["reward_std/bbox"] >= 0.0
-        assert metrics["rollout_tokens_per_second"] > 0 and "clip_fraction" in metrics and "kl" in metrics
+        assert 0.0 <= metrics["reward/bbox"] <= 1.0 and metrics["rewardStd/bbox"] >= 0.0
+        assert metrics["rolloutTokensPerSecond"] > 0 and "clipFraction" in metrics and "kl" in metrics
         # step t was sampled from the version published after step t-1
-        assert metrics["policy_version"] == report["step"] - 1
+        assert metrics["policyVersion"] == report["step"] - 1
     assert (tmp_path / "grpo" / "model" / "model.safetensors").exists()
     published = sorted(p.name for p in (tmp_path / "storage" / "grpo" / "policy").glob("*/v-*.safetensors"))
     assert published == ["v-2.safetensors", "v-3.safetensors"]  # older versions are pruned
@@ -66,7 +66,7 @@ def test_one_step_overlap_bounds_staleness(start_worker, grounding_data, tmp_pat
         train_stage(config, tmp_path / "grpo.log")
     running = [r for r in progress_lines(tmp_path / "grpo.log") if r["phase"] == "Running"]
     # batch t+1 is generated while the learner updates to t: from version t-1, never older
-    assert [r["metrics"]["policy_version"] for r in running] == [0, 0, 1]
+    assert [r["metrics"]["policyVersion"] for r in running] == [0, 0, 1]
 
 
 def test_killing_a_rollout_and_a_reward_worker_mid_run_the_run_finishes(start_worker, grounding_data, tmp_path):
@@ -92,8 +92,8 @@ def test_killing_a_rollout_and_a_reward_worker_mid_run_the_run_finishes(start_wo
                 learner.wait()
     reports = progress_lines(log)
     assert reports[-1]["phase"] == "Succeeded" and reports[-1]["step"] == steps
-    last = [r for r in reports if r["phase"] == "Running"][-1]["metrics"]
-    assert last["rollout_failovers"] >= 1 and last["reward_failovers"] >= 1
+    last = [r for r in reports if r["phase"] == "Running"][-1]["counters"]
+    assert last["rolloutFailovers"] >= 1 and last["rewardFailovers"] >= 1
 
 
 def test_a_restarted_stage_resumes_from_its_last_checkpoint(start_worker, grounding_data, tmp_path):
@@ -105,5 +105,5 @@ def test_a_restarted_stage_resumes_from_its_last_checkpoint(start_worker, ground
     running = [r for r in progress_lines(tmp_path / "resumed.log") if r["phase"] == "Running"]
     # the second attempt starts after the checkpoint of step 2 and republishes that policy as version 2
     assert [r["step"] for r in running] == [3, 4]
-    assert [r["metrics"]["policy_version"] for r in running] == [2, 3]
+    assert [r["metrics"]["policyVersion"] for r in running] == [2, 3]
     assert running[0]["lastCheckpoint"].endswith("step-2")

@@ -22,7 +22,7 @@ MALFORMED = [
     json.dumps({"id": "m-image", "task": "caption", "image": "images/no-such-scan.png",
                 "prompt": "Describe the scan in one sentence.", "answer": "Scan with no nodule."}),
 ]
-EXPECTED_REASONS = {"bad_json", "unknown_task", "bad_box", "missing_image"}
+EXPECTED_REASONS = {"badJson", "unknownTask", "badBox", "missingImage"}
 
 
 def test_unreadable_dataset_fails_not_retryable_naming_the_uri(tmp_path, synthetic_data):
@@ -51,9 +51,11 @@ def test_malformed_records_are_skipped_and_counted_in_progress(tmp_path, synthet
     assert_succeeded(run)
     final = run.final
     assert final["phase"] == "Succeeded"
-    assert set(final["skippedByReason"]) == EXPECTED_REASONS
-    assert final["skippedRecords"] == sum(final["skippedByReason"].values()) >= len(MALFORMED)
-    assert final["recordsRead"] >= len(lines)
+    counters = final["counters"]
+    by_reason = {key.removeprefix("skipped/"): n for key, n in counters.items() if key.startswith("skipped/")}
+    assert set(by_reason) == EXPECTED_REASONS
+    assert counters["skippedRecords"] == sum(by_reason.values()) >= len(MALFORMED)
+    assert counters["recordsRead"] >= len(lines)
 
 
 def test_invalid_config_exits_with_the_config_code_naming_the_field(tmp_path, synthetic_data):

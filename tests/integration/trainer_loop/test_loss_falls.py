@@ -32,7 +32,7 @@ def test_ddp_loss_falls_and_progress_reaches_the_endpoint_with_the_token(tmp_pat
     last = sink.received[-1][1]
     assert last["phase"] == "Succeeded" and last["step"] == STEPS and last["totalSteps"] == STEPS
     assert last["lastCheckpoint"].endswith(f"step-{STEPS}")
-    assert last["tokensPerSecond"] > 0 and last["samplesPerSecond"] > 0
+    assert last["metrics"]["tokensPerSecond"] > 0 and last["metrics"]["samplesPerSecond"] > 0
 
 
 def test_fsdp_loss_falls_while_the_progress_endpoint_is_down(tmp_path, synthetic_data):
@@ -56,4 +56,4 @@ def test_deepspeed_loss_falls(tmp_path, synthetic_data, strategy, extra):
     assert_succeeded(run)
     assert_loss_falls(run.losses)
     samples_per_step = 2 * 4 * extra.get("gradientAccumulationSteps", 1)  # ranks x batch x accumulation
-    assert run.final["recordsRead"] >= STEPS * samples_per_step
+    assert run.final["counters"]["recordsRead"] >= STEPS * samples_per_step

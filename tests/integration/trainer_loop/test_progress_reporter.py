@@ -24,15 +24,15 @@ def test_reports_carry_the_token_from_the_mounted_file_and_follow_its_rotation(t
     with ProgressSink() as sink:
         reporter = ProgressReporter(enabled=True, url=sink.url, token="ignored-when-file", token_file=str(token_file),
                                     stream=stream)
-        reporter.report(Progress(run="r", stage="s", step=1, total_steps=3, loss=2.5))
+        reporter.report(Progress(run="r", stage="s", step=1, total_steps=3, metrics={"loss": 2.5}))
         wait_for(lambda: len(sink.received) == 1)
         token_file.write_text("second\n")
-        reporter.report(Progress(run="r", stage="s", step=2, total_steps=3, loss=2.0))
+        reporter.report(Progress(run="r", stage="s", step=2, total_steps=3, metrics={"loss": 2.0}))
         reporter.close()
     assert [auth for auth, _ in sink.received] == ["Bearer first", "Bearer second"]
     assert sink.received[1][1]["step"] == 2 and sink.received[1][1]["totalSteps"] == 3
     logged = [json.loads(line.removeprefix(LOG_PREFIX)) for line in stream.getvalue().splitlines()]
-    assert [r["loss"] for r in logged] == [2.5, 2.0], "every report is also a stdout line"
+    assert [r["metrics"]["loss"] for r in logged] == [2.5, 2.0], "every report is also a stdout line"
 
 
 def test_a_down_endpoint_never_blocks_and_the_latest_report_wins_once_it_is_back(tmp_path):

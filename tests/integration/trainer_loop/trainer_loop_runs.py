@@ -56,7 +56,7 @@ class StageRun:
     @property
     def losses(self) -> dict[int, float]:
         """Loss of each optimizer step, from the per-step progress lines of rank 0."""
-        return {r["step"]: r["loss"] for r in self.reports if r["phase"] == "Running"}
+        return {r["step"]: r["metrics"]["loss"] for r in self.reports if r["phase"] == "Running"}
 
     @property
     def final(self) -> dict:

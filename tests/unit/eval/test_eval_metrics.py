@@ -93,7 +93,7 @@ def test_score_grounding_parses_text_and_counts_boxes():
 
 def test_grounding_summary_mean_iou_and_acc50():
     # ious 1.0, 0.9, 0.3, 0.0 -> mean 0.55; >= 0.5: 2 of 4 -> 0.5
-    assert grounding_summary([1.0, 0.9, 0.3, 0.0]) == pytest.approx({"grounding_miou": 0.55, "grounding_acc50": 0.5})
+    assert grounding_summary([1.0, 0.9, 0.3, 0.0]) == pytest.approx({"groundingMiou": 0.55, "groundingAcc50": 0.5})
     assert grounding_summary([]) == {}
 
 
@@ -146,15 +146,15 @@ def test_scorer_means_counts_and_shards_combine():
     means, counts = BenchmarkScorer.summary(reduced)
     assert means == pytest.approx(
         {
-            "vqa_closed_acc": 0.5,  # 1 of 2
-            "vqa_open_acc": 0.0,
-            "grounding_miou": 0.25,  # (1 + 0 + 0 + 0) / 4 boxes
-            "grounding_acc50": 0.25,
-            "retrieval_r1": 1.0,
-            "retrieval_r2": 1.0,
+            "vqaClosedAcc": 0.5,  # 1 of 2
+            "vqaOpenAcc": 0.0,
+            "groundingMiou": 0.25,  # (1 + 0 + 0 + 0) / 4 boxes
+            "groundingAcc50": 0.25,
+            "retrievalR1": 1.0,
+            "retrievalR2": 1.0,
         }
     )
-    assert "report_rougeL" not in means  # no report records: no metric, rather than a fake 0
+    assert "reportRougeL" not in means  # no report records: no metric, rather than a fake 0
     assert counts["samples"] == 6
     assert counts["unparseable"] == 2
-    assert counts["unparseable_vqa"] == 1 and counts["unparseable_grounding"] == 1
+    assert counts["unparseableVqa"] == 1 and counts["unparseableGrounding"] == 1

@@ -14,9 +14,10 @@ STATUS = {
     "phase": "Succeeded",
     "outputModel": "file:///runs/tiny/grpo/model",
     "stages": [
-        {"name": "ground", "phase": "Succeeded", "step": 4, "totalSteps": 4, "metrics": {"loss": 0.8125}},
+        {"name": "ground", "phase": "Succeeded", "step": 4, "totalSteps": 4, "metrics": {"loss": 0.8125},
+         "counters": {"recordsRead": 64, "skippedRecords": 2, "skipped/badJson": 2}},
         {"name": "grpo", "phase": "Succeeded", "step": 3, "totalSteps": 3, "metrics": {"reward/total": 0.61}},
-        {"name": "bench", "phase": "Succeeded", "step": 0, "metrics": {"heldout/grounding_miou": 0.4375}},
+        {"name": "bench", "phase": "Succeeded", "step": 0, "metrics": {"heldout/groundingMiou": 0.4375}},
     ],
 }
 LOSSES = [2.5, 1.75, 1.125, 0.8125]
@@ -26,10 +27,10 @@ EVAL = {
     "benchmarks": ["heldout"],
     "models": [
         {"name": "final", "uri": "file:///runs/tiny/grpo/model",
-         "benchmarks": {"heldout": {"grounding_miou": 0.4375, "grounding_acc50": 0.3125, "vqa_closed_acc": 0.6875}},
+         "benchmarks": {"heldout": {"groundingMiou": 0.4375, "groundingAcc50": 0.3125, "vqaClosedAcc": 0.6875}},
          "counts": {"heldout": {"samples": 34, "unparseable": 5, "skipped": 1}}},
         {"name": "before-rl", "uri": "file:///runs/tiny/instruct/model",
-         "benchmarks": {"heldout": {"grounding_miou": 0.1875, "grounding_acc50": 0.0625, "vqa_closed_acc": 0.5625}},
+         "benchmarks": {"heldout": {"groundingMiou": 0.1875, "groundingAcc50": 0.0625, "vqaClosedAcc": 0.5625}},
          "counts": {"heldout": {"samples": 34, "unparseable": 12, "skipped": 1}}},
     ],
 }
@@ -67,10 +68,11 @@ def test_report_tables_hold_the_run_numbers(tmp_path):
     assert "Loss 2.5 at step 1 -> 0.8125 at step 4." in text
     # eval: one column per model, one row per metric
     assert "| metric | final | before-rl |" in text
-    assert "| grounding_miou | 0.4375 | 0.1875 |" in text
-    assert "| vqa_closed_acc | 0.6875 | 0.5625 |" in text
+    assert "| groundingMiou | 0.4375 | 0.1875 |" in text
+    assert "| vqaClosedAcc | 0.6875 | 0.5625 |" in text
     assert "| unparseable | 5 | 12 |" in text
     assert "| reward/total | 0.61 |" in text  # RL stage: latest status metrics
+    assert "| recordsRead | 64 |" in text and "| skipped/badJson | 2 |" in text  # status counters
     for name in ("loss.png", "rewards.png", "grounding_iou.png"):
         assert f"]({name})" in text
         _assert_real_image(report.parent / name)
@@ -85,7 +87,7 @@ def test_grounding_bars_are_drawn_to_the_scores(tmp_path):
     pixels = _assert_real_image(out / "grounding_iou.png")
     # Changing the scores changes the picture: the plot is drawn from the file's numbers.
     higher = json.loads(json.dumps(EVAL))
-    higher["models"][1]["benchmarks"]["heldout"]["grounding_miou"] = 0.9
+    higher["models"][1]["benchmarks"]["heldout"]["groundingMiou"] = 0.9
     (storage / "bench" / "metrics.json").write_text(json.dumps(higher))
     write_report(STATUS, str(storage), tmp_path / "other")
     assert not np.array_equal(pixels, np.asarray(Image.open(tmp_path / "other" / "grounding_iou.png").convert("L")))

@@ -16,10 +16,10 @@ from medmo_operator.plan import (
     EnsureStage,
     JobObservation,
     Observed,
-    ProgressReport,
     SuspendJob,
     plan,
 )
+from medmo_trainer.progress import Progress
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -80,7 +80,7 @@ def test_stages_run_in_order_to_success_with_the_final_model():
 def test_a_retryable_failure_restarts_the_stage_as_a_new_attempt_and_counts_it():
     spec = _spec()
     status = plan(spec, None, Observed(), T0).status
-    progress = {"align": ProgressReport(step=12, total_steps=30, last_checkpoint="file:///c/step-10")}
+    progress = {"align": Progress(run="medmo-tiny", stage="align", step=12, total_steps=30, last_checkpoint="file:///c/step-10")}
     status = plan(spec, status, Observed(jobs={"align": _job("align", active=1)}, progress=progress), T0).status
 
     failed = _job("align", failed_condition=True, failure_reason="BackoffLimitExceeded", exit_code=137)
@@ -188,7 +188,7 @@ def test_ttl_after_finished_deletes_the_run(elapsed, deleted):
 def test_progress_is_folded_into_the_running_stage():
     spec = _spec()
     status = plan(spec, None, Observed(), T0).status
-    progress = {"align": ProgressReport(step=7, total_steps=30, last_checkpoint="file:///x/step-5", metrics={"loss": 1.5})}
+    progress = {"align": Progress(run="medmo-tiny", stage="align", step=7, total_steps=30, last_checkpoint="file:///x/step-5", metrics={"loss": 1.5})}
 
     result = plan(spec, status, Observed(jobs={"align": _job("align", active=1)}, progress=progress), T0)
 

@@ -10,6 +10,7 @@ from aiohttp import ClientSession, web
 
 from medmo_operator import render
 from medmo_operator.progress import MAX_REPORT_BYTES, ProgressEndpoint, ProgressStore
+from medmo_trainer.progress import Progress
 
 KEY = b"operator-key"
 RUN = render.RunRef(name="medmo-tiny", namespace="team-a", uid="uid-7")
@@ -44,7 +45,8 @@ def _exchange(store: ProgressStore, path: str, body, token: str | None) -> tuple
     return asyncio.run(go())
 
 
-GOOD = {"run": "medmo-tiny", "stage": "align", "step": 7, "totalSteps": 30, "loss": 1.25, "lastCheckpoint": "s3://b/c/step-5"}
+GOOD = Progress(run="medmo-tiny", stage="align", step=7, total_steps=30, last_checkpoint="s3://b/c/step-5",
+                metrics={"loss": 1.25}, counters={"recordsRead": 70}).to_json()
 
 
 def test_a_report_with_the_runs_token_is_stored_for_the_reconcile_to_fold():
@@ -54,7 +56,7 @@ def test_a_report_with_the_runs_token_is_stored_for_the_reconcile_to_fold():
 
     assert code == 202
     report = store.latest("team-a", "medmo-tiny")["align"]
-    assert (report.step, report.total_steps, report.metrics["loss"], report.last_checkpoint) == (7, 30, 1.25, "s3://b/c/step-5")
+    assert report.to_json() == GOOD
 
 
 @pytest.mark.parametrize(
@@ -79,6 +81,8 @@ def test_unknown_runs_and_malformed_reports_get_clear_errors():
     assert code == 400 and "JSON" in body["error"]
     code, body = _exchange(store, URL_PATH, {"step": "seven"}, token)
     assert code == 400 and "stage" in body["error"]
+    code, body = _exchange(store, URL_PATH, {**GOOD, "metrics": {"grad_norm": 1.0}}, token)
+    assert code == 400 and "grad_norm" in body["error"] and "camelCase" in body["error"]
     code, _ = _exchange(store, URL_PATH, {**GOOD, "padding": "x" * MAX_REPORT_BYTES}, token)
     assert code == 413
     assert store.latest("team-a", "medmo-tiny") == {}

@@ -22,7 +22,7 @@ def write_records(path, n, task="vqa"):
 def test_sampler_is_deterministic_by_step_and_skips_malformed(tmp_path):
     spec = DatasetSpec(name="a", uri=str(write_records(tmp_path / "a.jsonl", 20)))
     sampler = PromptSampler([spec], seed=3)
-    assert len(sampler) == 20 and sampler.skipped["bad_json"] == 1
+    assert len(sampler) == 20 and sampler.skipped["badJson"] == 1
     first = [r["id"] for r in sampler.sample(step=5, count=8)]
     assert first == [r["id"] for r in PromptSampler([spec], seed=3).sample(step=5, count=8)]  # resume-safe
     assert first != [r["id"] for r in sampler.sample(step=6, count=8)]
@@ -60,6 +60,6 @@ def test_reward_metrics_mean_and_spread_over_applicable_samples():
     metrics = reward_metrics(scored)
     # bbox: mean 0.5, population std sqrt(((0.5)^2 + (0.5)^2 + 0)/3) = 0.4082483
     assert metrics["reward/bbox"] == pytest.approx(0.5)
-    assert metrics["reward_std/bbox"] == pytest.approx(0.4082483)
-    assert metrics["reward/accuracy"] == 1.0 and metrics["reward_std/accuracy"] == 0.0  # one applicable sample
+    assert metrics["rewardStd/bbox"] == pytest.approx(0.4082483)
+    assert metrics["reward/accuracy"] == 1.0 and metrics["rewardStd/accuracy"] == 0.0  # one applicable sample
     assert metrics["reward/total"] == pytest.approx(0.5)

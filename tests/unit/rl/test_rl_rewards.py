@@ -102,7 +102,7 @@ def test_out_of_range_box_is_clipped_to_the_grid():
     # (-50, 100, 300, 1200) clips to (0, 100, 300, 1000), exactly the truth -> R = 1.
     values, stats = grounding(["<box>[[-50, 100, 300, 1200]]</box>"], [[[0, 100, 300, 1000]]])
     assert values == [pytest.approx(1.0)]
-    assert stats["malformed_boxes"] == 0
+    assert stats["malformedBoxes"] == 0
 
 
 def test_degenerate_zero_width_box_scores_by_distance_only():
@@ -117,7 +117,7 @@ def test_reversed_box_is_malformed_and_unmatched():
     # With lambda_fp = 1: Pen = (0 + 1*(1-0))/1 = 1 as well; R = 0 either way.
     values, stats = grounding(["<box>[[300, 100, 100, 300]]</box>"], [[list(A)]], lambda_fp=1.0)
     assert values == [0.0]
-    assert stats["malformed_boxes"] == 1
+    assert stats["malformedBoxes"] == 1
 
 
 def test_malformed_text_never_raises():
@@ -125,7 +125,7 @@ def test_malformed_text_never_raises():
     completions = ["<box>[[12, abc, 3, 4]]</box>", "<box>[[1, 2, 3]]</box>", "<box>nonsense</box>", "<box>[[1, 2", None]
     values, stats = grounding(completions, [[list(A)]] * 5)
     assert values == [0.0] * 5
-    assert stats["malformed_boxes"] == 3
+    assert stats["malformedBoxes"] == 3
     assert stats["unparseable"] == 2
 
 

@@ -165,7 +165,7 @@ def _write_malformed_dataset(folder: Path, source: Path) -> tuple[list[str], lis
     folder.mkdir()
     (folder / "part-0.jsonl").write_text("\n".join(json.dumps(r) for r in good[:6]) + "\n")
     (folder / "part-1.jsonl").write_text("\n".join([json.dumps(r) for r in good[6:]] + bad_lines) + "\n")
-    reasons = ["bad_json", "unknown_task", "bad_box", "invalid_record", "missing_image", "bad_image", "too_long"]
+    reasons = ["badJson", "unknownTask", "badBox", "invalidRecord", "missingImage", "badImage", "tooLong"]
     return [r["id"] for r in good], reasons
 
 
@@ -183,7 +183,7 @@ def test_malformed_records_are_counted_by_reason_and_skipped(tmp_path, synthetic
 
     json_level = Counter()
     assert len(list(iter_records(str(tmp_path / "mixed"), skipped=json_level))) == 15
-    assert json_level == Counter({"bad_json": 1, "unknown_task": 1, "bad_box": 1, "invalid_record": 1})
+    assert json_level == Counter({"badJson": 1, "unknownTask": 1, "badBox": 1, "invalidRecord": 1})
 
 
 def test_a_mixture_without_usable_records_fails_instead_of_spinning(tmp_path, tiny_qwen3):
@@ -233,5 +233,5 @@ def test_images_missing_in_a_folder_of_shards_do_not_stop_training(tmp_path, tin
     loader = _loader(spec, tiny_qwen3.processor, Hyperparameters(per_device_batch_size=4, image_size=32))
     for _ in range(5):
         loader.next_batch()
-    assert loader.stats.skipped["missing_image"] > 0
+    assert loader.stats.skipped["missingImage"] > 0
     assert all(i.startswith(("train-000002", "train-000003")) for i in loader.last_record_ids)
