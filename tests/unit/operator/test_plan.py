@@ -14,6 +14,7 @@ from medmo_operator.plan import (
     DeleteRun,
     DeleteWorkers,
     EnsureStage,
+    Event,
     JobObservation,
     Observed,
     SuspendJob,
@@ -123,6 +124,24 @@ def test_a_non_retryable_exit_fails_the_run_with_the_trainers_reason_and_no_retr
     assert "cannot be read" in _condition(result.status, "Failed").message
     assert _condition(result.status, "Failed").reason == "NonRetryableFailure"
     assert result.status.stages[0].restarts == 0
+
+
+def test_events_name_their_stage_as_data():
+    spec = _spec(backoffLimit=1)
+    started = plan(spec, None, Observed(), T0)
+    restarted = plan(spec, started.status, Observed(jobs={"align": _job("align", failed_condition=True, exit_code=1)}), T0)
+    succeeded = plan(spec, restarted.status, Observed(jobs={"align": _job("align", 1, complete=True, succeeded=1)}), T0)
+    failed = plan(spec, succeeded.status, Observed(jobs={"ground": _job("ground", failed_condition=True, exit_code=3)}), T0)
+
+    events = [(a.reason, a.stage) for r in (started, restarted, succeeded, failed) for a in r.actions if isinstance(a, Event)]
+    assert events == [
+        ("Created", None),
+        ("StageStarted", "align"),
+        ("StageRestarting", "align"),
+        ("StageSucceeded", "align"),
+        ("StageStarted", "ground"),
+        ("NonRetryableFailure", "ground"),
+    ]
 
 
 def test_backoff_limit_bounds_restarts():
