@@ -2,9 +2,13 @@
 
 transformers' own `Qwen3VLProcessor` insists on a video processor, and every video processor needs
 torchvision, which the trainer image does not ship. This processor does the same work for images
-and text with what is installed: transformers' PIL image processor (`Qwen2VLImageProcessorPil`:
-rescale, normalise, and the patch layout the vision tower expects), the model's tokenizer and chat
-template. It saves in the Hugging Face layout, so `AutoProcessor` loads the same folder wherever
+and text with what is installed (torch, PIL, the model's tokenizer and chat template), and gives the
+same numbers as the stock processor a served model gets from `AutoProcessor.from_pretrained` on the
+export (`Qwen2VLImageProcessor`, transformers' torchvision backend): the same resized size
+(`smart_resize` under the stage's pixel budget), the same antialiased bicubic resize of the uint8
+image, the same fused rescale-and-normalise, the same patch layout. A model trained on one
+preprocessing and served with another would be silently worse. It saves in the Hugging Face layout,
+with the pixel budget the stage trained with, so `AutoProcessor` loads the same folder wherever
 torchvision is present.
 """
 
@@ -14,11 +18,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.image_transforms import convert_to_rgb
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
 from medmo_trainer.model.tokenizer import IMAGE_PAD, VISION_END, VISION_START
 
@@ -42,47 +46,62 @@ class VLProcessor:
         """Image sides must be multiples of this (patch size times spatial merge size)."""
         return self.image_processor.patch_size * self.image_processor.merge_size
 
+    def set_image_size(self, image_size: int) -> None:
+        """Resizes images to at most `image_size`**2 pixels from now on, here and in the saved
+        preprocessor config, so the export's stock processor resizes as this stage trained."""
+        min_pixels, max_pixels = self.pixel_bounds(image_size)
+        self.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+
+    def pixel_bounds(self, image_size: int) -> tuple[int, int]:
+        """(min_pixels, max_pixels) of an image resized under a budget of `image_size`**2 pixels."""
+        budget = image_size * image_size
+        return min(self.image_processor.size["shortest_edge"], budget), budget
+
     def resized_shape(self, height: int, width: int, image_size: int) -> tuple[int, int]:
-        """Shrinks (never enlarges) so the longer side is at most `image_size`, sides multiples of the patch factor."""
-        factor = self.patch_factor
-        scale = min(1.0, image_size / max(height, width))
-        limit = max(factor, image_size // factor * factor)
-
-        def side(length: int) -> int:
-            return min(limit, max(factor, round(length * scale / factor) * factor))
-
-        return side(height), side(width)
+        """(height, width) the stock processor resizes to: the aspect ratio kept, sides multiples of the
+        patch factor, at most `image_size`**2 pixels (an image_size-sided square), small images enlarged
+        to the processor's minimum."""
+        min_pixels, max_pixels = self.pixel_bounds(image_size)
+        return smart_resize(height, width, factor=self.patch_factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
     def encode_images(self, images: list[Image.Image], image_size: int) -> dict[str, torch.Tensor]:
         """`pixel_values` (patches of all images, concatenated) and `image_grid_thw` (one row per image).
 
-        The same numbers as the image processor's own `preprocess` (rescale, normalise, patchify into
-        the layout the vision tower expects), without its per-call validation overhead.
+        The same numbers as the stock image processor's (see the module docstring), without its
+        per-call validation overhead.
         """
         patches, grids = [], []
         for image in images:
-            height, width = self.resized_shape(image.height, image.width, image_size)
-            resized = image.convert("RGB").resize((width, height), Image.BICUBIC)
-            flat, grid = self._patchify(np.asarray(resized, dtype=np.float32))
+            pixels = torch.from_numpy(convert_to_rgb(image, return_numpy=True)).permute(2, 0, 1).contiguous()
+            height, width = self.resized_shape(pixels.shape[1], pixels.shape[2], image_size)
+            if (height, width) != tuple(pixels.shape[1:]):
+                # On uint8 input torch's antialiased bicubic kernel rounds and clamps as torchvision's resize does.
+                pixels = torch.nn.functional.interpolate(pixels[None], size=(height, width), mode="bicubic",
+                                                         align_corners=False, antialias=True)[0]
+            flat, grid = self._patchify(self._normalize(pixels))
             patches.append(flat)
             grids.append(grid)
-        return {"pixel_values": torch.from_numpy(np.concatenate(patches)),
-                "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+        return {"pixel_values": torch.cat(patches), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
 
-    def _patchify(self, pixels: np.ndarray) -> tuple[np.ndarray, list[int]]:
-        """(H, W, 3) uint8-valued floats -> (patches, channels*temporal*patch*patch) rows in merge-window order."""
+    def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 -> float32 rescaled and normalised in one step, with the fused constants the
+        stock processor uses (mean and std divided by the rescale factor), so the floats match to the bit."""
         processor = self.image_processor
-        mean = np.asarray(processor.image_mean, dtype=np.float32)
-        std = np.asarray(processor.image_std, dtype=np.float32)
-        normalized = ((pixels * np.float32(processor.rescale_factor) - mean) / std).transpose(2, 0, 1)
+        mean = torch.tensor(processor.image_mean) * (1.0 / processor.rescale_factor)
+        std = torch.tensor(processor.image_std) * (1.0 / processor.rescale_factor)
+        return (pixels.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
+
+    def _patchify(self, pixels: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(3, H, W) -> (patches, channels*temporal*patch*patch) rows in merge-window order."""
+        processor = self.image_processor
         patch, merge, temporal = processor.patch_size, processor.merge_size, processor.temporal_patch_size
-        channels, height, width = normalized.shape
+        channels, height, width = pixels.shape
         grid_h, grid_w = height // patch, width // patch
-        blocks = normalized.reshape(channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
-        blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh, gw, mh, mw, C, ph, pw)
+        blocks = pixels.reshape(channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+        blocks = blocks.permute(1, 4, 2, 5, 0, 3, 6)  # (gh, gw, mh, mw, C, ph, pw)
         # a still image is its own temporal patch: the frame repeats temporal_patch_size times
-        blocks = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], temporal, patch, patch))
-        return np.ascontiguousarray(blocks).reshape(grid_h * grid_w, -1), [1, grid_h, grid_w]
+        blocks = blocks[:, :, :, :, :, None].expand(*blocks.shape[:5], temporal, patch, patch)
+        return blocks.reshape(grid_h * grid_w, -1), [1, grid_h, grid_w]
 
     def image_token_count(self, grid_thw: torch.Tensor) -> int:
         """LLM tokens one image takes: its patches, merged `merge_size`**2 at a time."""

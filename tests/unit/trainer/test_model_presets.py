@@ -68,29 +68,34 @@ def test_images_are_resized_to_the_pixel_budget(tiny_qwen3):
     from PIL import Image
 
     processor = tiny_qwen3.processor
-    image = Image.new("RGB", (128, 96))
-    for image_size, expected in [(64, [1, 4, 4]), (32, [1, 2, 2]), (768, [1, 6, 8])]:
-        grid = processor.encode_images([image], image_size)["image_grid_thw"][0].tolist()
-        assert grid == expected, image_size  # patches of 16 px; never enlarged beyond the original
+    # (width, height), imageSize -> grid of 16 px patches: at most imageSize**2 pixels, the aspect ratio
+    # kept, sides on the 32 px merge grid, small images enlarged to the minimum (3136 px): Qwen-VL's rule
+    for size, image_size, expected in [((128, 96), 64, [1, 2, 4]), ((128, 96), 80, [1, 4, 4]),
+                                       ((128, 96), 32, [1, 2, 2]), ((128, 96), 768, [1, 6, 8]),
+                                       ((30, 20), 768, [1, 4, 6])]:
+        grid = processor.encode_images([Image.new("RGB", size)], image_size)["image_grid_thw"][0].tolist()
+        assert grid == expected, (size, image_size)
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
-def test_image_patches_match_the_transformers_image_processor(family):
+def test_image_patches_equal_the_stock_image_processor(family):
+    """Bit for bit what transformers' default (torchvision) Qwen-VL image processor gives under the
+    same pixel budget: resize, rescale, normalise and patch layout."""
     import numpy as np
     from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
     from medmo_trainer.model.presets import tiny_processor
 
     processor = tiny_processor(family)
+    processor.set_image_size(128)
+    stock = Qwen2VLImageProcessor.from_dict(processor.image_processor.to_dict())
     pixels = np.random.default_rng(0).integers(0, 256, size=(150, 100, 3), dtype=np.uint8)
-    image = Image.fromarray(pixels)
-    ours = processor.encode_images([image, image.rotate(90, expand=True)], image_size=128)
-    height, width = processor.resized_shape(150, 100, 128)
-    resized = [image.resize((width, height), Image.BICUBIC),
-               image.rotate(90, expand=True).resize((height, width), Image.BICUBIC)]
-    theirs = processor.image_processor(images=resized, do_resize=False, return_tensors="pt")
+    images = [Image.fromarray(pixels), Image.fromarray(pixels).rotate(90, expand=True)]
+    ours = processor.encode_images(images, image_size=128)
+    theirs = stock(images=images, return_tensors="pt")
     assert torch.equal(ours["image_grid_thw"], theirs["image_grid_thw"])
-    torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"], rtol=1e-6, atol=1e-6)
+    assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
 
 
 def test_module_groups_partition_the_parameters(tiny_qwen3):
