@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import sys
 import textwrap
@@ -353,3 +354,18 @@ def test_pod_processes_die_with_a_killed_runner(tmp_path):
         runner.kill()  # SIGKILL: no cleanup code of the runner runs
         runner.wait()
     wait_for(lambda: not alive(sleep), timeout_s=10, what="the pod's sleep to die with its runner")
+
+
+def test_exec_readiness_probe_runs_inside_the_container_as_its_user(runner, tmp_path):
+    # The marker exists only in the container's view (/srv is a volume), and only its user may read it.
+    pod = runner.start(make_pod("exec-probe", [{"name": "main", "command": [
+        "sh", "-c", "sleep 1; echo ok > /srv/ready; chmod 600 /srv/ready; exec sleep 600"],
+        "securityContext": {"runAsUser": 1000, "runAsGroup": 1000},
+        "volumeMounts": [{"name": "srv", "mountPath": "/srv"}],
+        "readinessProbe": {"exec": {"command": ["sh", "-c", "test \"$(id -u)\" = 1000 && cat /srv/ready"]},
+                           "periodSeconds": 0.2}}],
+        restart_policy="Always", volumes=[{"name": "srv", "emptyDir": {}}]))
+    wait_for(lambda: pod.status()["containerStatuses"][0]["state"].get("running"), what="the container running")
+    assert not pod.status()["containerStatuses"][0]["ready"]
+    wait_for(lambda: pod.status()["containerStatuses"][0]["ready"], what="the exec probe passing")
+    assert not pathlib.Path("/srv/ready").exists()
