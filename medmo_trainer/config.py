@@ -83,7 +83,8 @@ class Hyperparameters(ConfigModel):
     max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
     """Gradient clipping threshold; 0 disables clipping."""
     image_size: Annotated[int, Field(ge=28, le=4096)] = 768
-    """Longest image side in pixels after resizing (paper: 768 alignment, 1280 grounding)."""
+    """Images are resized, aspect ratio kept, to at most imageSize x imageSize pixels: the Qwen-VL
+    processor's max_pixels, recorded in the exported model. Paper: 768 alignment, 1280 grounding."""
     max_seq_length: Annotated[int, Field(ge=16)] = 2048
     """Longest sample (prompt and answer) in tokens; a longer answer is cut and counted as truncated, a
     prompt that alone is longer is skipped. A packed row holds up to perDeviceBatchSize such samples."""

@@ -33,7 +33,7 @@ class SamplingParams(ConfigModel):
     seed: int | None = None
     """Seed of this request's sampling; unset draws from the worker's running generator."""
     image_size: Annotated[int, Field(ge=28, le=4096)] = 768
-    """Longest image side after resizing (the stage's hyperparameters.imageSize)."""
+    """Images are resized to at most image_size**2 pixels (the stage's hyperparameters.imageSize)."""
 
 
 @dataclass
