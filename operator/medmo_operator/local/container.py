@@ -109,8 +109,7 @@ class ContainerRun:
         self.state = {"running": {"startedAt": now()}}
 
     def finish(self, returncode: int) -> dict:
-        """Record the exit as a terminated state; kill what the process left in its group."""
-        self.kill()
+        """Record the exit as a terminated state (the container's PID namespace is gone with it)."""
         started = self.state.get("running", {}).get("startedAt", now())
         start_error = self.start_error.read_text(errors="replace") if self.start_error.exists() else ""
         if start_error:
@@ -146,12 +145,14 @@ class ContainerRun:
                 pass
 
     def kill(self) -> None:
-        """SIGKILL the launcher's process group; what left it dies with the container's PID namespace."""
-        if self.process is None:
+        """SIGKILL the container: its init (PID 1 of its namespace) takes every process in it along,
+        and the launcher exits once they are all gone, so waiting on the launcher waits for them."""
+        if self.process is None or self.process.poll() is not None:
             return
+        init = next(iter(_children(self.process.pid)), None)
         try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+            os.kill(init if init is not None else self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
 
     def command_pid(self) -> int | None:
