@@ -331,13 +331,13 @@ class PodRunner:
         self.entrypoints = dict(entrypoints or {})
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
-        self._shim = network.build_shim()
-        self._nss_wrapper = network.find_nss_wrapper()
         if os.geteuid() != 0:
             raise ConfinementError(
                 "the local pod runner confines pods as a kubelet does (mount and PID namespaces, an overlay "
                 "root, the pod's runAsUser), which needs root: run it as root (e.g. with sudo, or in a "
                 "container started with --privileged)")
+        self._shim = network.build_shim()
+        self._nss_wrapper = network.find_nss_wrapper()
         self._addresses = network.AddressPool()
         self._pods: dict[str, RunningPod] = {}
         self._lock = threading.Lock()
