@@ -303,9 +303,11 @@ def test_a_non_root_user_writes_its_empty_dir_and_runs_this_python(runner):
 def test_the_environment_is_only_what_the_spec_and_a_runtime_give(runner, monkeypatch):
     monkeypatch.setenv("MEDMO_RUNNER_ONLY", "leaked")
     pod = runner.start(make_pod("env", [{"name": "main", "command": ["env"], "env": [{"name": "GIVEN", "value": "1"}],
-                                         "securityContext": {"runAsUser": 4321}}]))
+                                         "securityContext": {"runAsUser": 4321}},
+                                        {"name": "uname", "command": ["uname", "-n"]}]))
     phase, log = _finished_log(pod)
     assert phase == "Succeeded", log
+    assert pod.log_path("uname").read_text() == "env\n"  # the kernel's hostname too, not only HOSTNAME
     env = dict(line.split("=", 1) for line in log.splitlines())
     assert env["GIVEN"] == "1" and env["HOME"] == "/" and env["HOSTNAME"] == "env"
     assert env["PATH"].split(":")[0] == os.path.dirname(sys.executable)

@@ -82,7 +82,7 @@ class ContainerRun:
         return status
 
     def launch(self, command: list[str], env: dict[str, str], identity: Identity,
-               mounts: list[sandbox.Mount], open_up: list[str]) -> None:
+               mounts: list[sandbox.Mount], open_up: list[str], hostname: str) -> None:
         """Start the confined process (leader of a new process group), output to the log file."""
         upper, work, root = (self.directory / part for part in ("upper", "work", "root"))
         for layer in (upper, work):  # a restarted container starts from the image again
@@ -95,7 +95,8 @@ class ContainerRun:
         spec = sandbox.SandboxSpec(
             command=command, env=env, uid=identity.uid, gid=identity.gid, groups=list(identity.groups),
             working_dir=self.spec.get("workingDir") or "/", root=str(root), upper=str(upper), work=str(work),
-            start_error=str(self.start_error), runner_pid=os.getpid(), read_only_root=identity.read_only_root,
+            start_error=str(self.start_error), runner_pid=os.getpid(), hostname=hostname,
+            read_only_root=identity.read_only_root,
             no_new_privileges=identity.no_new_privileges, mounts=mounts, termination_log=str(self.termination_log),
             termination_log_path=self.spec.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH,
             open_up=open_up)

@@ -222,7 +222,7 @@ class RunningPod:
             if self.stopping.is_set():
                 return None
             run.directory.mkdir(parents=True, exist_ok=True)
-            run.launch(*config, open_up=python_paths())
+            run.launch(*config, open_up=python_paths(), hostname=network.pod_hostname(self.pod))
         self._changed()
         if "readinessProbe" in run.spec and not run.init:
             ReadinessProber(run, self.ip, self.stopping, lambda passed: self._set_ready(run, passed)).start(

@@ -6,8 +6,8 @@ Three processes, each tied to the one before it so that nothing outlives the run
 
     launcher   child of the runner thread that started it (PR_SET_PDEATHSIG: SIGKILL when that
                thread or the runner dies); forwards SIGTERM & co. to the init; exits as it exits.
-    init       PID 1 of a new PID namespace (pdeathsig tied to the launcher) in a new mount
-               namespace: builds the container's root (an overlay over the host's ``/``, the
+    init       PID 1 of a new PID namespace (pdeathsig tied to the launcher) in new mount and UTS
+               namespaces (the pod's hostname): builds the container's root (an overlay over the host's ``/``, the
                "image", with a fresh /proc, /dev and the pod's volumes at their mount paths),
                pivots into it, starts the command, forwards signals to it, reaps orphans, and exits
                with the command's exit code; the kernel then kills whatever the command left in the
@@ -31,6 +31,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
 CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
@@ -70,6 +71,7 @@ class SandboxSpec:
     work: str
     start_error: str
     runner_pid: int
+    hostname: str = ""  # the pod's, in a UTS namespace of its own
     read_only_root: bool = False
     no_new_privileges: bool = False
     mounts: list[Mount] = field(default_factory=list)
@@ -106,7 +108,7 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
            f"mount {source or fstype} on {target}")
 
 
-def in_root(root: str, path: str, follow_last: bool = True) -> str:
+def in_root(root: str, path: str) -> str:
     """``path`` inside ``root``, its symlinks resolved as if ``root`` were ``/`` (never escaping it).
 
     A host symlink such as /var/run -> /run must lead to the container's /run, not the host's.
@@ -123,7 +125,7 @@ def in_root(root: str, path: str, follow_last: bool = True) -> str:
                 resolved.pop()
             continue
         candidate = os.path.join(root, *resolved, part)
-        if os.path.islink(candidate) and (parts or follow_last):
+        if os.path.islink(candidate):
             hops += 1
             if hops > MAX_SYMLINKS:
                 raise SandboxError(f"too many symbolic links in {path}")
@@ -152,7 +154,7 @@ def _bind(source: str, target: str, read_only: bool, flags: int = 0) -> None:
         _mount(None, target, None, MS_REMOUNT | MS_BIND | flags | (MS_RDONLY if read_only else 0))
 
 
-def _build_dev(root: str, spec: SandboxSpec) -> None:
+def _build_dev(root: str) -> None:
     dev = in_root(root, "/dev")
     os.makedirs(dev, exist_ok=True)
     _mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755,size=65536k")
@@ -188,8 +190,10 @@ def _open_up(root: str, path: str) -> None:
 
 
 def build_root(spec: SandboxSpec) -> None:
-    """In a fresh mount namespace: the container's root at ``spec.root``, then pivot into it."""
-    _check(_libc.unshare(CLONE_NEWNS), "unshare the mount namespace")
+    """In fresh mount and UTS namespaces: the container's root at ``spec.root``, then pivot into it."""
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unshare the mount and UTS namespaces")
+    if spec.hostname:
+        _check(_libc.sethostname(spec.hostname.encode(), len(spec.hostname.encode())), "sethostname")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host
     root = spec.root
     for option in (spec.upper, spec.work):
@@ -198,7 +202,7 @@ def build_root(spec: SandboxSpec) -> None:
     _mount("overlay", root, "overlay", 0, f"lowerdir=/,upperdir={spec.upper},workdir={spec.work}")
     _mount("proc", _make_mount_point(root, "/proc", True), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _bind("/sys", _make_mount_point(root, "/sys", True), read_only=True, flags=MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    _build_dev(root, spec)
+    _build_dev(root)
     if spec.termination_log:
         _bind(spec.termination_log, _make_mount_point(root, spec.termination_log_path, False), read_only=False)
     # Parents before children, so /data/cache is mounted onto the /data volume, not under it.
