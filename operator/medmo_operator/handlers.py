@@ -72,9 +72,7 @@ class OperatorState:
         token_key = await asyncio.to_thread(_token_key, settings.namespace)
         state = cls(settings, render.OperatorEndpoints(settings.progress_advertise_url, token_key), run_uids)
         endpoint = ProgressEndpoint(store=state.store, token_key=token_key, run_uid=state.run_uid)
-        state.server = web.AppRunner(endpoint.app(), access_log=None)
-        await state.server.setup()
-        await web.TCPSite(state.server, settings.progress_bind_host, settings.progress_port).start()
+        state.server = await endpoint.serve(settings.progress_bind_host, settings.progress_port)
         log.info("progress endpoint on %s:%d", settings.progress_bind_host, settings.progress_port)
         return state
 

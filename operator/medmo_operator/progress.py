@@ -53,13 +53,20 @@ class ProgressEndpoint:
     store: ProgressStore
     token_key: bytes
     run_uid: Callable[[str, str], str | None]
-    """Looks up a run's uid (from the operator's in-memory index); None when the run is unknown."""
+    """Looks up a run's uid; None when the run is unknown."""
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_REPORT_BYTES)
         app.router.add_post("/v1/namespaces/{namespace}/medmotrainings/{name}/progress", self.post_progress)
         app.router.add_get("/healthz", self.healthz)
         return app
+
+    async def serve(self, host: str, port: int) -> web.AppRunner:
+        """Serves on host:port (port 0: a free one, in the runner's `addresses`) until `cleanup()`."""
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        return runner
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})

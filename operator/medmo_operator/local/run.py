@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
-from aiohttp import web
 
 from medmo_operator import api, observe, plan, render
 from medmo_operator.execute import carry_out
@@ -135,13 +134,11 @@ class LocalRun:
             self.out.flush()
         loop = asyncio.new_event_loop()
         server = threading.Thread(target=loop.run_forever, name="progress-endpoint", daemon=True)
-        port = _free_port()
         endpoint = ProgressEndpoint(self.store, self.token_key, lambda ns, n: self.run.uid if (ns, n) == (NAMESPACE, self.name) else None)
-        runner = web.AppRunner(endpoint.app(), access_log=None)
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        runner = loop.run_until_complete(endpoint.serve("127.0.0.1", 0))
         server.start()
-        self.endpoints = render.OperatorEndpoints(f"http://127.0.0.1:{port}", self.token_key)
+        host, port = runner.addresses[0][:2]
+        self.endpoints = render.OperatorEndpoints(f"http://{host}:{port}", self.token_key)
         if self.spec.storage.secret_ref:
             self._add_storage_secret()
         try:
@@ -330,14 +327,6 @@ def _hand_to_trainer(path: Path, recursive: bool = False) -> None:
     for directory, _, files in os.walk(path) if recursive else [(str(path), [], [])]:
         for entry in (directory, *(os.path.join(directory, name) for name in files)):
             os.chown(entry, render.TRAINER_UID, render.TRAINER_UID, follow_symlinks=False)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ProgressDisplay:

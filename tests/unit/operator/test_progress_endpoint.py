@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 
 from medmo_operator import render
 from medmo_operator.progress import MAX_REPORT_BYTES, ProgressEndpoint, ProgressStore
@@ -19,12 +19,9 @@ URL_PATH = "/v1/namespaces/team-a/medmotrainings/medmo-tiny/progress"
 
 async def _serve(store: ProgressStore):
     endpoint = ProgressEndpoint(store, KEY, lambda ns, name: RUN.uid if (ns, name) == ("team-a", "medmo-tiny") else None)
-    runner = web.AppRunner(endpoint.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    return runner, f"http://127.0.0.1:{port}"
+    runner = await endpoint.serve("127.0.0.1", 0)
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
 
 
 async def _post(base: str, path: str, body, token: str | None) -> tuple[int, dict]:
