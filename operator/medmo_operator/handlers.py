@@ -59,7 +59,6 @@ class OperatorState:
     """What the handlers share. The startup handler builds it, before any watch starts and before
     the progress endpoint takes a request, and hands it to every handler as `memo.operator`."""
 
-    settings: OperatorSettings
     endpoints: render.OperatorEndpoints
     run_uids: Mapping[tuple[str, str], Collection[str]]
     """kopf's index of runs, (namespace, name) -> uids; filled by the watch after startup."""
@@ -70,7 +69,7 @@ class OperatorState:
     async def start(cls, settings: OperatorSettings, run_uids: Mapping[tuple[str, str], Collection[str]]) -> OperatorState:
         """Reads the token key and starts serving progress reports."""
         token_key = await asyncio.to_thread(_token_key, settings.namespace)
-        state = cls(settings, render.OperatorEndpoints(settings.progress_advertise_url, token_key), run_uids)
+        state = cls(render.OperatorEndpoints(settings.progress_advertise_url, token_key), run_uids)
         endpoint = ProgressEndpoint(store=state.store, token_key=token_key, run_uid=state.run_uid)
         state.server = await endpoint.serve(settings.progress_bind_host, settings.progress_port)
         log.info("progress endpoint on %s:%d", settings.progress_bind_host, settings.progress_port)

@@ -9,6 +9,7 @@ and the operator needs no storage credentials.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -53,7 +54,8 @@ class ProgressEndpoint:
     store: ProgressStore
     token_key: bytes
     run_uid: Callable[[str, str], str | None]
-    """Looks up a run's uid; None when the run is unknown."""
+    """Looks up a run's uid; None when the run is unknown. It may block (an API request): it runs
+    in a worker thread, never on the event loop."""
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_REPORT_BYTES)
@@ -73,7 +75,7 @@ class ProgressEndpoint:
 
     async def post_progress(self, request: web.Request) -> web.Response:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
-        uid = self.run_uid(namespace, name)
+        uid = await asyncio.to_thread(self.run_uid, namespace, name)
         if uid is None:
             return _error(404, f"no MedMOTraining {namespace}/{name} is known to this operator")
         expected = render.progress_token(render.RunRef(name=name, namespace=namespace, uid=uid), self.token_key)
