@@ -17,6 +17,7 @@ import torch
 from medmo_trainer.config import DatasetSpec, StageConfig
 from medmo_trainer.exit_codes import DataError
 from medmo_trainer.rl.grpo import group_advantages
+from medmo_trainer.rl.prompts import portable_record
 from medmo_trainer.rl.workers import WorkerPool
 
 
@@ -144,7 +145,7 @@ class RolloutController:
 
     def generate(self, records: list[dict], step: int, policy: PolicyRef):
         """(prompt, completions) per usable record, prompts dropped by reason, tokens, worker versions."""
-        prompts = [{"id": str(i), "record": record} for i, record in enumerate(records)]
+        prompts = [{"id": str(i), "record": portable_record(record)} for i, record in enumerate(records)]
         bodies = [
             {
                 "prompts": chunk,

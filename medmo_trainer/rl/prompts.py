@@ -6,6 +6,8 @@ learner scores are exactly the ones the rollout worker conditioned on.
 
 from __future__ import annotations
 
+import base64
+import mimetypes
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,6 +15,7 @@ from PIL import Image
 from pydantic import model_validator
 
 from medmo_trainer.config import ConfigModel
+from medmo_trainer.fsio import url_to_fs
 
 
 class Prompt(ConfigModel):
@@ -39,6 +42,23 @@ class Prompt(ConfigModel):
         if self.messages is not None:
             return self.messages, list(self.images)
         return record_messages(self.record), [self.record["image"]]
+
+
+def portable_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as a worker on another node can read it: an image in a local file (an absolute
+    path or `file://`, such as synthetic data generated on the learner's own cache volume) goes
+    inline as a data URI; object-store and data URIs stay references. A file that cannot be read is
+    left as it is, so the worker reports it like any other unreadable image."""
+    image = record["image"]
+    if not image.startswith(("/", "file://")):
+        return record
+    try:
+        fs, path = url_to_fs(image)
+        data = fs.cat_file(path)
+    except OSError:
+        return record
+    mime = mimetypes.guess_type(path)[0] or "image/png"
+    return {**record, "image": f"data:{mime};base64,{base64.b64encode(data).decode()}"}
 
 
 def record_messages(record: dict[str, Any]) -> list[dict[str, Any]]:

@@ -3,10 +3,12 @@
 import json
 
 import pytest
+from PIL import Image
 
 from medmo_trainer.config import DatasetSpec
 from medmo_trainer.exit_codes import DataError
 from medmo_trainer.rl.controller import PromptSampler, reference_of, reward_metrics
+from medmo_trainer.rl.prompts import load_image, portable_record
 
 
 def write_records(path, n, task="vqa"):
@@ -28,6 +30,22 @@ def test_sampler_is_deterministic_by_step_and_skips_malformed(tmp_path):
     assert first != [r["id"] for r in sampler.sample(step=6, count=8)]
     # relative image paths are resolved against the shard's folder, so any worker can read them
     assert all(str(tmp_path / "images") in r["image"] for r in sampler.sample(step=5, count=3))
+
+
+def test_local_images_travel_inline_to_workers_on_other_nodes(tmp_path):
+    """A rollout worker is another pod: it cannot open a file on the learner's volumes."""
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "scan.png")
+    record = {"prompt": "Locate the nodule.", "image": str(tmp_path / "scan.png")}
+
+    shipped = portable_record(record)
+
+    assert shipped["image"].startswith("data:image/png;base64,") and shipped["prompt"] == record["prompt"]
+    assert load_image(shipped["image"]).getpixel((3, 3)) == (200, 10, 10)
+    assert portable_record({**record, "image": f"file://{tmp_path}/scan.png"}) == shipped
+    in_object_store = {**record, "image": "s3://scans/1.png"}
+    assert portable_record(in_object_store) == in_object_store
+    missing = {**record, "image": str(tmp_path / "gone.png")}
+    assert portable_record(missing) == missing  # the worker reports it, as any unreadable image
 
 
 def test_sampler_follows_mixture_weights(tmp_path):
