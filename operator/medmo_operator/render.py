@@ -267,8 +267,18 @@ def build_stage_service(run: RunRef, stage: api.Stage) -> dict:
 # -- pods ---------------------------------------------------------------------------------------
 
 
-def _pod_security_context() -> dict:
-    return {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "fsGroup": TRAINER_UID}
+def _pod_spec(spec: api.MedMOTrainingSpec, container: dict, volumes: list[dict], pool: api.NodePool, gpus: int, **extra) -> dict:
+    """A pod of the run: its one container with the pool's resources, as the non-root trainer user,
+    no API token, placed on the pool's nodes."""
+    resources = _resources(pool, gpus)
+    return {
+        **extra,
+        "containers": [{**container, "resources": resources} if resources else container],
+        "volumes": volumes,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "fsGroup": TRAINER_UID},
+        "automountServiceAccountToken": False,
+        **_placement(pool, spec),
+    }
 
 
 def _container_security_context() -> dict:
@@ -402,18 +412,7 @@ def build_learner_job(
         "securityContext": _container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    resources = _resources(pool, gpus)
-    if resources:
-        container["resources"] = resources
-    pod_spec = {
-        "restartPolicy": "Never",
-        "subdomain": service,
-        "containers": [container],
-        "volumes": volumes,
-        "securityContext": _pod_security_context(),
-        "automountServiceAccountToken": False,
-        **_placement(pool, spec),
-    }
+    pod_spec = _pod_spec(spec, container, volumes, pool, gpus, restartPolicy="Never", subdomain=service)
     job_meta = _meta(run, job_name, stage, "learner", **{LABEL_ATTEMPT: attempt})
     if spec.scheduling.queue_name:
         job_meta["labels"][KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
@@ -477,9 +476,6 @@ def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": WORKER_PORT}, "periodSeconds": 2},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": WORKER_PORT}, "periodSeconds": 10, "failureThreshold": 6},
     }
-    resources = _resources(worker_pool, group.gpus)
-    if resources:
-        container["resources"] = resources
     labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.name, LABEL_ROLE: role}
     return {
         "apiVersion": "apps/v1",
@@ -490,13 +486,7 @@ def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {
-                    "containers": [container],
-                    "volumes": volumes,
-                    "securityContext": _pod_security_context(),
-                    "automountServiceAccountToken": False,
-                    **_placement(worker_pool, spec),
-                },
+                "spec": _pod_spec(spec, container, volumes, worker_pool, group.gpus),
             },
         },
     }
