@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import kubernetes
 import pytest
@@ -21,12 +20,6 @@ from medmo_operator import crd, handlers, render
 from medmo_trainer.progress import Progress
 
 pytestmark = pytest.mark.controlplane
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def _post(url: str, body: dict, token: str) -> tuple[int, dict]:
@@ -42,7 +35,7 @@ def test_a_report_for_an_existing_run_is_accepted_before_any_reconcile(control_p
     control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(training))
     uid = control_plane.kubectl("get", "mmt", "early", "-n", namespace, "-o", "jsonpath={.metadata.uid}").stdout.strip()
     kubernetes.config.load_kube_config(config_file=str(kubeconfig))
-    settings = handlers.OperatorSettings(progress_bind_host="127.0.0.1", progress_port=_free_port(), namespace=namespace)
+    settings = handlers.OperatorSettings(progress_bind_host="127.0.0.1", progress_port=0, namespace=namespace)
     report = Progress(run="early", stage="align", step=3, total_steps=30, metrics={"loss": 2.5}).to_json()
 
     async def start_and_report():
@@ -51,7 +44,8 @@ def test_a_report_for_an_existing_run_is_accepted_before_any_reconcile(control_p
         state = await handlers.OperatorState.start(settings, run_uids={})
         try:
             token = render.progress_token(render.RunRef("early", namespace, uid), state.endpoints.token_key)
-            base = f"http://127.0.0.1:{settings.progress_port}/v1/namespaces/{namespace}/medmotrainings"
+            host, port = state.server.addresses[0][:2]
+            base = f"http://{host}:{port}/v1/namespaces/{namespace}/medmotrainings"
             accepted = await _post(f"{base}/early/progress", report, token)
             unknown = await _post(f"{base}/ghost/progress", {**report, "run": "ghost"}, token)
             return state, accepted, unknown
