@@ -51,16 +51,14 @@ def rendezvous_failure(args, error: BaseException) -> str:
     host, port = parse_rendezvous_endpoint(get_rdzv_endpoint(args), default_port=-1)
     config = _parse_rendezvous_config(args.rdzv_conf)
     timeout = config.get("timeout", config.get("join_timeout", _default_timeout_seconds))
-    within = f"before the rendezvous timeout ({timeout} s, set by --rdzv-conf timeout=S or PET_RDZV_CONF)"
+    bound = f"rendezvous timeout {timeout} s, set by --rdzv-conf timeout=S or PET_RDZV_CONF"
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     try:
         socket.getaddrinfo(host, port)
     except socket.gaierror as unresolved:
-        return (f"rendezvous failed: cannot resolve the rendezvous host {host} (rank 0, port {port}) "
-                f"{within}: {unresolved.strerror}")
-    return (f"rendezvous failed: could not rendezvous with all {args.nnodes} nodes at {host}:{port} "
-            f"{within}: {detail}")
-
+        return (f"rendezvous failed: cannot resolve the rendezvous host {host} (rank 0, port {port}); "
+                f"retried until the {bound}: {unresolved.strerror}")
+    return f"rendezvous of {args.nnodes} node(s) at {host}:{port} failed ({bound}): {detail}"
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,138 @@
+"""The README's Quickstart, literally: a fresh clone runs its first command exactly as written.
+
+The command is read from the README's Quickstart code block, so the test follows the README. It runs
+from a plain `git clone` of HEAD with the default (relative) work directory, as a new user runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from medmo_cases import REPO
+
+RUN_TIMEOUT_S = 3600  # a guard against a hang: about 3 minutes on 2 idle cores, 40+ on a crowded machine
+STOP_GRACE_S = 120
+
+
+def quickstart_command() -> str:
+    """The first command of the README's Quickstart (its first `sh` code block)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Quickstart\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert block, "README.md: the Quickstart section has no ```sh code block"
+    lines = [line for line in block.group(1).splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert len(lines) == 1, f"README.md: the Quickstart's first code block should hold one command, not {lines}"
+    return lines[0]
+
+
+def _fresh_clone(target: Path) -> Path:
+    uncommitted = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "requirements"], cwd=REPO)
+    assert uncommitted.returncode == 0, ("requirements/ has uncommitted changes: a clone of HEAD would build "
+                                         "another dependency virtualenv; commit them first")
+    subprocess.run(["git", "clone", "-q", str(REPO), str(target)], check=True, timeout=300)
+    return target
+
+
+def _users_environment() -> dict[str, str]:
+    """This environment without what the test runner adds (this checkout's virtualenv on PATH)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if p and not Path(p).resolve().is_relative_to(REPO))
+    return env
+
+
+def _run_as_a_user(command: str, clone: Path, private_tmp: Path) -> subprocess.CompletedProcess:
+    """Runs `command` in a shell from the clone, with a /tmp of its own.
+
+    The sample's storage is file:///tmp/medmo/runs/medmo-tiny, shared by every clone on a machine. A
+    private mount namespace gives the command its own /tmp, as on a fresh machine, so neither a
+    user's earlier demo nor another test's run is read or overwritten.
+    """
+    isolated = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$1" /tmp && exec sh -c "$2"', "quickstart", str(private_tmp), command]
+    process = subprocess.Popen(isolated, cwd=clone, env=_users_environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # Ctrl-C, as a user would press it: every process of the run stops; then make sure.
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+        pytest.fail(f"{command!r} did not finish in {RUN_TIMEOUT_S} s; its output:\n{output[-6000:]}")
+    return subprocess.CompletedProcess(isolated, process.returncode, output, "")
+
+
+def _printed_resource(output: str) -> dict:
+    """The final resource as the command prints it (`kubectl get mmt -o yaml` style)."""
+    start = output.index("apiVersion: medmo.io/")
+    end = output.index("\neval metrics of stage ", start)
+    return yaml.safe_load(output[start:end])
+
+
+def _printed_eval_metrics(output: str) -> dict[str, dict[str, float]]:
+    """`eval metrics of stage NAME:` followed by indented `key value` lines, per stage."""
+    metrics: dict[str, dict[str, float]] = {}
+    for stage, body in re.findall(r"^eval metrics of stage (\S+):\n((?:  \S+ +\S+\n)+)", output, re.M):
+        metrics[stage] = {key: float(value) for key, value in (line.split() for line in body.splitlines())}
+    return metrics
+
+
+@pytest.fixture
+def scratch():
+    """A fresh folder outside /tmp (learner pods mount an emptyDir over /tmp, which would hide a
+    clone there), readable by the pods' non-root user; removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="medmo-readme-", dir="/var/tmp"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S + 600)
+def test_the_readme_quickstart_command_succeeds_from_a_fresh_clone_and_again_prints_the_finished_run(scratch):
+    command = quickstart_command()
+    clone = _fresh_clone(scratch / "clone")
+    private_tmp = scratch / "tmp"
+    private_tmp.mkdir(mode=0o1777)
+    private_tmp.chmod(0o1777)
+
+    first = _run_as_a_user(command, clone, private_tmp)
+
+    assert first.returncode == 0, first.stdout[-8000:]
+    resource = _printed_resource(first.stdout)
+    status = resource["status"]
+    assert status["phase"] == "Succeeded", status
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * len(resource["spec"]["stages"])
+    assert any(c["type"] == "Succeeded" and c["status"] == "True" for c in status["conditions"])
+    metrics = _printed_eval_metrics(first.stdout)
+    eval_stages = [s["name"] for s in resource["spec"]["stages"] if s["type"] == "eval"]
+    assert eval_stages and sorted(metrics) == sorted(eval_stages), first.stdout[-3000:]
+    for stage in eval_stages:
+        recorded = next(s["metrics"] for s in status["stages"] if s["name"] == stage)
+        assert metrics[stage] and metrics[stage] == {k: round(v, 4) for k, v in recorded.items()}
+        iou = [v for k, v in metrics[stage].items() if k.endswith("grounding_miou")]
+        assert iou and all(0 <= v <= 1 for v in iou), metrics[stage]
+    # The README says where the report is, relative to the folder the command ran in.
+    report = Path(first.stdout.split("report: ", 1)[1].split()[0])
+    assert (clone / report).resolve() == (clone / ".medmo/medmo-tiny/report/report.md").resolve()
+    assert "grounding_miou" in (clone / report).read_text()
+
+    again = _run_as_a_user(command, clone, private_tmp)
+
+    assert again.returncode == 0, again.stdout[-8000:]
+    assert _printed_resource(again.stdout)["status"] == status, "the second run changed the finished run"
+    assert _printed_eval_metrics(again.stdout) == metrics
+    assert not re.search(r"\[[#-]{24}\]", again.stdout), f"the finished run trained again:\n{again.stdout[-3000:]}"
+    assert "resuming" not in again.stdout
