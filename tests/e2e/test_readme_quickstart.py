@@ -6,6 +6,7 @@ from a plain `git clone` of HEAD with the default (relative) work directory, as 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -13,11 +14,14 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
-from medmo_cases import REPO
+from medmo_cases import REPO, load_sample
 
+DEMO_STORAGE = Path(urlparse(load_sample("medmo-tiny.yaml")["spec"]["storage"]["uri"]).path)
+"""Where the README's demo keeps checkpoints and models (the sample's file:// storage)."""
 RUN_TIMEOUT_S = 3600  # a guard against a hang: about 3 minutes on 2 idle cores, 40+ on a crowded machine
 STOP_GRACE_S = 120
 
@@ -49,15 +53,16 @@ def _users_environment() -> dict[str, str]:
     return env
 
 
-def _run_as_a_user(command: str, clone: Path, private_tmp: Path) -> subprocess.CompletedProcess:
-    """Runs `command` in a shell from the clone, with a /tmp of its own.
+def _run_as_a_user(command: str, clone: Path, storage: Path) -> subprocess.CompletedProcess:
+    """Runs `command` in a shell from the clone, with the demo's storage folder its own.
 
-    The sample's storage is file:///tmp/medmo/runs/medmo-tiny, shared by every clone on a machine. A
-    private mount namespace gives the command its own /tmp, as on a fresh machine, so neither a
-    user's earlier demo nor another test's run is read or overwritten.
+    The sample's storage (file:///tmp/medmo/runs/medmo-tiny) is one folder per machine, shared by
+    every clone. In a private mount namespace a fresh folder is bound over it, as on a fresh machine,
+    so neither a user's earlier demo nor another test's run is read or overwritten. Everything else
+    (/tmp included, where pod address ranges are claimed) stays the machine's.
     """
     isolated = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                'mount --bind "$1" /tmp && exec sh -c "$2"', "quickstart", str(private_tmp), command]
+                'mount --bind "$1" "$2" && exec sh -c "$3"', "quickstart", str(storage), str(DEMO_STORAGE), command]
     process = subprocess.Popen(isolated, cwd=clone, env=_users_environment(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -92,11 +97,17 @@ def _printed_eval_metrics(output: str) -> dict[str, dict[str, float]]:
 @pytest.fixture
 def scratch():
     """A fresh folder outside /tmp (learner pods mount an emptyDir over /tmp, which would hide a
-    clone there), readable by the pods' non-root user; removed afterwards."""
+    clone there), readable by the pods' non-root user; removed afterwards, with the empty mount point
+    made for the demo's storage if there was none."""
     base = Path(tempfile.mkdtemp(prefix="medmo-readme-", dir="/var/tmp"))
     base.chmod(0o755)
+    made = [p for p in (DEMO_STORAGE, *DEMO_STORAGE.parents) if not p.exists()]
+    DEMO_STORAGE.mkdir(parents=True, exist_ok=True)
     yield base
     shutil.rmtree(base, ignore_errors=True)
+    for folder in made:  # deepest first; one a real run has filled since is kept
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 @pytest.mark.slow
@@ -104,11 +115,10 @@ def scratch():
 def test_the_readme_quickstart_command_succeeds_from_a_fresh_clone_and_again_prints_the_finished_run(scratch):
     command = quickstart_command()
     clone = _fresh_clone(scratch / "clone")
-    private_tmp = scratch / "tmp"
-    private_tmp.mkdir(mode=0o1777)
-    private_tmp.chmod(0o1777)
+    storage = scratch / "storage"
+    storage.mkdir()
 
-    first = _run_as_a_user(command, clone, private_tmp)
+    first = _run_as_a_user(command, clone, storage)
 
     assert first.returncode == 0, first.stdout[-8000:]
     resource = _printed_resource(first.stdout)
@@ -122,14 +132,14 @@ def test_the_readme_quickstart_command_succeeds_from_a_fresh_clone_and_again_pri
     for stage in eval_stages:
         recorded = next(s["metrics"] for s in status["stages"] if s["name"] == stage)
         assert metrics[stage] and metrics[stage] == {k: round(v, 4) for k, v in recorded.items()}
-        iou = [v for k, v in metrics[stage].items() if k.endswith("grounding_miou")]
+        iou = [v for k, v in metrics[stage].items() if k.endswith("groundingMiou")]
         assert iou and all(0 <= v <= 1 for v in iou), metrics[stage]
     # The README says where the report is, relative to the folder the command ran in.
     report = Path(first.stdout.split("report: ", 1)[1].split()[0])
     assert (clone / report).resolve() == (clone / ".medmo/medmo-tiny/report/report.md").resolve()
-    assert "grounding_miou" in (clone / report).read_text()
+    assert "groundingMiou" in (clone / report).read_text()
 
-    again = _run_as_a_user(command, clone, private_tmp)
+    again = _run_as_a_user(command, clone, storage)
 
     assert again.returncode == 0, again.stdout[-8000:]
     assert _printed_resource(again.stdout)["status"] == status, "the second run changed the finished run"
