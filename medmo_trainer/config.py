@@ -242,6 +242,9 @@ class RLStageConfig(ConfigModel):
     """Base URLs of reward-scoring workers."""
     request_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0
     """A worker that takes longer is abandoned and the request retried on another replica."""
+    worker_startup_timeout_seconds: Annotated[float, Field(gt=0)] = 900.0
+    """How long the first step waits for a ready replica of each worker group: workers start with the
+    learner and load the policy meanwhile, which takes minutes for a real model."""
     rollout_requests_per_step: Annotated[int, Field(ge=1)] | None = None
     """Concurrent generate requests a step's prompts are split into; unset: one per rollout URL. Set it to
     the replica count when `rolloutUrls` is one Service, so the Service spreads them over its replicas."""

@@ -114,8 +114,14 @@ class RolloutController:
         self.reward = reward
         self.rollout_requests = config.rl.rollout_requests_per_step or len(rollout.urls)
         self.reward_requests = config.rl.reward_requests_per_step or len(reward.urls)
+        self.workers_ready = False
 
     def collect(self, step: int, policy: PolicyRef) -> RolloutBatch:
+        if not self.workers_ready:
+            # The workers start with the learner and load the policy meanwhile (minutes for a real model).
+            for pool in (self.rollout, self.reward):
+                pool.wait_ready(self.config.rl.worker_startup_timeout_seconds)
+            self.workers_ready = True
         records = self.sampler.sample(step, self.algorithm.prompts_per_step)
         started = time.monotonic()
         groups, skipped, generated_tokens, versions = self.generate(records, step, policy)

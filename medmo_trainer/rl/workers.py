@@ -68,6 +68,37 @@ class WorkerPool:
                     time.sleep(self.backoff * ((attempt + 1) // len(self.urls)))
         raise WorkerUnavailableError(f"no {self.name} worker answered {path} after {attempts} attempts; last: {last_error}")
 
+    def wait_ready(self, timeout_seconds: float, poll_seconds: float = 2.0) -> None:
+        """Returns once a replica answers `GET /readyz` with 200. Raises WorkerUnavailableError after
+        `timeout_seconds`, with what each URL last answered (a worker's readiness says why it is not
+        ready, e.g. a model it cannot load)."""
+        deadline = time.monotonic() + timeout_seconds
+        next_log = time.monotonic() + 30
+        while True:
+            answers = []
+            for url in self.urls:
+                answer = self._readiness(url)
+                if answer is None:
+                    return
+                answers.append(f"{url}: {answer}")
+            if time.monotonic() >= deadline:
+                raise WorkerUnavailableError(f"no {self.name} worker became ready within {timeout_seconds:.0f}s; "
+                                             f"last answers: {'; '.join(answers)}")
+            if time.monotonic() >= next_log:
+                log.info("waiting for a ready %s worker: %s", self.name, "; ".join(answers))
+                next_log = time.monotonic() + 30
+            time.sleep(poll_seconds)
+
+    def _readiness(self, url: str) -> str | None:
+        """None when the replica is ready, else why not (its own reason, or why it cannot be reached)."""
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=min(self.timeout, 10.0)):
+                return None
+        except urllib.error.HTTPError as error:
+            return f"HTTP {error.code} {error.read().decode(errors='replace')[:300]}"
+        except Exception as error:  # not resolvable (no ready endpoint behind a Service yet), refused, timed out
+            return str(error)
+
     def map(self, path: str, bodies: list[dict]) -> list[dict]:
         """POSTs each body concurrently, body i starting at replica i (spreads the work), in order."""
         with ThreadPoolExecutor(max_workers=max(1, len(bodies))) as pool:

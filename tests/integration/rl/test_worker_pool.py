@@ -1,6 +1,7 @@
 """The learner's worker pool fails over between real reward-worker processes."""
 
 import socket
+import threading
 
 import pytest
 
@@ -41,3 +42,29 @@ def test_a_refused_request_is_not_retried(start_worker):
         with pytest.raises(WorkerRequestError, match="422"):
             pool.post("/v1/score", {"items": []})
         assert pool.total_failovers() == 0
+
+
+def test_the_first_step_waits_for_workers_that_are_still_starting(start_worker):
+    url = closed_port_url()
+    pool = WorkerPool("reward", [url], timeout_seconds=10)
+    stop = threading.Event()
+
+    def start_the_worker():  # as its pod does, while the learner is already asking
+        with start_worker("medmo_trainer.rl.reward_server", "--port", url.rsplit(":", 1)[1]):
+            stop.wait(300)
+
+    starting = threading.Thread(target=start_the_worker)
+    starting.start()
+    try:
+        pool.wait_ready(timeout_seconds=300, poll_seconds=0.2)
+        assert pool.post("/v1/score", {"items": [ITEM]})["rewards"][0]["total"] == pytest.approx(1.25)
+    finally:
+        stop.set()
+        starting.join()
+
+
+def test_a_worker_that_never_gets_ready_is_named_with_its_reason(start_worker):
+    with start_worker("medmo_trainer.rl.rollout_server", "--model", "/no/such/model", "--threads", "1") as broken:
+        pool = WorkerPool("rollout", [broken.url], timeout_seconds=10)
+        with pytest.raises(WorkerUnavailableError, match=r"no rollout worker became ready within 20s.*cannot load model '/no/such/model'"):
+            pool.wait_ready(timeout_seconds=20, poll_seconds=0.2)

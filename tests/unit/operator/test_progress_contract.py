@@ -114,6 +114,9 @@ class _FixedRollouts:
     def __init__(self, text: str):
         self.text = text
 
+    def wait_ready(self, timeout_seconds: float) -> None:
+        """Ready at once."""
+
     def map(self, path: str, bodies: list[dict]) -> list[dict]:
         assert path == "/v1/generate"
         completion = {"text": self.text, "tokenIds": [5, 6, 7], "logprobs": [-0.5] * 3, "truncated": False}
@@ -129,6 +132,9 @@ class _FixedRollouts:
 
 class _RewardScoring:
     """Reward pool over the reward workers' own scoring function (no HTTP)."""
+
+    def wait_ready(self, timeout_seconds: float) -> None:
+        """Ready at once."""
 
     def map(self, path: str, bodies: list[dict]) -> list[dict]:
         assert path == "/v1/score"
