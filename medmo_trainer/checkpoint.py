@@ -4,20 +4,37 @@ Layout under the stage's `checkpointUri`:
 
     step-N/state/...             model, optimizer and schedule (DCP files, or DeepSpeed's own)
     step-N/trainer/rank-R.pt     per-rank RNG states and data-loader position
-    step-N/COMMITTED             written last, by rank 0, once every rank has finished writing
+    step-N/COMMITTED             written last, by rank 0, once every rank has finished writing: JSON with
+                                 the step, the world size, the run's uid, a hash of each part of the stage
+                                 config that shapes training, and the name and shape of every trained tensor
     latest                       the name of the newest committed folder (`step-N`), updated after COMMITTED,
                                  for the operator and for people; resume looks for the markers themselves
 
 A folder without COMMITTED is an interrupted save: it is ignored when resuming and replaced or
 pruned later, so a crash in the middle of a save leaves the previous checkpoint in use. Every
 distributed and rank-0 side effect of checkpointing lives in `CheckpointManager`.
+
+Only trained weights are saved (with optimizer, schedule, data-loader position and RNGs): frozen ones
+come from the stage's input model, which the stage loads before resuming.
+
+A stage resumes only from its own run's checkpoints written under the same config: the run's uid
+(`StageConfig.runUid`) and the hashes of `TRAINED_SECTIONS` must match the newest checkpoint's, and
+its trained tensors must match the model's by name and shape. Otherwise the stage fails at once with
+CHECKPOINT_INCOMPATIBLE (not retried) and a message saying what differs and how to start over: a
+resource deleted and applied again under the same name and storage, or `medmo run` with a fresh work
+directory, is another run and must not silently continue (or be confused by) the old run's work. The
+same run with an edited stage config is refused the same way: the operator forbids editing a started
+stage, so this happens only when a config is changed behind its back (a `medmo run` spec edited
+between invocations), and continuing would mix two configs' training in one model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -30,10 +47,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from medmo_trainer.config import StageConfig
 from medmo_trainer.dist import DistContext
-from medmo_trainer.exit_codes import ConfigError, StageError, StorageError
+from medmo_trainer.exit_codes import CheckpointIncompatibleError, ConfigError, StageError, StorageError
 from medmo_trainer.fsio import s3_options, url_to_fs
 from medmo_trainer.strategies import TrainingStrategy
 
@@ -43,6 +62,13 @@ CRASH_DURING_SAVE_ENV = "MEDMO_TEST_CRASH_DURING_SAVE_AT_STEP"
 """Test hook: when set to N, every rank kills itself after writing step N but before its commit."""
 
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
+
+TRAINED_SECTIONS = ("type", "model", "datasets", "hyperparameters", "strategy", "rl")
+"""The parts of a stage config that change what training computes, hashed into every checkpoint.
+Replica counts, worker URLs, storage and checkpoint policy are left out: they change where and how
+often, not what. `rl` counts only its algorithm and reward weights."""
+
+_MISMATCHES_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,7 @@ class CheckpointManager:
     """Saves, commits, prunes and restores the checkpoints of one stage."""
 
     def __init__(self, config: StageConfig, context: DistContext, strategy: TrainingStrategy) -> None:
+        self.config = config
         self.root = config.checkpoint_uri.rstrip("/")
         self.policy = config.checkpoint
         self.context = context
@@ -95,24 +122,36 @@ class CheckpointManager:
             self.context.barrier()
         except StageError:
             raise
-        except Exception as error:
-            raise StorageError(f"saving checkpoint {uri} failed: {error}") from error
+        except (Exception, CheckpointException) as error:  # DCP's is a BaseException
+            raise StorageError(f"saving checkpoint {uri} failed: {_error_text(error)}") from error
         self.last_committed_uri = uri
         return uri
 
     def restore(self) -> Restored | None:
-        """Loads the newest committed checkpoint into the strategy and RNGs; None when there is none."""
+        """Loads the newest committed checkpoint into the strategy and RNGs; None when there is none.
+
+        A checkpoint of another run or config, or whose tensors do not fit the model, is a
+        CheckpointIncompatibleError; only storage trouble is a (retryable) StorageError."""
         try:
             step = self.latest_committed_step()
             if step is None:
                 return None
-            uri = self.uri_of(step)
-            self.strategy.load_state(f"{uri}/state", self.options, self.staging)
-            trainer_state = self._read_trainer_state(step)
-        except StageError:
+            marker = self._read_marker(step)
+        except (StageError, dist.DistError):
             raise
         except Exception as error:
-            raise StorageError(f"resuming from {self.root} failed: {error}") from error
+            raise _reading_failure(f"reading the checkpoints in {self.root}", error) from error
+        uri = self.uri_of(step)
+        self._check_identity(uri, marker)
+        self._check_world_size(uri, marker)
+        self._check_tensors(uri, marker)
+        try:
+            self.strategy.load_state(f"{uri}/state", self.options, self.staging)
+            trainer_state = self._read_trainer_state(step)
+        except (StageError, dist.DistError):  # a lost peer is not the checkpoint's fault
+            raise
+        except (Exception, CheckpointException) as error:  # DCP's is a BaseException
+            raise _reading_failure(f"loading checkpoint {uri}", error) from error
         _set_rng_states(trainer_state["rng"])
         self.last_committed_uri = uri
         return Restored(step=step, uri=uri, loader_state=trainer_state["loader"])
@@ -146,20 +185,58 @@ class CheckpointManager:
     def _read_trainer_state(self, step: int) -> dict[str, Any]:
         path = f"{self._path(step)}/trainer/rank-{self.context.rank}.pt"
         if not self.fs.exists(path):
+            raise CheckpointIncompatibleError(f"checkpoint {self.uri_of(step)} has no state for rank {self.context.rank}")
+        return torch.load(io.BytesIO(self.fs.cat_file(path)), weights_only=False)
+
+    def _read_marker(self, step: int) -> dict[str, Any]:
+        return json.loads(self.fs.cat_file(f"{self._path(step)}/{COMMIT_MARKER}"))
+
+    def _check_identity(self, uri: str, marker: dict[str, Any]) -> None:
+        """Refuses a checkpoint of another run, or of this run under another config."""
+        expected = config_sections(self.config)
+        found_uid, found = marker.get("runUid"), marker.get("config")
+        if found is None:
+            reason = "records no run identity (it was written by an older trainer)"
+        elif found_uid != self.config.run_uid:
+            reason = f"was written by another run (uid {found_uid}; this run's uid is {self.config.run_uid})"
+        elif found != expected:
+            changed = ", ".join(name for name in TRAINED_SECTIONS if found.get(name) != expected[name])
+            reason = f"was written by this run under another stage config (changed since: {changed})"
+        else:
+            return
+        raise CheckpointIncompatibleError(
+            f"checkpoint {uri} {reason}, so stage {self.config.stage!r} will not resume from it. "
+            f"To start the stage over, delete {self.root} (with `medmo run`: remove that folder, or use a "
+            f"new storage uri; on a cluster: set a new `spec.storage.uri` or delete the old checkpoints)"
+        )
+
+    def _check_world_size(self, uri: str, marker: dict[str, Any]) -> None:
+        if marker["worldSize"] != self.context.world_size:
             raise ConfigError(
-                f"checkpoint {self.uri_of(step)} has no state for rank {self.context.rank}: it was written by "
-                f"fewer ranks than the {self.context.world_size} of this run; resume with the same number of nodes"
-            )
-        state = torch.load(io.BytesIO(self.fs.cat_file(path)), weights_only=False)
-        if state["world_size"] != self.context.world_size:
-            raise ConfigError(
-                f"checkpoint {self.uri_of(step)} was written by {state['world_size']} ranks, this run has "
+                f"checkpoint {uri} was written by {marker['worldSize']} ranks, this run has "
                 f"{self.context.world_size}; resume with the same number of nodes and GPUs per node"
             )
-        return state
+
+    def _check_tensors(self, uri: str, marker: dict[str, Any]) -> None:
+        """Refuses a checkpoint whose trained tensors differ from the model's by name or shape (the
+        input model changed under the stage, or `trainable` did), naming what differs."""
+        mismatch = describe_mismatch(expected=self.strategy.trained_shapes(), found=marker["tensors"])
+        if mismatch:
+            raise CheckpointIncompatibleError(
+                f"checkpoint {uri} does not fit the model of stage {self.config.stage!r} ({self.config.model.base}): "
+                f"{mismatch}. The stage's input model or trainable modules differ from those it was written with; "
+                f"to start the stage over, delete {self.root}"
+            )
 
     def _commit(self, step: int) -> None:
-        marker = {"step": step, "worldSize": self.context.world_size, "committedAt": time.time()}
+        marker = {
+            "step": step,
+            "worldSize": self.context.world_size,
+            "committedAt": time.time(),
+            "runUid": self.config.run_uid,
+            "config": config_sections(self.config),
+            "tensors": self.strategy.trained_shapes(),
+        }
         self._write(f"{self._path(step)}/{COMMIT_MARKER}", json.dumps(marker).encode())
         self._write(f"{self.root_path}/{LATEST_POINTER}", f"step-{step}".encode())
 
@@ -194,6 +271,63 @@ class CheckpointManager:
     def _crash_if_requested(self, step: int) -> None:
         if os.environ.get(CRASH_DURING_SAVE_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def config_sections(config: StageConfig) -> dict[str, str]:
+    """A short hash of each of the config's `TRAINED_SECTIONS`, to tell which one changed."""
+    rl = config.rl.model_dump(mode="json", include={"algorithm", "rewards"}) if config.rl is not None else None
+    sections = {
+        "type": config.type,
+        "model": config.model.to_wire(),
+        "datasets": [dataset.to_wire() for dataset in config.datasets],
+        "hyperparameters": config.hyperparameters.to_wire(),
+        "strategy": config.strategy.to_wire(),
+        "rl": rl,
+    }
+    return {
+        name: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+        for name, value in sections.items()
+    }
+
+
+def describe_mismatch(expected: dict[str, list[int]], found: dict[str, list[int]]) -> str:
+    """What differs between two `{tensor name: shape}` maps, in words; "" when they match."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    reshaped = sorted(name for name in set(expected) & set(found) if list(expected[name]) != list(found[name]))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} trained tensors of the model are not in the checkpoint ({_some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors of the checkpoint are not trained in the model ({_some(unexpected)})")
+    if reshaped:
+        shapes = [f"{name}: checkpoint {list(found[name])}, model {list(expected[name])}" for name in reshaped]
+        parts.append(f"{len(reshaped)} tensors have other shapes ({_some(shapes)})")
+    return "; ".join(parts)
+
+
+def _some(items: list[str]) -> str:
+    more = len(items) - _MISMATCHES_SHOWN
+    return ", ".join(items[:_MISMATCHES_SHOWN]) + (f" and {more} more" if more > 0 else "")
+
+
+def _reading_failure(action: str, error: BaseException) -> StageError:
+    """StorageError (retryable) when storage failed; CheckpointIncompatibleError when the checkpoint was
+    read but its contents do not load (keys, shapes, types: a retry cannot change them)."""
+    causes = [failure for failure, _ in error.failures.values()] if isinstance(error, CheckpointException) else [error]
+    if any(isinstance(cause, _CONTENT_ERRORS) and not isinstance(cause, dist.DistError) for cause in causes):
+        return CheckpointIncompatibleError(f"{action} failed, its contents do not fit this stage: {_error_text(error)}")
+    return StorageError(f"{action} failed: {_error_text(error)}")
+
+
+_CONTENT_ERRORS = (KeyError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError)
+"""Errors of reading a checkpoint that come from its contents, not from storage."""
+
+
+def _error_text(error: BaseException) -> str:
+    if isinstance(error, CheckpointException):
+        return "; ".join(f"rank {rank}: {failure!r}" for rank, (failure, _) in error.failures.items())
+    return str(error)
 
 
 def _rng_states() -> dict[str, Any]:

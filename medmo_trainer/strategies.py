@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -81,6 +80,21 @@ class TrainingStrategy(ABC):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on rank 0 (on CPU, names of the unwrapped model); {} elsewhere."""
 
+    @property
+    @abstractmethod
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The model as loaded, without the strategy's wrapper (its own parameter names)."""
+
+    def trained_shapes(self) -> dict[str, list[int]]:
+        """Name and full shape of every parameter that trains: the part of the model a checkpoint holds
+        (frozen weights are left out of checkpoints and come from the stage's input model on resume)."""
+        return {
+            # ZeRO-3 keeps a partition in `shape` and the full shape in `ds_shape`; FSDP's DTensors the global one.
+            name: list(getattr(param, "ds_shape", param.shape))
+            for name, param in self.unwrapped_model.named_parameters()
+            if param.requires_grad
+        }
+
 
 class _DistributedCheckpointStrategy(TrainingStrategy):
     """Common part of the strategies that checkpoint with torch.distributed.checkpoint (DCP)."""
@@ -114,8 +128,10 @@ class _DistributedCheckpointStrategy(TrainingStrategy):
     def learning_rate(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    # Frozen weights are not saved: resume reloads them from the stage's base model.
-    _state_options = StateDictOptions(ignore_frozen_params=True)
+    # Frozen weights are not saved: resume reloads them from the stage's input model. Loading is not
+    # strict because those weights are absent by design; CheckpointManager has compared the checkpoint's
+    # trained tensors (names and shapes) with `trained_shapes()` before loading.
+    _state_options = StateDictOptions(ignore_frozen_params=True, strict=False)
 
     def _app_state(self) -> dict[str, Any]:
         model_state, optimizer_state = get_state_dict(self._module, self.optimizer, options=self._state_options)
@@ -159,6 +175,10 @@ class DDPStrategy(_DistributedCheckpointStrategy):
         self._module = DistributedDataParallel(model, device_ids=device_ids)
         self._build_optimizer(self._module, total_steps)
 
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self._module.module
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
@@ -186,6 +206,10 @@ class FSDPStrategy(_DistributedCheckpointStrategy):
         fully_shard(model, mp_policy=policy)
         self._module = model
         self._build_optimizer(model, total_steps)
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self._module  # fully_shard changes the module in place; names stay
 
 
 class DeepSpeedStrategy(TrainingStrategy):
@@ -233,6 +257,10 @@ class DeepSpeedStrategy(TrainingStrategy):
     def model(self) -> torch.nn.Module:
         return self.engine
 
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.engine.module
+
     def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
         # DeepSpeed divides by the accumulation steps itself and steps only at the boundary.
         self.engine.backward(loss)
@@ -252,7 +280,8 @@ class DeepSpeedStrategy(TrainingStrategy):
 
         local = staging / f"rank-{self.context.rank}"
         shutil.rmtree(local, ignore_errors=True)
-        self.engine.save_checkpoint(str(local), tag="state", save_latest=False)
+        # Frozen weights are left out, as with DCP: resume reloads them from the stage's input model.
+        self.engine.save_checkpoint(str(local), tag="state", save_latest=False, exclude_frozen_parameters=True)
         # Each rank uploads the files it wrote; they are disjoint by construction (names carry the rank).
         fs, path = url_to_fs(uri, **storage_options)
         for file in sorted(p for p in local.rglob("*") if p.is_file()):
@@ -271,7 +300,8 @@ class DeepSpeedStrategy(TrainingStrategy):
             target = local / Path(remote).relative_to(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(remote, str(target))
-        load_path, _ = self.engine.load_checkpoint(str(local), tag="state")
+        # Not strict: the frozen weights are absent by design (CheckpointManager has checked the trained ones).
+        load_path, _ = self.engine.load_checkpoint(str(local), tag="state", load_module_strict=False)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed state under {uri}")
         shutil.rmtree(local, ignore_errors=True)

@@ -33,8 +33,9 @@ from medmo_trainer.eval.scoring import BenchmarkScorer
 from medmo_trainer.exit_codes import DataError, ModelError, StorageError
 from medmo_trainer.fsio import join, url_to_fs
 from medmo_trainer.inputs import prompt_messages
-from medmo_trainer.progress import Progress, ProgressReporter
+from medmo_trainer.progress import Progress
 from medmo_trainer.stages import StageResult, register
+from medmo_trainer.stages.loop import StageLoop, run_reporting_failures
 
 logger = logging.getLogger(__name__)
 
@@ -62,28 +63,29 @@ class ModelResult:
 
 @register("eval")
 def run_eval_stage(config: StageConfig, context: DistContext) -> StageResult:
-    evaluator = Evaluator(config, context)
-    try:
-        return evaluator.run()
-    finally:
-        evaluator.reporter.close()
+    return run_reporting_failures(Evaluator.build(config, context), Evaluator.evaluate)
 
 
-class Evaluator:
-    """Scores every model of the stage on every benchmark, reporting progress per generated batch."""
+class Evaluator(StageLoop):
+    """Scores every model of the stage on every benchmark; a step is one generated batch, reported."""
 
-    def __init__(self, config: StageConfig, context: DistContext):
-        self.config = config
-        self.context = context
-        self.reporter = ProgressReporter.from_env(enabled=context.is_main)
-        self.benchmarks = [load_benchmark(spec, context) for spec in config.benchmarks]
+    def __init__(self, config: StageConfig, context: DistContext, benchmarks: list[Benchmark],
+                 models: list[tuple[str, str]], total_steps: int):
+        super().__init__(config, context, total_steps)
+        self.benchmarks = benchmarks
+        self.models = models
+        """(name, model source) of the stage's own model, then of each compared model."""
+
+    @classmethod
+    def build(cls, config: StageConfig, context: DistContext) -> Evaluator:
+        benchmarks = [load_benchmark(spec, context) for spec in config.benchmarks]
         settings = config.evaluation
-        self.models = [(settings.model_name, config.model.base), *((m.name, m.uri) for m in settings.compare_models)]
-        # Steps are generated batches; rank 0, which reports them, holds the most records.
-        self.total_steps = len(self.models) * sum(-(-len(b.records) // settings.batch_size) for b in self.benchmarks)
-        self.step = 0
+        models = [(settings.model_name, config.model.base), *((m.name, m.uri) for m in settings.compare_models)]
+        # Rank 0, which reports the steps, holds the most records.
+        total_steps = len(models) * sum(-(-len(b.records) // settings.batch_size) for b in benchmarks)
+        return cls(config, context, benchmarks, models, total_steps)
 
-    def run(self) -> StageResult:
+    def evaluate(self) -> StageResult:
         results = [self._evaluate_model(name, uri) for name, uri in self.models]
         flat = flat_metrics(results, own_model=self.config.evaluation.model_name)
         counters = flat_counters(results, own_model=self.config.evaluation.model_name)
@@ -99,21 +101,26 @@ class Evaluator:
         self._report("Succeeded", metrics=flat, counters=counters, message=f"metrics written to {self._metrics_uri()}")
         return StageResult(steps=self.step, output_uri=None, summary=f"eval: {summary or 'no scores'}")
 
+    def eval_step(self, model, processor, batch: list[Record], scorer: BenchmarkScorer, skipped: Counter) -> None:
+        """Greedy answers to one batch of records, added to the benchmark's scores."""
+        settings = self.config.evaluation
+        generated = generate_answers(
+            model, processor, batch, image_size=self.config.hyperparameters.image_size,
+            max_new_tokens=settings.max_new_tokens, device=self.context.device, skipped=skipped,
+        )
+        for record, text, scores in generated:
+            scorer.add(record, text, scores)
+
     def _evaluate_model(self, name: str, uri: str) -> ModelResult:
         model, processor = load_eval_model(uri, self.context.device)
         result = ModelResult(name, uri)
-        settings = self.config.evaluation
+        batch_size = self.config.evaluation.batch_size
         for benchmark in self.benchmarks:
             scorer = BenchmarkScorer()
             skipped = Counter(benchmark.skipped)
-            for start in range(0, len(benchmark.records), settings.batch_size):
-                batch = benchmark.records[start : start + settings.batch_size]
-                generated = generate_answers(
-                    model, processor, batch, image_size=self.config.hyperparameters.image_size,
-                    max_new_tokens=settings.max_new_tokens, device=self.context.device, skipped=skipped,
-                )
-                for record, text, scores in generated:
-                    scorer.add(record, text, scores)
+            for start in range(0, len(benchmark.records), batch_size):
+                with self.telemetry.span("medmo.step", step=self.step + 1):
+                    self.eval_step(model, processor, benchmark.records[start : start + batch_size], scorer, skipped)
                 self.step += 1
                 self._report("Running", message=f"model {name}, benchmark {benchmark.spec.name}")
             totals = self._sum_over_ranks([*scorer.totals(), float(sum(skipped.values()))])

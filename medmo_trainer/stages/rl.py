@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +32,7 @@ from medmo_trainer.dist import DistContext
 from medmo_trainer.exit_codes import ConfigError, StorageError
 from medmo_trainer.fsio import join, url_to_fs
 from medmo_trainer.metrics_log import MetricsLog
-from medmo_trainer.progress import GRAD_NORM, LEARNING_RATE, LOSS, Progress, ProgressReporter, data_counters
+from medmo_trainer.progress import GRAD_NORM, LEARNING_RATE, LOSS, Progress, data_counters
 from medmo_trainer.rl.controller import PolicyRef, PromptSampler, RolloutBatch, RolloutController, Sample
 from medmo_trainer.rl.grpo import clipped_policy_loss, completion_mask
 from medmo_trainer.rl.policy import completion_logprobs
@@ -39,6 +40,7 @@ from medmo_trainer.rl.prompts import Prompt, encode_prompts
 from medmo_trainer.rl.rollout import weights_bytes
 from medmo_trainer.rl.workers import WorkerPool
 from medmo_trainer.stages import StageResult, register
+from medmo_trainer.stages.loop import StageLoop, run_reporting_failures
 from medmo_trainer.stages.training import export_stage_model, load_stage_model, move_to, seed_everything
 from medmo_trainer.strategies import TrainingStrategy, build_strategy
 
@@ -99,28 +101,30 @@ class PolicyPublisher:
         return PolicyRef(version, uri)
 
 
-class GRPOLearner:
+class GRPOLearner(StageLoop):
     """Runs one `rl` stage; see the module docstring."""
 
     def __init__(self, config: StageConfig, context: DistContext, loaded: Any, reference: Any,
-                 strategy: TrainingStrategy, sampler: PromptSampler, controller: RolloutController | None,
-                 publisher: PolicyPublisher | None, total_steps: int):
+                 strategy: TrainingStrategy, checkpoints: CheckpointManager, sampler: PromptSampler,
+                 controller: RolloutController | None, publisher: PolicyPublisher | None,
+                 executor: ThreadPoolExecutor | None, total_steps: int):
+        super().__init__(config, context, total_steps)
         assert config.rl is not None
-        self.config = config
         self.algorithm = config.rl.algorithm
-        self.context = context
         self.loaded = loaded
         self.reference = reference
         self.strategy = strategy
+        self.checkpoints = checkpoints
         self.sampler = sampler
         self.controller = controller
         self.publisher = publisher
-        self.total_steps = total_steps
-        self.checkpoints = CheckpointManager(config, context, strategy)
-        self.reporter = ProgressReporter.from_env(enabled=context.is_main)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") if context.is_main else None
+        self.executor = executor
+        """Rank 0's background thread gathering the next batch while the ranks update."""
         self.metrics_log: MetricsLog | None = None
-        self.step = 0
+        self.policy: PolicyRef | None = None
+        """The newest published policy version (rank 0)."""
+        self.pending: Future | None = None
+        """The batch being gathered for the next step (rank 0)."""
 
     @classmethod
     def build(cls, config: StageConfig, context: DistContext) -> GRPOLearner:
@@ -145,45 +149,60 @@ class GRPOLearner:
             reference = load_stage_model(config).model.to(context.device).eval().requires_grad_(False)
         strategy = build_strategy(config, context)
         strategy.prepare(loaded.model, total_steps)
-        controller = publisher = None
+        controller = publisher = executor = None
         if context.is_main:
             timeout = rl.request_timeout_seconds
             controller = RolloutController(config, sampler, WorkerPool("rollout", rl.rollout_urls, timeout),
                                            WorkerPool("reward", rl.reward_urls, timeout))
             publisher = PolicyPublisher(config, trainable)
-        return cls(config, context, loaded, reference, strategy, sampler, controller, publisher, total_steps)
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
+        return cls(config, context, loaded, reference, strategy, CheckpointManager(config, context, strategy),
+                   sampler, controller, publisher, executor, total_steps)
 
     def train(self) -> StageResult:
         restored = self.checkpoints.restore()
-        self.step = restored.step if restored is not None else 0
+        if restored is not None:
+            self.step = restored.step
+            logger.info("resumed from %s at step %d", restored.uri, restored.step)
         self.metrics_log = MetricsLog.for_stage(self.config.storage.uri, self.config.stage, self.context.is_main,
                                                 start_step=self.step)
-        policy = self.publish()
-        pending = self.gather(self.step + 1, policy)
+        self.policy = self.publish(self.step)
+        self.pending = self.gather(self.step + 1)
         update = None
         while self.step < self.total_steps:
-            batch = self.receive(pending)
-            if self.algorithm.max_staleness and self.step + 1 < self.total_steps:
-                pending = self.gather(self.step + 2, policy)  # overlaps the update below
-            update = self.train_step(batch)
+            started = time.perf_counter()
+            with self.telemetry.span("medmo.step", step=self.step + 1):
+                batch, update = self.train_step()
             self.step += 1
-            policy = self.publish()
-            if not self.algorithm.max_staleness and self.step < self.total_steps:
-                pending = self.gather(self.step + 1, policy)
-            self.report(batch, update, "Running")
+            self.report(batch, update, "Running", seconds=time.perf_counter() - started)
             if self.checkpoints.due(self.step, self.total_steps):
-                self.checkpoints.save(self.step, {"step": self.step})
+                with self.telemetry.span("medmo.checkpoint", step=self.step):
+                    self.checkpoints.save(self.step, {"step": self.step})
                 self.metrics_log.flush()
         self.export()
         self.report(None, update, "Succeeded", message=f"exported to {self.config.output_uri}")
         summary = f"{self.step} steps" + (f", final loss {update.loss:.4f}" if update else "")
         return StageResult(steps=self.step, output_uri=self.config.output_uri, summary=summary)
 
-    def gather(self, step: int, policy: PolicyRef | None) -> Future | None:
-        """Starts gathering `step`'s batch on rank 0 (a background thread); None elsewhere."""
+    def train_step(self) -> tuple[RolloutBatch, UpdateMetrics]:
+        """Step `self.step + 1`: its gathered batch, the update, the new policy published, the next batch
+        started (before the update when one step of staleness lets generation overlap it)."""
+        step = self.step + 1
+        batch = self.receive(self.pending)
+        more = step < self.total_steps
+        if self.algorithm.max_staleness and more:
+            self.pending = self.gather(step + 1)  # from the policy before this update
+        update = self.update(batch)
+        self.policy = self.publish(step)
+        if not self.algorithm.max_staleness and more:
+            self.pending = self.gather(step + 1)
+        return batch, update
+
+    def gather(self, step: int) -> Future | None:
+        """Starts gathering `step`'s batch from the newest policy on rank 0 (a background thread); None elsewhere."""
         if self.executor is None:
             return None
-        return self.executor.submit(self.controller.collect, step, policy)
+        return self.executor.submit(self.controller.collect, step, self.policy)
 
     def receive(self, pending: Future | None) -> RolloutBatch:
         """Rank 0's gathered batch, on every rank."""
@@ -192,7 +211,7 @@ class GRPOLearner:
             dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
-    def train_step(self, batch: RolloutBatch) -> UpdateMetrics:
+    def update(self, batch: RolloutBatch) -> UpdateMetrics:
         """One optimizer step over this rank's share of the batch's completions."""
         mine = batch.samples[self.context.rank :: self.context.world_size]
         carrying = [s for s in batch.samples if not (self.algorithm.mask_truncated and s.truncated)]
@@ -253,20 +272,26 @@ class GRPOLearner:
             normalizer=normalizer,
         )
 
-    def publish(self) -> PolicyRef | None:
-        """Publishes the current weights as version `self.step` (a collective; rank 0 writes)."""
+    def publish(self, version: int) -> PolicyRef | None:
+        """Publishes the current weights as `version` (a collective; rank 0 writes)."""
         state = self.strategy.full_state_dict()
-        return self.publisher.publish(self.step, state) if self.publisher is not None else None
+        return self.publisher.publish(version, state) if self.publisher is not None else None
 
-    def report(self, batch: RolloutBatch | None, update: UpdateMetrics | None, phase: str, message: str = "") -> None:
+    def report(self, batch: RolloutBatch | None, update: UpdateMetrics | None, phase: str, message: str = "",
+               seconds: float | None = None) -> None:
         if not self.context.is_main:
             return
         skipped = self.sampler.skipped + (batch.skipped if batch is not None else Counter())
         progress = rl_progress(self.config, self.step, self.total_steps, batch, update, skipped,
-                               self.checkpoints.last_committed_uri, phase, message)
+                               self.last_checkpoint, phase, message)
         self.reporter.report(progress)
-        if batch is not None:
+        if batch is not None and update is not None and seconds is not None:
+            self.telemetry.record_step(update.loss, update.tokens, len(batch.samples), seconds)
             self.metrics_log.log(self.step, progress.metrics)
+
+    @property
+    def last_checkpoint(self) -> str | None:
+        return self.checkpoints.last_committed_uri
 
     def export(self) -> None:
         """Writes the trained policy in Hugging Face format to the stage's output URI."""
@@ -277,14 +302,10 @@ class GRPOLearner:
             self.executor.shutdown(wait=False, cancel_futures=True)
         if self.metrics_log is not None:
             self.metrics_log.close()
-        self.reporter.close()
         self.checkpoints.close()
+        super().close()
 
 
 @register("rl")
 def run_rl_stage(config: StageConfig, context: DistContext) -> StageResult:
-    learner = GRPOLearner.build(config, context)
-    try:
-        return learner.train()
-    finally:
-        learner.close()
+    return run_reporting_failures(GRPOLearner.build(config, context), GRPOLearner.train)

@@ -41,12 +41,11 @@ from medmo_trainer.progress import (
     SAMPLES_PER_SECOND,
     TOKENS_PER_SECOND,
     Progress,
-    ProgressReporter,
     data_counters,
 )
 from medmo_trainer.stages import StageResult, register
+from medmo_trainer.stages.loop import StageLoop, run_reporting_failures
 from medmo_trainer.strategies import TrainingStrategy, build_strategy
-from medmo_trainer.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ def training_progress(config: StageConfig, step: int, total_steps: int, metrics:
     )
 
 
-class Trainer:
+class Trainer(StageLoop):
     """Runs one supervised stage; see the module docstring."""
 
     def __init__(
@@ -100,20 +99,13 @@ class Trainer:
         loader: TrainLoader,
         strategy: TrainingStrategy,
         checkpoints: CheckpointManager,
-        reporter: ProgressReporter,
-        telemetry: Telemetry,
         total_steps: int,
     ) -> None:
-        self.config = config
-        self.context = context
+        super().__init__(config, context, total_steps)
         self.loaded = loaded
         self.loader = loader
         self.strategy = strategy
         self.checkpoints = checkpoints
-        self.reporter = reporter
-        self.telemetry = telemetry
-        self.total_steps = total_steps
-        self.step = 0
         self.metrics_log: MetricsLog | None = None
         """Per-step metrics in storage (rank 0), for the run report's loss curves."""
 
@@ -142,8 +134,6 @@ class Trainer:
             loader=loader,
             strategy=strategy,
             checkpoints=CheckpointManager(config, context, strategy),
-            reporter=ProgressReporter.from_env(enabled=context.is_main),
-            telemetry=Telemetry(config.run, config.stage, enabled=context.is_main),
             total_steps=total_steps,
         )
 
@@ -198,19 +188,15 @@ class Trainer:
             data=self._data_counts(data),
         )
 
-    def report_failure(self, error: BaseException) -> None:
-        """Tells the operator why the stage stops (no collectives: other ranks may be gone)."""
-        self.reporter.report(Progress(
-            run=self.config.run, stage=self.config.stage, phase="Failed", step=self.step,
-            total_steps=self.total_steps, last_checkpoint=self.checkpoints.last_committed_uri, message=str(error),
-        ))
+    @property
+    def last_checkpoint(self) -> str | None:
+        return self.checkpoints.last_committed_uri
 
     def close(self) -> None:
         if self.metrics_log is not None:
             self.metrics_log.close()
-        self.reporter.close()
-        self.telemetry.shutdown()
         self.checkpoints.close()
+        super().close()
 
     def _micro_batches(self) -> Iterator[dict[str, Any]]:
         """Batches on this rank's device, pass after pass over the mixture."""
@@ -221,7 +207,7 @@ class Trainer:
     def _report(self, metrics: StepMetrics | None, phase: str, message: str = "") -> None:
         data = metrics.data if metrics else self._data_counts(self.context.sum_all(self._local_data_counts()))
         progress = training_progress(self.config, self.step, self.total_steps, metrics, data,
-                                     self.checkpoints.last_committed_uri, phase, message)
+                                     self.last_checkpoint, phase, message)
         if metrics is not None and phase == "Running":
             self.telemetry.record_step(metrics.loss, metrics.tokens, metrics.samples, metrics.seconds)
             if self.metrics_log is not None:
@@ -262,14 +248,7 @@ def export_stage_model(config: StageConfig, context: DistContext, strategy: Trai
 @register("pretrain")
 @register("sft")
 def run_training_stage(config: StageConfig, context: DistContext) -> StageResult:
-    trainer = Trainer.build(config, context)
-    try:
-        return trainer.train()
-    except Exception as error:
-        trainer.report_failure(error)
-        raise
-    finally:
-        trainer.close()
+    return run_reporting_failures(Trainer.build(config, context), Trainer.train)
 
 
 def load_stage_model(config: StageConfig) -> Any:

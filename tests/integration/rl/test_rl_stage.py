@@ -8,8 +8,10 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from integration.rl.pipeline import progress_lines, stage_config, synthetic, train_stage
+from integration.trainer_loop.trainer_loop_runs import assert_succeeded, run_stage
 
 PRESET = "preset:tiny-qwen3-vl"
 
@@ -96,14 +98,31 @@ def test_killing_a_rollout_and_a_reward_worker_mid_run_the_run_finishes(start_wo
     assert last["rolloutFailovers"] >= 1 and last["rewardFailovers"] >= 1
 
 
-def test_a_restarted_stage_resumes_from_its_last_checkpoint(start_worker, grounding_data, tmp_path):
+def test_a_killed_stage_resumes_with_the_losses_of_an_uninterrupted_run(start_worker, grounding_data, tmp_path):
+    """Killed after step 3, with the checkpoint of step 2 committed, the stage resumes at step 3 and
+    republishes that policy as version 2; each step's loss, gradient norm and reward are those of a run
+    never interrupted, and the resumed steps and checkpoints are traced as a training stage's are."""
     with workers(start_worker, PRESET, rollouts=1, rewards=1) as (rollouts, rewards):
-        for steps, log in ((2, "first.log"), (4, "resumed.log")):
-            config = stage_config(tmp_path, "grpo", "rl", PRESET, grounding_data, seed=0, steps=steps,
-                                  learning_rate=1e-3, batch_size=4, rl=rl_section(rollouts, rewards))
-            train_stage(config, tmp_path / log)
-    running = [r for r in progress_lines(tmp_path / "resumed.log") if r["phase"] == "Running"]
-    # the second attempt starts after the checkpoint of step 2 and republishes that policy as version 2
+        def config(name: str) -> dict:
+            path = stage_config(tmp_path / name, "grpo", "rl", PRESET, grounding_data, seed=0, steps=4,
+                                learning_rate=1e-3, batch_size=4, rl=rl_section(rollouts, rewards))
+            return {**yaml.safe_load(path.read_text()), "checkpoint": {"everySteps": 2, "keepLast": 2}}
+
+        whole = run_stage(tmp_path, config("whole"), name="whole")
+        assert_succeeded(whole)
+        interrupted = config("interrupted")
+        killed = run_stage(tmp_path, interrupted, kill_after_step=3, name="killed")
+        resumed = run_stage(tmp_path, interrupted, {"OTEL_TRACES_EXPORTER": "console"}, name="resumed")
+    assert killed.returncode < 0 and killed.final["phase"] == "Running", "the run was meant to die mid-way"
+    assert_succeeded(resumed)
+    running = [r for r in resumed.reports if r["phase"] == "Running"]
     assert [r["step"] for r in running] == [3, 4]
     assert [r["metrics"]["policyVersion"] for r in running] == [2, 3]
-    assert running[0]["lastCheckpoint"].endswith("step-2")
+    assert running[0]["lastCheckpoint"] == f"{interrupted['checkpointUri']}/step-2"
+    uninterrupted = {r["step"]: r["metrics"] for r in whole.reports if r["phase"] == "Running"}
+    for report in [r for r in killed.reports if r["phase"] == "Running"] + running:
+        for metric in ("loss", "gradNorm", "reward/total"):
+            expected = uninterrupted[report["step"]][metric]
+            assert report["metrics"][metric] == pytest.approx(expected, rel=1e-5), f"step {report['step']} {metric}"
+    spans = re.findall(r'"name": "(medmo\.[a-z]+)"', resumed.output)
+    assert spans.count("medmo.step") == 2 and spans.count("medmo.checkpoint") == 1

@@ -1,18 +1,24 @@
-"""Checkpoints on S3 (SeaweedFS): a killed run resumes exactly, and a crash mid-save loses nothing committed."""
+"""Checkpoints: a killed run resumes exactly (on S3, and for a stage that trains only the projector, with
+frozen weights reloaded from its input model), and a crash mid-save loses nothing committed."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import s3fs
 
 from integration.trainer_loop.trainer_loop_runs import assert_succeeded, run_stage, stage_config
-from medmo_trainer.checkpoint import CRASH_DURING_SAVE_ENV
+from medmo_trainer.checkpoint import COMMIT_MARKER, CRASH_DURING_SAVE_ENV
+from medmo_trainer.model.families import FAMILIES
 
 STRATEGIES = [
     pytest.param({"name": "ddp"}, id="ddp"),
     pytest.param({"name": "fsdp"}, id="fsdp", marks=pytest.mark.slow),
     pytest.param({"name": "deepspeed", "zeroStage": 2}, id="deepspeed-zero2", marks=pytest.mark.slow),
 ]
+PROJECTOR = FAMILIES["qwen3_vl"].group_prefixes["projector"]
+"""Parameter-name prefixes of the tiny Qwen3-VL's projector (its vision-language mergers)."""
 
 
 def s3_config(tmp_path, data, bucket, prefix, s3_server, **kwargs) -> dict:
@@ -78,3 +84,29 @@ def test_crash_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, synt
     assert fs.exists(f"{checkpoints}/step-4/COMMITTED")
     assert fs.cat_file(f"{checkpoints}/latest").decode() == "step-6"
     assert not fs.exists(f"{checkpoints}/step-2"), "keepLast 2 prunes the oldest"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_killed_pretrain_stage_training_only_the_projector_resumes_with_the_same_losses(tmp_path, synthetic_data,
+                                                                                       strategy):
+    """The checkpoints of a projector-only stage hold no frozen weights: resume takes those from the input model."""
+    settings = {
+        "steps": 4, "every_steps": 2, "strategy": strategy, "type": "pretrain", "stage": "align",
+        "model": {"base": "preset:tiny-qwen3-vl", "trainable": ["projector"]},
+    }
+    whole = run_stage(tmp_path, stage_config(tmp_path / "whole", str(synthetic_data), **settings), name="whole")
+    assert_succeeded(whole)
+
+    config = stage_config(tmp_path / "killed", str(synthetic_data), **settings)
+    killed = run_stage(tmp_path, config, kill_after_step=3, name="killed")
+    assert killed.returncode < 0 and killed.final["phase"] == "Running", "the run was meant to die mid-way"
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    marker = json.loads((checkpoints / "step-2" / COMMIT_MARKER).read_text())
+    assert marker["tensors"] and all(name.startswith(PROJECTOR) for name in marker["tensors"])
+
+    resumed = run_stage(tmp_path, config, name="resumed")
+    assert_succeeded(resumed)
+    assert f"resumed from {checkpoints}/step-2 at step 2" in resumed.output
+    assert sorted(resumed.losses) == [3, 4]
+    for step, loss in {**killed.losses, **resumed.losses}.items():
+        assert loss == pytest.approx(whole.losses[step], rel=1e-5), f"step {step}"

@@ -10,7 +10,14 @@ import torch.distributed as dist
 from medmo_trainer.entrypoint import classify
 from medmo_trainer.config import Hyperparameters
 from medmo_trainer.data import DatasetUnavailableError
-from medmo_trainer.exit_codes import NON_RETRYABLE, RETRYABLE, ConfigError, ExitCode, StorageError
+from medmo_trainer.exit_codes import (
+    NON_RETRYABLE,
+    RETRYABLE,
+    CheckpointIncompatibleError,
+    ConfigError,
+    ExitCode,
+    StorageError,
+)
 from medmo_trainer.optim import lr_multiplier
 from medmo_trainer.stages import get_runner, register
 
@@ -29,7 +36,8 @@ def test_warmup_rises_linearly_to_the_peak_then_the_schedule_decays(scheduler):
 
 
 def test_exit_codes_split_into_failing_and_retryable_classes():
-    assert set(NON_RETRYABLE) == {ExitCode.CONFIG_INVALID, ExitCode.DATA_INVALID, ExitCode.MODEL_INVALID}
+    assert set(NON_RETRYABLE) == {ExitCode.CONFIG_INVALID, ExitCode.DATA_INVALID, ExitCode.MODEL_INVALID,
+                                  ExitCode.CHECKPOINT_INCOMPATIBLE}
     assert set(RETRYABLE) == {ExitCode.UNEXPECTED, ExitCode.STORAGE_UNAVAILABLE, ExitCode.DISTRIBUTED_FAILURE}
     assert not set(NON_RETRYABLE) & set(RETRYABLE)
 
@@ -38,6 +46,7 @@ def test_exit_codes_split_into_failing_and_retryable_classes():
     (DatasetUnavailableError("s3://b/data", "NoSuchBucket"), ExitCode.DATA_INVALID),
     (ConfigError("bad"), ExitCode.CONFIG_INVALID),
     (StorageError("s3 down"), ExitCode.STORAGE_UNAVAILABLE),
+    (CheckpointIncompatibleError("written by another run"), ExitCode.CHECKPOINT_INCOMPATIBLE),
     (dist.DistNetworkError("peer lost"), ExitCode.DISTRIBUTED_FAILURE),
     (ConnectionResetError("reset"), ExitCode.STORAGE_UNAVAILABLE),
     (ZeroDivisionError("bug"), ExitCode.UNEXPECTED),

@@ -1,0 +1,69 @@
+"""What a checkpoint records of its stage's config, and how a mismatch of tensors is put into words."""
+
+from __future__ import annotations
+
+from medmo_trainer.checkpoint import config_sections, describe_mismatch
+from medmo_trainer.config import StageConfig
+
+
+def rl_config(**changes) -> StageConfig:
+    wire = {
+        "run": "medmo", "runUid": "uid-1", "stage": "grpo", "type": "rl",
+        "model": {"base": "s3://bucket/runs/medmo/instruct/model", "trainable": ["projector", "language"]},
+        "storage": {"uri": "s3://bucket/runs/medmo"},
+        "outputUri": "s3://bucket/runs/medmo/grpo/model", "checkpointUri": "s3://bucket/runs/medmo/grpo/checkpoints",
+        "datasets": [{"name": "boxes", "uri": "s3://data/boxes/"}],
+        "hyperparameters": {"learningRate": 1e-6, "maxSteps": 100},
+        "strategy": {"name": "deepspeed", "zeroStage": 2},
+        "checkpoint": {"everySteps": 10, "keepLast": 2},
+        "rl": {"algorithm": {"groupSize": 8}, "rolloutUrls": ["http://rollout:8000"],
+               "rewardUrls": ["http://reward:8000"], "rolloutRequestsPerStep": 4},
+    }
+    for path, value in changes.items():
+        *parents, leaf = path.split(".")
+        target = wire
+        for key in parents:
+            target = target[key]
+        target[leaf] = value
+    return StageConfig.model_validate(wire)
+
+
+def changed_sections(**changes) -> list[str]:
+    before, after = config_sections(rl_config()), config_sections(rl_config(**changes))
+    return [name for name in before if before[name] != after[name]]
+
+
+def test_what_changes_training_changes_the_recorded_config():
+    assert changed_sections(**{"hyperparameters.learningRate": 2e-6}) == ["hyperparameters"]
+    assert changed_sections(**{"model.trainable": ["projector"]}) == ["model"]
+    assert changed_sections(**{"model.base": "s3://bucket/runs/medmo/ground/model"}) == ["model"]
+    assert changed_sections(**{"datasets": [{"name": "boxes", "uri": "s3://data/boxes-v2/"}]}) == ["datasets"]
+    assert changed_sections(**{"strategy.zeroStage": 3}) == ["strategy"]
+    assert changed_sections(**{"rl.algorithm.groupSize": 4}) == ["rl"]
+
+
+def test_where_and_how_often_do_not_change_the_recorded_config():
+    """Replica counts, worker addresses, storage, checkpoint policy and the run's identity are not training."""
+    assert changed_sections(**{
+        "rl.rolloutUrls": ["http://rollout-0:8000", "http://rollout-1:8000"], "rl.rolloutRequestsPerStep": 8,
+        "checkpoint.everySteps": 50, "storage.uri": "s3://elsewhere/runs/medmo", "runUid": "uid-2",
+        "checkpointUri": "s3://elsewhere/runs/medmo/grpo/checkpoints",
+    }) == []
+
+
+def test_a_mismatch_names_missing_unexpected_and_reshaped_tensors():
+    model = {"merger.fc1.weight": [128, 128], "merger.fc2.weight": [64, 128], "merger.norm.weight": [32]}
+    checkpoint = {"merger.fc1.weight": [192, 192], "merger.fc2.weight": [64, 128], "lm_head.weight": [512, 64]}
+    words = describe_mismatch(expected=model, found=checkpoint)
+    assert "1 trained tensors of the model are not in the checkpoint (merger.norm.weight)" in words
+    assert "1 tensors of the checkpoint are not trained in the model (lm_head.weight)" in words
+    assert "merger.fc1.weight: checkpoint [192, 192], model [128, 128]" in words
+    assert "merger.fc2.weight" not in words
+    assert describe_mismatch(expected=model, found=dict(model)) == ""
+
+
+def test_a_long_mismatch_shows_a_few_names_and_counts_the_rest():
+    model = {f"layer.{i}.weight": [8] for i in range(12)}
+    words = describe_mismatch(expected=model, found={})
+    assert words.startswith("12 trained tensors of the model are not in the checkpoint (layer.0.weight, ")
+    assert words.endswith("and 7 more)")
