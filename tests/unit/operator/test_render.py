@@ -109,6 +109,17 @@ def test_each_stage_starts_from_the_previous_training_stages_export():
     assert configs[2].checkpoint_uri == "s3://medmo-runs/medmo-8b/instruct/checkpoints"
 
 
+def test_each_stage_config_carries_the_runs_uid_for_its_checkpoints_to_record():
+    """A run deleted and applied again under the same name gets a new uid: its stages must not resume
+    the old run's checkpoints, which record the uid they were written under."""
+    spec = _spec()
+    again = render.RunRef(name=RUN.name, namespace=RUN.namespace, uid="uid-after-reapply")
+    for stage in spec.stages:
+        assert render.build_stage_config(RUN, spec, stage).run_uid == "uid-1"
+        config_map = render.build_config_map(again, spec, stage)
+        assert yaml.safe_load(config_map["data"][render.CONFIG_FILE])["runUid"] == "uid-after-reapply"
+
+
 def test_progress_token_is_per_run_and_mounted_not_inlined():
     spec = _spec()
     other = render.RunRef(name="other", namespace="medmo", uid="uid-2")
