@@ -195,19 +195,21 @@ class CheckpointManager:
         """Refuses a checkpoint of another run, or of this run under another config."""
         expected = config_sections(self.config)
         found_uid, found = marker.get("runUid"), marker.get("config")
+        start_over = f"To start the stage over, delete {self.root} or give the run a new `spec.storage.uri`"
         if found is None:
-            reason = "records no run identity (it was written by an older trainer)"
+            reason, advice = "records no run identity (it was written by an older trainer)", start_over
         elif found_uid != self.config.run_uid:
             reason = f"was written by another run (uid {found_uid}; this run's uid is {self.config.run_uid})"
+            advice = (f"{start_over}. A resource deleted and applied again is a new run; to continue the other "
+                      f"run with `medmo run`, use the --workdir it was started with")
         elif found != expected:
             changed = ", ".join(name for name in TRAINED_SECTIONS if found.get(name) != expected[name])
             reason = f"was written by this run under another stage config (changed since: {changed})"
+            advice = f"{start_over}; to continue it, restore the stage's previous config"
         else:
             return
         raise CheckpointIncompatibleError(
-            f"checkpoint {uri} {reason}, so stage {self.config.stage!r} will not resume from it. "
-            f"To start the stage over, delete {self.root} (with `medmo run`: remove that folder, or use a "
-            f"new storage uri; on a cluster: set a new `spec.storage.uri` or delete the old checkpoints)"
+            f"checkpoint {uri} {reason}, so stage {self.config.stage!r} will not resume from it. {advice}"
         )
 
     def _check_world_size(self, uri: str, marker: dict[str, Any]) -> None:

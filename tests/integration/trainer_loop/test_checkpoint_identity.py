@@ -50,8 +50,8 @@ def test_a_checkpoint_of_another_run_is_refused_saying_how_to_start_over(finishe
     config = {**finished, "runUid": "9a44f0e2-run-two"}
     run = run_stage(tmp_path, config, name="another-run")
     message = assert_refused(run, config, f"was written by another run (uid {RUN_UID}; this run's uid is 9a44f0e2-run-two)")
-    assert f"To start the stage over, delete {config['checkpointUri']}" in message
-    assert "new `spec.storage.uri`" in message and "`medmo run`" in message
+    assert f"To start the stage over, delete {config['checkpointUri']} or give the run a new `spec.storage.uri`" in message
+    assert "to continue the other run with `medmo run`, use the --workdir it was started with" in message
 
 
 def test_the_same_run_with_an_edited_config_is_refused_naming_what_changed(finished, tmp_path):
