@@ -355,8 +355,24 @@ class Stage(ConfigModel):
 class RunPolicy(ConfigModel):
     """Failure, time and clean-up policy of the whole run (as in Kubeflow Trainer)."""
 
+    model_config = ConfigModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "!has(self.restartBackoffSeconds) || !has(self.maxRestartBackoffSeconds) "
+                "|| self.maxRestartBackoffSeconds >= self.restartBackoffSeconds",
+                "runPolicy.maxRestartBackoffSeconds must be at least restartBackoffSeconds",
+                ".maxRestartBackoffSeconds",
+            ),
+        )
+    }
+
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
     """Restarts of a stage (from its last checkpoint) before the run fails."""
+    restart_backoff_seconds: Annotated[int, Field(ge=0, le=3600)] = 10
+    """Wait before a stage's first restart; each further restart waits twice as long as the one
+    before (as the Job controller backs off), up to maxRestartBackoffSeconds. 0 restarts at once."""
+    max_restart_backoff_seconds: Annotated[int, Field(ge=0, le=86400)] = 300
+    """The longest wait before a restart."""
     active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
     """Wall-clock limit of the run from its start; past it the run fails with DeadlineExceeded."""
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
@@ -365,6 +381,15 @@ class RunPolicy(ConfigModel):
     """Pods deleted when a stage finishes: `Running` ones (default), `All`, or `None`."""
     suspend: bool = False
     """Stop the pods and keep the checkpoints; setting it back to false resumes from them."""
+
+    @model_validator(mode="after")
+    def _backoff_cap_above_base(self) -> RunPolicy:
+        if self.max_restart_backoff_seconds < self.restart_backoff_seconds:
+            raise ValueError(
+                f"runPolicy.maxRestartBackoffSeconds ({self.max_restart_backoff_seconds}) must be at least "
+                f"restartBackoffSeconds ({self.restart_backoff_seconds})"
+            )
+        return self
 
 
 class Scheduling(ConfigModel):
@@ -494,6 +519,8 @@ class StageStatus(ConfigModel):
     """Steps the stage will run, once known."""
     restarts: Annotated[int, Field(ge=0)] = 0
     """Gang restarts of the stage so far."""
+    next_attempt_time: datetime | None = None
+    """While a restart waits out its backoff: when the stage's next attempt starts."""
     last_checkpoint: str | None = None
     """URI of the last committed checkpoint."""
     metrics: dict[str, float] = Field(default_factory=dict)

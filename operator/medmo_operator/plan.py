@@ -9,7 +9,7 @@ where the last one stopped and never creates a child twice.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from medmo_operator import api, render
@@ -149,16 +149,17 @@ def plan(
 
     if spec.run_policy.suspend:
         return _suspend(spec, status, observed, now, actions)
-    if status.phase == Phase.SUSPENDED:
+    resuming = status.phase == Phase.SUSPENDED
+    if resuming:
         _set_condition(status, ConditionType.SUSPENDED, False, "Resumed", "the run was resumed", now)
         actions.append(Event("Resumed", "resuming from the last checkpoints"))
         status.phase = Phase.RUNNING
+        # A stage suspended while restarting (its backoff, or its new attempt not yet running) goes
+        # on restarting: the Restarting condition is cleared only once that attempt runs.
+        restarting = (condition := _condition(status, ConditionType.RESTARTING)) is not None and condition.status == "True"
         for stage_status in status.stages:
             if stage_status.phase == Phase.SUSPENDED:
-                stage_status.phase = Phase.RUNNING
-        stage = _current_stage(spec, status)
-        if stage and stage.name in observed.jobs and observed.jobs[stage.name].suspended:
-            actions.append(SuspendJob(observed.jobs[stage.name].name, False))
+                stage_status.phase = Phase.RESTARTING if restarting else Phase.RUNNING
 
     # Advance through as many stages as the observations allow (a finished stage starts the next).
     while True:
@@ -172,8 +173,9 @@ def plan(
         elif job is not None and job.attempt > record.restarts:
             record.restarts = job.attempt  # a restart whose status patch was lost: the Job is the truth
         if job is None:
-            _start_attempt(spec, status, record, stage, now, actions)
+            _start_attempt_when_due(spec, status, record, stage, now, actions)
             break
+        record.next_attempt_time = None  # the attempt exists: no backoff is pending
         if job.complete:
             _stage_succeeded(spec, status, record, stage, job, now, actions)
             continue
@@ -182,6 +184,9 @@ def plan(
             if status.phase == Phase.FAILED:
                 return _after_finish(spec, status, now, actions)
             break
+        if resuming:
+            _resume_attempt(stage, job, actions)
+            resuming = False
         _stage_running(status, record, stage, job, now, actions)
         break
 
@@ -210,6 +215,24 @@ def _current_stage(spec: api.MedMOTrainingSpec, status: api.MedMOTrainingStatus)
     return None
 
 
+def restart_delay(policy: api.RunPolicy, restart: int) -> timedelta:
+    """The wait before restart number `restart` (1 for the first): the base, doubled for each
+    restart before it, capped (the Job controller's back-off, with the run's own base and cap)."""
+    doublings = min(restart - 1, 32)  # past 32 doublings every base is over any cap
+    return timedelta(seconds=min(policy.max_restart_backoff_seconds, policy.restart_backoff_seconds * 2**doublings))
+
+
+def _start_attempt_when_due(spec, status, record, stage, now, actions) -> None:
+    """Starts the stage's current attempt, unless it is a restart still waiting out its backoff."""
+    if record.next_attempt_time is not None and now < record.next_attempt_time:
+        status.phase = Phase.RESTARTING
+        status.current_stage = stage.name
+        status.current_step = record.step
+        return  # the Restarting condition already says when (set when the attempt failed)
+    record.next_attempt_time = None
+    _start_attempt(spec, status, record, stage, now, actions)
+
+
 def _start_attempt(spec, status, record, stage, now, actions) -> None:
     first = record.phase == Phase.PENDING
     actions.append(EnsureStage(stage.name, record.restarts))
@@ -217,10 +240,22 @@ def _start_attempt(spec, status, record, stage, now, actions) -> None:
         record.phase = Phase.RUNNING
         record.start_time = record.start_time or now
         actions.append(Event("StageStarted", f"stage {stage.name} ({stage.type}) started", stage=stage.name))
+    if record.phase == Phase.RESTARTING:
+        where = record.last_checkpoint or "the start"
+        _set_condition(status, ConditionType.RESTARTING, True, "GangRestart", f"stage {stage.name} restarts from {where} (restart {record.restarts})", now)
     status.phase = Phase.RESTARTING if record.phase == Phase.RESTARTING else Phase.RUNNING
     status.current_stage = stage.name
     status.current_step = record.step
     _set_condition(status, ConditionType.RUNNING, True, "StageRunning", f"stage {stage.name} is running", now)
+
+
+def _resume_attempt(stage, job: JobObservation, actions) -> None:
+    """Suspension stopped the attempt's pods and deleted an rl stage's workers: every child of the
+    attempt is ensured again (those still there are left as they are, names being deterministic),
+    workers before the learner, and then the learner Job is let go."""
+    actions.append(EnsureStage(stage.name, job.attempt))
+    if job.suspended:
+        actions.append(SuspendJob(job.name, False))
 
 
 def _stage_running(status, record, stage, job: JobObservation, now, actions) -> None:
@@ -275,14 +310,25 @@ def _stage_failed_attempt(spec, status, record, stage, job: JobObservation, now,
         return
     record.restarts += 1
     record.phase = Phase.RESTARTING
-    record.message = f"restart {record.restarts} after: {reason_text}"
+    delay = restart_delay(spec.run_policy, record.restarts)
+    record.next_attempt_time = now + delay
+    when = f"{record.next_attempt_time.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ} (backoff {delay.total_seconds():g}s)"
+    record.message = f"restart {record.restarts} at {when}, after: {reason_text}"
     actions.append(DeleteJob(job.name))
     where = record.last_checkpoint or "the start"
     actions.append(
-        Event("StageRestarting", f"stage {stage.name} restarts from {where} (restart {record.restarts}): {reason_text}", warning=True, stage=stage.name)
+        Event(
+            "StageRestarting",
+            f"stage {stage.name} restarts from {where} at {when} (restart {record.restarts}): {reason_text}",
+            warning=True,
+            stage=stage.name,
+        )
     )
-    _set_condition(status, ConditionType.RESTARTING, True, "GangRestart", record.message, now)
-    _start_attempt(spec, status, record, stage, now, actions)
+    _set_condition(
+        status, ConditionType.RESTARTING, True, "BackoffWaiting",
+        f"stage {stage.name} failed; restart {record.restarts} of {spec.run_policy.backoff_limit} starts at {when}: {reason_text}", now,
+    )
+    _start_attempt_when_due(spec, status, record, stage, now, actions)
 
 
 def _suspend(spec, status, observed: Observed, now, actions) -> Plan:

@@ -88,13 +88,15 @@ def test_a_retryable_failure_restarts_the_stage_as_a_new_attempt_and_counts_it()
     result = plan(spec, status, Observed(jobs={"align": failed}), T0 + timedelta(seconds=30))
 
     assert DeleteJob("medmo-tiny-align-0") in result.actions
-    assert EnsureStage("align", 1) in result.actions
     record = result.status.stages[0]
     assert (record.restarts, record.phase, record.step) == (1, Phase.RESTARTING, 12)
     assert result.status.phase == Phase.RESTARTING
     assert _condition(result.status, "Restarting").status == "True"
 
-    running = plan(spec, result.status, Observed(jobs={"align": _job("align", attempt=1, active=1)}), T0 + timedelta(seconds=40))
+    result = plan(spec, result.status, Observed(), T0 + timedelta(seconds=40))  # the default 10 s backoff has passed
+    assert EnsureStage("align", 1) in result.actions
+
+    running = plan(spec, result.status, Observed(jobs={"align": _job("align", attempt=1, active=1)}), T0 + timedelta(seconds=45))
     assert running.status.phase == Phase.RUNNING
     assert _condition(running.status, "Restarting").status == "False"
 
@@ -105,7 +107,7 @@ def test_the_old_attempts_job_lingering_does_not_start_a_third_attempt():
     failed = _job("align", failed_condition=True, exit_code=1)
     status = plan(spec, status, Observed(jobs={"align": failed}), T0).status
 
-    result = plan(spec, status, Observed(jobs={"align": failed}), T0 + timedelta(seconds=1))
+    result = plan(spec, status, Observed(jobs={"align": failed}), T0 + timedelta(seconds=10))
 
     assert [a for a in result.actions if isinstance(a, EnsureStage)] == [EnsureStage("align", 1)]
     assert result.status.stages[0].restarts == 1
@@ -154,6 +156,72 @@ def test_backoff_limit_bounds_restarts():
     assert _condition(result.status, "Failed").reason == "BackoffLimitExceeded"
 
 
+def _crash_loop(spec, failures: int) -> list[tuple[datetime, datetime]]:
+    """Fails the first stage's attempts one after another, each as soon as it starts; returns for
+    each failure when it failed and when its restart was created, checking nothing starts before."""
+    status = plan(spec, None, Observed(), T0).status
+    now, attempt, timeline = T0, 0, []
+    for _ in range(failures):
+        failed = Observed(jobs={"align": _job("align", attempt, failed_condition=True, exit_code=1)})
+        result = plan(spec, status, failed, now)
+        failed_at, attempt = now, attempt + 1
+        while EnsureStage("align", attempt) not in result.actions:
+            assert not [a for a in result.actions if isinstance(a, EnsureStage)]
+            now += timedelta(seconds=1)
+            result = plan(spec, result.status, Observed(), now)  # the failed Job is gone, nothing new yet
+        timeline.append((failed_at, now))
+        status = result.status
+    return timeline
+
+
+def test_restarts_wait_a_doubling_backoff_up_to_its_cap():
+    spec = _spec(backoffLimit=6, restartBackoffSeconds=10, maxRestartBackoffSeconds=60)
+
+    timeline = _crash_loop(spec, failures=6)
+
+    assert [(started - failed).total_seconds() for failed, started in timeline] == [10, 20, 40, 60, 60, 60]
+
+
+def test_a_zero_backoff_restarts_at_once():
+    spec = _spec(restartBackoffSeconds=0)
+
+    assert [(started - failed).total_seconds() for failed, started in _crash_loop(spec, failures=2)] == [0, 0]
+
+
+def test_while_a_restart_backs_off_the_status_says_when_it_starts():
+    spec = _spec(backoffLimit=3, restartBackoffSeconds=30)
+    status = plan(spec, None, Observed(), T0).status
+    failed = _job("align", failed_condition=True, exit_code=137, termination_message="rank 1 was killed")
+
+    waiting = plan(spec, status, Observed(jobs={"align": failed}), T0 + timedelta(seconds=5))
+    again = plan(spec, waiting.status, Observed(), T0 + timedelta(seconds=20))
+
+    for result in (waiting, again):
+        restarting = _condition(result.status, "Restarting")
+        assert (restarting.status, restarting.reason) == ("True", "BackoffWaiting")
+        assert "restart 1 of 3 starts at 2026-11-30T12:00:35Z (backoff 30s)" in restarting.message
+        assert "rank 1 was killed" in restarting.message
+        record = result.status.stages[0]
+        assert record.next_attempt_time == T0 + timedelta(seconds=35)
+        assert record.message == "restart 1 at 2026-11-30T12:00:35Z (backoff 30s), after: rank 1 was killed"
+        assert (result.status.phase, result.status.current_stage) == (Phase.RESTARTING, "align")
+    assert again.status == waiting.status  # nothing to write while waiting: no status patch per reconcile
+    events = [a.message for a in waiting.actions if isinstance(a, Event)]
+    assert events == ["stage align restarts from the start at 2026-11-30T12:00:35Z (backoff 30s) (restart 1): rank 1 was killed"]
+
+    started = plan(spec, again.status, Observed(), T0 + timedelta(seconds=35))
+    assert EnsureStage("align", 1) in started.actions
+    assert _condition(started.status, "Restarting").reason == "GangRestart"
+    assert started.status.stages[0].next_attempt_time is None
+    running = plan(spec, started.status, Observed(jobs={"align": _job("align", 1, active=1)}), T0 + timedelta(seconds=40))
+    assert (_condition(running.status, "Restarting").status, running.status.phase) == ("False", Phase.RUNNING)
+
+
+def test_a_backoff_cap_below_its_base_is_refused_naming_both_fields():
+    with pytest.raises(ValueError, match=r"maxRestartBackoffSeconds \(5\) must be at least restartBackoffSeconds \(10\)"):
+        _spec(restartBackoffSeconds=10, maxRestartBackoffSeconds=5)
+
+
 def test_suspend_stops_the_job_and_resume_continues_it():
     spec = _spec()
     status = plan(spec, None, Observed(), T0).status
@@ -168,6 +236,59 @@ def test_suspend_stops_the_job_and_resume_continues_it():
     assert SuspendJob("medmo-tiny-align-0", False) in resumed.actions
     assert resumed.status.phase == Phase.RUNNING
     assert _condition(resumed.status, "Suspended").status == "False"
+
+
+def _running_rl_stage(spec):
+    """A run whose stages before the rl stage `grpo` succeeded, with grpo's first attempt running."""
+    status = plan(spec, None, Observed(), T0).status
+    done = {s.name: _job(s.name, complete=True, succeeded=1) for s in spec.stages if s.name in ("align", "ground", "instruct")}
+    status = plan(spec, status, Observed(jobs=done), T0).status
+    assert status.current_stage == "grpo"
+    return status, done
+
+
+def test_resuming_a_suspended_rl_stage_brings_its_workers_back_in_the_same_attempt():
+    spec = _spec()
+    status, done = _running_rl_stage(spec)
+    running = Observed(jobs={**done, "grpo": _job("grpo", active=1)})
+    status = plan(spec, status, running, T0 + timedelta(minutes=1)).status
+
+    suspended = plan(_spec(suspend=True), status, running, T0 + timedelta(minutes=2))
+    assert DeleteWorkers("grpo") in suspended.actions
+    assert SuspendJob("medmo-tiny-grpo-0", True) in suspended.actions
+
+    paused = Observed(jobs={**done, "grpo": _job("grpo", suspended=True)})
+    resumed = plan(spec, suspended.status, paused, T0 + timedelta(minutes=3))
+
+    # The attempt's children (rollout and reward Deployments included) are ensured before the
+    # learner is unsuspended, so its first step finds workers; the attempt is the same one.
+    ensure, unsuspend = EnsureStage("grpo", 0), SuspendJob("medmo-tiny-grpo-0", False)
+    assert ensure in resumed.actions and unsuspend in resumed.actions
+    assert resumed.actions.index(ensure) < resumed.actions.index(unsuspend)
+    assert not [a for a in resumed.actions if isinstance(a, DeleteJob | DeleteWorkers)]
+    record = next(r for r in resumed.status.stages if r.name == "grpo")
+    assert (record.restarts, record.phase, resumed.status.phase) == (0, Phase.RUNNING, Phase.RUNNING)
+    assert _condition(resumed.status, "Restarting") is None
+
+    again = plan(spec, resumed.status, Observed(jobs={**done, "grpo": _job("grpo", active=1)}), T0 + timedelta(minutes=4))
+    assert not [a for a in again.actions if isinstance(a, EnsureStage | SuspendJob)]
+
+
+def test_a_stage_suspended_during_its_restart_backoff_restarts_when_due_after_resuming():
+    spec = _spec(restartBackoffSeconds=60)
+    status = plan(spec, None, Observed(), T0).status
+    status = plan(spec, status, Observed(jobs={"align": _job("align", failed_condition=True, exit_code=1)}), T0).status
+    status = plan(_spec(restartBackoffSeconds=60, suspend=True), status, Observed(), T0 + timedelta(seconds=10)).status
+
+    early = plan(spec, status, Observed(), T0 + timedelta(seconds=20))
+    assert not [a for a in early.actions if isinstance(a, EnsureStage)]
+    assert early.status.stages[0].phase == Phase.RESTARTING
+
+    due = plan(spec, early.status, Observed(), T0 + timedelta(seconds=60))
+    assert EnsureStage("align", 1) in due.actions
+    running = plan(spec, due.status, Observed(jobs={"align": _job("align", 1, active=1)}), T0 + timedelta(seconds=65))
+    assert _condition(running.status, "Restarting").status == "False"
+    assert running.status.stages[0].restarts == 1
 
 
 def test_unschedulable_pods_show_waiting_for_resources_until_scheduled():
