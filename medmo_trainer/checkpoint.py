@@ -140,7 +140,7 @@ class CheckpointManager:
         except (StageError, dist.DistError):
             raise
         except Exception as error:
-            raise _reading_failure(f"reading the checkpoints in {self.root}", error) from error
+            raise classify_reading_failure(f"reading the checkpoints in {self.root}", error) from error
         uri = self.uri_of(step)
         self._check_identity(uri, marker)
         self._check_world_size(uri, marker)
@@ -151,7 +151,7 @@ class CheckpointManager:
         except (StageError, dist.DistError):  # a lost peer is not the checkpoint's fault
             raise
         except (Exception, CheckpointException) as error:  # DCP's is a BaseException
-            raise _reading_failure(f"loading checkpoint {uri}", error) from error
+            raise classify_reading_failure(f"loading checkpoint {uri}", error) from error
         _set_rng_states(trainer_state["rng"])
         self.last_committed_uri = uri
         return Restored(step=step, uri=uri, loader_state=trainer_state["loader"])
@@ -313,7 +313,7 @@ def _some(items: list[str]) -> str:
     return ", ".join(items[:_MISMATCHES_SHOWN]) + (f" and {more} more" if more > 0 else "")
 
 
-def _reading_failure(action: str, error: BaseException) -> StageError:
+def classify_reading_failure(action: str, error: BaseException) -> StageError:
     """StorageError (retryable) when storage failed; CheckpointIncompatibleError when the checkpoint was
     read but its contents do not load (keys, shapes, types: a retry cannot change them)."""
     causes = [failure for failure, _ in error.failures.values()] if isinstance(error, CheckpointException) else [error]

@@ -1,9 +1,15 @@
-"""What a checkpoint records of its stage's config, and how a mismatch of tensors is put into words."""
+"""What a checkpoint records of its stage's config, how a mismatch of tensors is put into words, and
+which failures to read a checkpoint are retried."""
 
 from __future__ import annotations
 
-from medmo_trainer.checkpoint import config_sections, describe_mismatch
+import traceback
+
+from torch.distributed.checkpoint.api import CheckpointException
+
+from medmo_trainer.checkpoint import classify_reading_failure, config_sections, describe_mismatch
 from medmo_trainer.config import StageConfig
+from medmo_trainer.exit_codes import CheckpointIncompatibleError, ExitCode, StorageError
 
 
 def rl_config(**changes) -> StageConfig:
@@ -67,3 +73,18 @@ def test_a_long_mismatch_shows_a_few_names_and_counts_the_rest():
     words = describe_mismatch(expected=model, found={})
     assert words.startswith("12 trained tensors of the model are not in the checkpoint (layer.0.weight, ")
     assert words.endswith("and 7 more)")
+
+
+def test_reading_a_checkpoint_fails_retryably_only_when_storage_failed():
+    """Contents that do not load (DCP wraps each rank's error) cannot be cured by a retry; storage can."""
+    def on_rank(error: BaseException) -> CheckpointException:
+        return CheckpointException("load failed", {0: (error, traceback.StackSummary())})
+
+    refused = classify_reading_failure("loading checkpoint s3://b/c/step-4",
+                                       on_rank(RuntimeError("Missing key in checkpoint state_dict: model.x")))
+    assert isinstance(refused, CheckpointIncompatibleError) and refused.exit_code == ExitCode.CHECKPOINT_INCOMPATIBLE
+    assert "loading checkpoint s3://b/c/step-4 failed" in str(refused) and "model.x" in str(refused)
+    for storage_trouble in (on_rank(ConnectionResetError("reset by peer")), PermissionError("AccessDenied")):
+        assert isinstance(classify_reading_failure("loading checkpoint", storage_trouble), StorageError)
+    assert isinstance(classify_reading_failure("reading the marker", ValueError("Expecting value")),
+                      CheckpointIncompatibleError)
