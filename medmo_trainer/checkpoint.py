@@ -177,7 +177,7 @@ class CheckpointManager:
         return sorted(int(m.group(1)) for m in map(_STEP_FOLDER.match, names) if m)
 
     def _write_trainer_state(self, step: int, loader_state: dict[str, Any]) -> None:
-        state = {"step": step, "world_size": self.context.world_size, "rng": _rng_states(), "loader": loader_state}
+        state = {"step": step, "rng": _rng_states(), "loader": loader_state}
         buffer = io.BytesIO()
         torch.save(state, buffer)
         self._write(f"{self._path(step)}/trainer/rank-{self.context.rank}.pt", buffer.getvalue())
