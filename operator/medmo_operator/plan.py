@@ -106,8 +106,9 @@ Action = EnsureStage | DeleteJob | SuspendJob | DeleteWorkers | DeleteRun | Even
 
 @dataclass
 class Plan:
-    """What to do now and the status to write. Time-based decisions (deadline, TTL) need no wake-up
-    of their own: the caller plans every few seconds, and each plan compares against `now`."""
+    """What to do now and the status to write. Time-based decisions (deadline, TTL, restart
+    backoff) need no wake-up of their own: the caller plans every few seconds, and each plan
+    compares against `now`."""
 
     actions: list[Action]
     status: api.MedMOTrainingStatus
@@ -186,7 +187,6 @@ def plan(
             break
         if resuming:
             _resume_attempt(stage, job, actions)
-            resuming = False
         _stage_running(status, record, stage, job, now, actions)
         break
 
