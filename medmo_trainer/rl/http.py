@@ -1,10 +1,20 @@
-"""What the RL workers' HTTP services share: health routes, JSON errors, request parsing, serving."""
+"""What the RL workers' HTTP services share: the run's token, health routes, JSON errors, request
+parsing, serving.
+
+Every route but `/healthz` and `/readyz` needs `Authorization: Bearer <the run's token>`: the token
+the operator derives for the run (an HMAC of its identity, the same one its progress reports carry)
+and mounts from the run's Secret into every pod of the run, learner and workers alike. The probes
+stay open because the kubelet sends no token; they answer a status and nothing else unless the
+caller sends the token (the learner does, and reports why a worker is not ready).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import os
 import signal
 import sys
 from typing import TypeVar
@@ -16,6 +26,13 @@ log = logging.getLogger(__name__)
 
 READY = web.AppKey("ready", dict)
 """Mutable readiness flag of an app: `{"ready": bool, "reason": str}`."""
+TOKEN = web.AppKey("token", str)
+"""The run's token: requests to every route but the probes must carry it."""
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+"""Routes the kubelet's probes call without a token; they reveal nothing to an unauthenticated caller."""
+TOKEN_FILE_ENV = "MEDMO_PROGRESS_TOKEN_FILE"
+"""Where every pod of a run finds the run's token (the mounted Secret): the learner's progress
+reports, its worker requests and the workers' checks all use this one token."""
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -23,6 +40,63 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 def json_error(status: int, message: str) -> web.Response:
     """An error response whose body says what to change: `{"error": message}`."""
     return web.json_response({"error": message}, status=status)
+
+
+def read_run_token(path: str | None = None) -> str:
+    """The run's token from `path`, else from the file named by `$MEDMO_PROGRESS_TOKEN_FILE`."""
+    path = path or os.environ.get(TOKEN_FILE_ENV)
+    if not path:
+        raise ValueError(f"no run token: give --token-file or set {TOKEN_FILE_ENV} to the file holding the run's "
+                         "token (the operator mounts it from the run's Secret)")
+    try:
+        with open(path) as handle:
+            token = handle.read().strip()
+    except OSError as error:
+        raise ValueError(f"cannot read the run's token from {path}: {error}") from None
+    if not token:
+        raise ValueError(f"the run's token file {path} is empty")
+    return token
+
+
+def is_authorized(request: web.Request) -> bool:
+    """Whether the request carries the run's token (compared in constant time)."""
+    header = request.headers.get("Authorization", "")
+    given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
+    return hmac.compare_digest(given.encode(errors="replace"), request.app[TOKEN].encode())
+
+
+@web.middleware
+async def require_token(request: web.Request, handler):
+    """401 for any route but the probes without the run's token, before the route is even looked at."""
+    if request.path not in OPEN_PATHS and not is_authorized(request):
+        response = json_error(401, "missing or wrong token: send Authorization: Bearer <the run's token>")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="medmo"'
+        return response
+    return await handler(request)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler):
+    """aiohttp's own refusals (unknown path, wrong method, body over the size limit) as JSON errors."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge as error:
+        return json_error(413, f"request body too large ({error.text}); send less per request")
+    except web.HTTPException as error:
+        if error.status < 400 or error.content_type == "application/json":
+            raise
+        allowed = f"; allowed: {error.headers['Allow']}" if "Allow" in error.headers else ""
+        return json_error(error.status, f"{error.reason}: {request.method} {request.path}{allowed}")
+
+
+def new_app(token: str, max_request_bytes: int) -> web.Application:
+    """A worker app: bounded bodies, JSON errors, the run's token on every route but the probes."""
+    if not token:
+        raise ValueError("a worker needs the run's token")
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[errors_as_json, require_token])
+    app[TOKEN] = token
+    add_health_routes(app)
+    return app
 
 
 async def parse_body(request: web.Request, model: type[ModelT]) -> ModelT:
@@ -34,7 +108,7 @@ async def parse_body(request: web.Request, model: type[ModelT]) -> ModelT:
         )
     try:
         payload = await request.json()
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested deeper than the parser goes
         raise web.HTTPBadRequest(
             text=json.dumps({"error": f"request body is not valid JSON: {exc}"}), content_type="application/json"
         ) from None
@@ -56,10 +130,10 @@ def add_health_routes(app: web.Application) -> None:
 
     async def readyz(request: web.Request) -> web.Response:
         state = request.app[READY]
-        return web.json_response(
-            {"status": "ready" if state["ready"] else "not ready", "reason": state["reason"]},
-            status=200 if state["ready"] else 503,
-        )
+        body = {"status": "ready" if state["ready"] else "not ready"}
+        if is_authorized(request):  # the reason names the model and its error: only for the run's own pods
+            body["reason"] = state["reason"]
+        return web.json_response(body, status=200 if state["ready"] else 503)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

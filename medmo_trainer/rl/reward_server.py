@@ -1,7 +1,10 @@
 """The reward-scoring worker: a stateless HTTP service that scores batches of completions.
 
     python -m medmo_trainer.rl.reward_server --port 8000 [--host 0.0.0.0] [--max-request-bytes N]
-        [--config <rl stage config>]
+        [--config <rl stage config>] [--token-file F]
+
+Requests need the run's token (`--token-file`, default `$MEDMO_PROGRESS_TOKEN_FILE`; see
+`medmo_trainer.rl.http`).
 
 POST /v1/score  {"weights": {...}, "maxCompletionLength": 512,
                  "items": [{"prompt": ..., "completion": "...", "completionLength": 37,
@@ -25,7 +28,7 @@ from aiohttp import web
 from pydantic import Field
 
 from medmo_trainer.config import ConfigModel, RewardWeights, TaskType, load_stage_config
-from medmo_trainer.rl.http import READY, add_health_routes, json_error, parse_body, serve
+from medmo_trainer.rl.http import READY, new_app, parse_body, read_run_token, serve
 from medmo_trainer.rl.rewards import RewardSuite
 
 log = logging.getLogger(__name__)
@@ -100,18 +103,10 @@ async def handle_score(request: web.Request) -> web.Response:
     return web.json_response(scored)
 
 
-@web.middleware
-async def size_errors_as_json(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return json_error(413, f"request body too large ({exc.text}); send fewer items per request")
-
-
-def build_app(max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, defaults: Defaults | None = None) -> web.Application:
-    app = web.Application(client_max_size=max_request_bytes, middlewares=[size_errors_as_json])
+def build_app(token: str, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              defaults: Defaults | None = None) -> web.Application:
+    app = new_app(token, max_request_bytes)
     app[DEFAULTS] = defaults or Defaults()
-    add_health_routes(app)
     app.router.add_post("/v1/score", handle_score)
 
     async def mark_ready(app: web.Application) -> None:
@@ -128,14 +123,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
     parser.add_argument("--config", help="an rl stage config whose reward weights and maxCompletionLength "
                         "are the defaults of requests that do not send their own")
+    parser.add_argument("--token-file", help="file holding the run's token (default: $MEDMO_PROGRESS_TOKEN_FILE)")
     args = parser.parse_args(argv)
+    try:
+        token = read_run_token(args.token_file)
+    except ValueError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO)
     defaults = Defaults()
     if args.config:
         config = load_stage_config(args.config)
         if config.rl is not None:
             defaults = Defaults(config.rl.rewards, config.rl.algorithm.max_completion_length)
-    serve(build_app(args.max_request_bytes, defaults), args.host, args.port, "reward server")
+    serve(build_app(token, args.max_request_bytes, defaults), args.host, args.port, "reward server")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """The rollout worker: an HTTP service holding one policy version and sampling completions from it.
 
     python -m medmo_trainer.rl.rollout_server (--model <source> | --config <stage config>) --port 8000
-        [--host 0.0.0.0] [--backend transformers] [--seed 0] [--max-request-bytes N] [--threads N]
+        [--token-file F] [--storage-uri URI] [--host 0.0.0.0] [--backend transformers] [--seed 0]
+        [--max-request-bytes N] [--threads N]
 
-`--config` takes the model source, the seed and the storage endpoint from an rl stage's config
-(what the operator mounts). `<source>` is anything `medmo_trainer.model.load_model` takes (`preset:tiny-qwen3-vl`, a local
-path, `s3://...` or a Hugging Face id). S3 credentials and endpoint come from the environment
+`--config` takes the model source, the seed and the run's storage from an rl stage's config
+(what the operator mounts). Requests need the run's token (`--token-file`, default
+`$MEDMO_PROGRESS_TOKEN_FILE`; see `medmo_trainer.rl.http`), and weights are read only from under
+the run's storage (`--storage-uri`, default the config's `storage.uri`; without either, only pushed
+weights are taken): a worker never reads what its run did not write. `<source>` is anything
+`medmo_trainer.model.load_model` takes (`preset:tiny-qwen3-vl`, a local path, `s3://...` or a
+Hugging Face id). S3 credentials and endpoint come from the environment
 (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `MEDMO_S3_ENDPOINT`).
 
 POST /v1/generate  {"prompts": [{"id": "p0", "record": {...}} | {"messages": [...], "images": [...]}],
@@ -19,7 +24,8 @@ POST /v1/generate  {"prompts": [{"id": "p0", "record": {...}} | {"messages": [..
 POST /v1/weights   {"version": 4, "uri": "s3://bucket/run/grpo/policy/v4.safetensors"}      (from storage)
                    or the safetensors bytes with Content-Type application/octet-stream and
                    header X-Policy-Version: 4                                                (pushed)
-  -> 200 {"policyVersion": 4}; 409 when the version is older than the one held
+  -> 200 {"policyVersion": 4}; 409 when the version is older than the one held; 403 for a URI outside
+     the run's storage
 GET  /v1/policy    -> {"policyVersion": 3, "model": "<source>"}
 GET  /healthz, GET /readyz (503 until the model is loaded).
 """
@@ -29,8 +35,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import posixpath
 import time
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import torch
 from aiohttp import web
@@ -39,7 +47,7 @@ from safetensors.torch import load as load_safetensors
 
 from medmo_trainer.config import ConfigModel, load_stage_config
 from medmo_trainer.fsio import export_storage_environment
-from medmo_trainer.rl.http import READY, add_health_routes, json_error, parse_body, serve
+from medmo_trainer.rl.http import READY, json_error, new_app, parse_body, read_run_token, serve
 from medmo_trainer.rl.prompts import Prompt
 from medmo_trainer.rl.rollout import BACKENDS, RolloutBackend, SamplingParams, read_weights
 
@@ -50,7 +58,10 @@ BACKEND = web.AppKey("backend", list)
 MODEL_SOURCE = web.AppKey("model_source", str)
 LOADER = web.AppKey("loader", asyncio.Task)
 WEIGHTS_LOCK = web.AppKey("weights_lock", asyncio.Lock)
+STORAGE = web.AppKey("storage", str)
+"""The run's storage URI: the only place weights are read from ("" when none was given)."""
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024 * 1024
+"""Pushed weights of a whole small model fit; larger policies are sent by URI."""
 VERSION_HEADER = "X-Policy-Version"
 
 
@@ -68,6 +79,32 @@ class GenerateRequest(ConfigModel):
     restarted worker, or one behind a Service that a push never reached, catches up."""
 
 
+def _storage_location(uri: str) -> tuple[str, str, str]:
+    """(scheme, bucket or host, normalised path) of a URI or local path; a plain path is `file`."""
+    parts = urlsplit(uri)
+    if not parts.scheme:
+        return "file", "", posixpath.normpath(uri)
+    return parts.scheme, parts.netloc, posixpath.normpath(parts.path or "/")
+
+
+def outside_storage(uri: str, storage: str) -> str | None:
+    """Why `uri` may not be read by a worker of the run with storage `storage`; None when it may."""
+    if not storage:
+        return ("this worker was started without the run's storage (--config or --storage-uri), "
+                "so it takes only pushed weights")
+    allowed = f"weights are read only from under the run's storage {storage.rstrip('/')}/"
+    parts = urlsplit(uri)
+    tricks = [what for what, found in (("a '..' segment", ".." in uri.split("/")), ("a query", parts.query),
+                                       ("a fragment", parts.fragment), ("a %-escape", "%" in uri)) if found]
+    if tricks:
+        return f"{uri!r} has {' and '.join(tricks)}; {allowed}"
+    scheme, bucket, path = _storage_location(uri)
+    root_scheme, root_bucket, root = _storage_location(storage)
+    if (scheme, bucket) != (root_scheme, root_bucket) or not (path == root or path.startswith(root.rstrip("/") + "/")):
+        return f"{uri!r} is outside the run's storage; {allowed}"
+    return None
+
+
 def _backend(request: web.Request) -> RolloutBackend:
     held = request.app[BACKEND]
     if not held:
@@ -78,6 +115,8 @@ def _backend(request: web.Request) -> RolloutBackend:
 async def handle_generate(request: web.Request) -> web.Response:
     backend = _backend(request)
     body = await parse_body(request, GenerateRequest)
+    if body.policy is not None and (refusal := outside_storage(body.policy.uri, request.app[STORAGE])):
+        return json_error(403, refusal)
     if body.policy is not None and body.policy.uri != backend.policy_uri:
         async with request.app[WEIGHTS_LOCK]:
             if body.policy.uri != backend.policy_uri:  # another request may have loaded it meanwhile
@@ -133,6 +172,8 @@ async def handle_weights(request: web.Request) -> web.Response:
     else:
         body = await parse_body(request, WeightsRequest)
         version, uri = body.version, body.uri
+        if refusal := outside_storage(uri, request.app[STORAGE]):
+            return json_error(403, refusal)
         read = lambda: read_weights(uri)  # noqa: E731
     if version < backend.policy_version:
         return json_error(409, f"policy version {version} is older than the held version {backend.policy_version}")
@@ -146,12 +187,12 @@ async def handle_policy(request: web.Request) -> web.Response:
     return web.json_response({"policyVersion": backend.policy_version, "model": request.app[MODEL_SOURCE]})
 
 
-def build_app(model_source: str, backend_name: str = "transformers", seed: int = 0,
+def build_app(model_source: str, token: str, storage: str = "", backend_name: str = "transformers", seed: int = 0,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> web.Application:
     if backend_name not in BACKENDS:
         raise SystemExit(f"unknown rollout backend {backend_name!r}; available: {sorted(BACKENDS)}")
-    app = web.Application(client_max_size=max_request_bytes)
-    add_health_routes(app)
+    app = new_app(token, max_request_bytes)
+    app[STORAGE] = storage
     app[BACKEND] = []
     app[MODEL_SOURCE] = model_source
     app[WEIGHTS_LOCK] = asyncio.Lock()
@@ -181,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model source: preset:<name>, path, s3:// URI or HF id")
     parser.add_argument("--config", help="an rl stage config (file or URI): its model, seed and storage settings")
+    parser.add_argument("--token-file", help="file holding the run's token (default: $MEDMO_PROGRESS_TOKEN_FILE)")
+    parser.add_argument("--storage-uri", help="the run's storage: weights are read only from under it "
+                        "(default: the config's storage.uri)")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--backend", default="transformers", choices=sorted(BACKENDS))
@@ -189,16 +233,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    model, seed = args.model, args.seed
+    model, seed, storage = args.model, args.seed, args.storage_uri
     if args.config:
         config = load_stage_config(args.config)
         export_storage_environment(config.storage)
         model, seed = model or config.model.base, config.hyperparameters.seed if args.seed is None else args.seed
+        storage = storage or config.storage.uri
     if not model:
         parser.error("give --model or --config")
+    try:
+        token = read_run_token(args.token_file)
+    except ValueError as error:
+        parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
-    serve(build_app(model, args.backend, seed or 0, args.max_request_bytes), args.host, args.port, "rollout server")
+    serve(build_app(model, token, storage or "", args.backend, seed or 0, args.max_request_bytes),
+          args.host, args.port, "rollout server")
 
 
 if __name__ == "__main__":

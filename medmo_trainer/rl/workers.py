@@ -4,6 +4,7 @@ A request that fails for infrastructure reasons (connection refused or reset, ti
 retried on the next replica, round after round with backoff; every such failover is counted, so
 the progress report shows it. A 4xx is the learner's own mistake and is raised at once. With one
 URL (a Service), the retries wait 1+2+3+4 s: long enough for a dead pod to leave its endpoints.
+Every request carries the run's token (see `medmo_trainer.rl.http`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from medmo_trainer.exit_codes import ExitCode, StageError
+from medmo_trainer.exit_codes import ConfigError, ExitCode, StageError
+from medmo_trainer.rl.http import read_run_token
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,17 @@ class WorkerPool:
     """Replicas of one worker kind, called with JSON POSTs."""
 
     def __init__(self, name: str, urls: list[str], timeout_seconds: float, rounds: int = 5,
-                 backoff_seconds: float = 1.0):
+                 backoff_seconds: float = 1.0, token: str | None = None):
+        """`token`: the run's token; unset, read from `$MEDMO_PROGRESS_TOKEN_FILE` as in the run's pods."""
         if not urls:
             raise ValueError(f"the {name} worker group has no URLs")
+        if token is None:
+            try:
+                token = read_run_token()
+            except ValueError as error:
+                raise ConfigError(f"the {name} workers need the run's token: {error}") from None
         self.name = name
+        self._headers = {"Authorization": f"Bearer {token}"}
         self.urls = [u.rstrip("/") for u in urls]
         self.timeout = timeout_seconds
         self.rounds = rounds
@@ -92,7 +101,9 @@ class WorkerPool:
     def _readiness(self, url: str) -> str | None:
         """None when the replica is ready, else why not (its own reason, or why it cannot be reached)."""
         try:
-            with urllib.request.urlopen(url + "/readyz", timeout=min(self.timeout, 10.0)):
+            # With the token, a worker says why it is not ready.
+            request = urllib.request.Request(url + "/readyz", headers=self._headers)
+            with urllib.request.urlopen(request, timeout=min(self.timeout, 10.0)):
                 return None
         except urllib.error.HTTPError as error:
             return f"HTTP {error.code} {error.read().decode(errors='replace')[:300]}"
@@ -110,7 +121,7 @@ class WorkerPool:
             return sum(self.failovers.values())
 
     def _post_once(self, url: str, data: bytes) -> dict:
-        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(url, data=data, headers={**self._headers, "Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.loads(response.read())

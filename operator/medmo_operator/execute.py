@@ -54,6 +54,7 @@ def carry_out(
                     worker = render.worker_name(run, stages[stage_name], role)
                     executor.delete("Deployment", worker)
                     executor.delete("Service", worker)
+                executor.delete("NetworkPolicy", render.worker_network_policy_name(run, stages[stage_name]))
             case plan.DeleteRun():
                 executor.delete_run()
             case plan.Event():

@@ -228,11 +228,14 @@ _CREATE = {
     "Service": lambda ns, b: kubernetes.client.CoreV1Api().create_namespaced_service(ns, b),
     "Job": lambda ns, b: kubernetes.client.BatchV1Api().create_namespaced_job(ns, b),
     "Deployment": lambda ns, b: kubernetes.client.AppsV1Api().create_namespaced_deployment(ns, b),
+    "NetworkPolicy": lambda ns, b: kubernetes.client.NetworkingV1Api().create_namespaced_network_policy(ns, b),
 }
 _DELETE = {
     "Job": lambda n, ns, o: kubernetes.client.BatchV1Api().delete_namespaced_job(n, ns, body=o),
     "Deployment": lambda n, ns, o: kubernetes.client.AppsV1Api().delete_namespaced_deployment(n, ns, body=o),
     "Service": lambda n, ns, o: kubernetes.client.CoreV1Api().delete_namespaced_service(n, ns, body=o),
+    "NetworkPolicy": lambda n, ns, o: kubernetes.client.NetworkingV1Api().delete_namespaced_network_policy(
+        n, ns, body=o),
 }
 
 

@@ -24,6 +24,7 @@ from medmo_operator import render
 from medmo_trainer.progress import Progress
 
 MAX_REPORT_BYTES = 64 * 1024
+"""A report is a few dozen metrics and counters: a few KiB. Anything larger is refused unread."""
 log = logging.getLogger(__name__)
 
 
@@ -58,7 +59,7 @@ class ProgressEndpoint:
     in a worker thread, never on the event loop."""
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_REPORT_BYTES)
+        app = web.Application(client_max_size=MAX_REPORT_BYTES, middlewares=[_errors_as_json])
         app.router.add_post("/v1/namespaces/{namespace}/medmotrainings/{name}/progress", self.post_progress)
         app.router.add_get("/healthz", self.healthz)
         return app
@@ -80,13 +81,13 @@ class ProgressEndpoint:
             return _error(404, f"no MedMOTraining {namespace}/{name} is known to this operator")
         expected = render.progress_token(render.RunRef(name=name, namespace=namespace, uid=uid), self.token_key)
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        if not hmac.compare_digest(given.encode(errors="replace"), expected.encode()):
             return _error(401, "missing or wrong progress token for this run")
         try:
             body = json.loads(await request.read())
         except web.HTTPRequestEntityTooLarge:
             return _error(413, f"progress reports are limited to {MAX_REPORT_BYTES} bytes")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested deeper than the parser goes
             return _error(400, "the body must be a JSON object")
         try:
             report = Progress.model_validate(body)
@@ -98,3 +99,15 @@ class ProgressEndpoint:
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler):
+    """aiohttp's own refusals (an unknown path, a wrong method) as JSON errors, like the endpoint's."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        allowed = f"; allowed: {error.headers['Allow']}" if "Allow" in error.headers else ""
+        return _error(error.status, f"{error.reason}: {request.method} {request.path}{allowed}")

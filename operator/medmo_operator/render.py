@@ -115,13 +115,18 @@ def worker_name(run: RunRef, stage: api.Stage, role: str) -> str:
     return f"{run.name}-{stage.name}-{role}"
 
 
+def worker_network_policy_name(run: RunRef, stage: api.Stage) -> str:
+    """The NetworkPolicy letting only the run's own pods reach an rl stage's workers."""
+    return f"{run.name}-{stage.name}-workers"
+
+
 def token_secret_name(run: RunRef) -> str:
     return f"{run.name}-progress-token"
 
 
 def progress_token(run: RunRef, key: bytes) -> str:
-    """The bearer token of a run's progress reports: an HMAC of its identity, so the operator can
-    check it without storing or reading any Secret."""
+    """The bearer token of a run: an HMAC of its identity, so the operator can check a progress report
+    without storing or reading any Secret. The run's RL workers require the same token."""
     message = f"{run.namespace}/{run.name}/{run.uid}".encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
@@ -450,14 +455,11 @@ def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api
     pool = spec.stage_node_pool(stage)
     name = worker_name(run, stage, role)
     volumes, mounts = _common_volumes(run, spec, stage)
-    if role == "rollout":
-        command = ["python", "-m", "medmo_trainer.rl.rollout_server"]
-        args = ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--host", "0.0.0.0", "--port", str(WORKER_PORT)]
-        env = _storage_env(spec)
-    else:
-        command = ["python", "-m", "medmo_trainer.rl.reward_server"]
-        args = ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--host", "0.0.0.0", "--port", str(WORKER_PORT)]
-        env = []
+    command = ["python", "-m", f"medmo_trainer.rl.{role}_server"]
+    # The run's token from its mounted Secret: a worker serves only requests carrying it.
+    args = ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--token-file", f"{TOKEN_DIR}/{TOKEN_KEY}",
+            "--host", "0.0.0.0", "--port", str(WORKER_PORT)]
+    env = _storage_env(spec) if role == "rollout" else []
     env = [*env, *_cache_env()]
     worker_pool = api.NodePool(
         node_selector=group.node_selector if group.node_selector is not None else (pool.node_selector if group.gpus else None),
@@ -507,12 +509,38 @@ def build_worker_service(run: RunRef, stage: api.Stage, role: str) -> dict:
     }
 
 
+def build_worker_network_policy(run: RunRef, stage: api.Stage) -> dict:
+    """Only pods of the run (its learner, its other workers) reach an rl stage's workers' port.
+
+    The pods' own kubelet still reaches them for probes (network plugins let a node's traffic in);
+    the workers also check the run's token, so the policy is a second wall, not the only one. The
+    test control plane's kubelet does not enforce NetworkPolicies: its tests check that the API server
+    accepts this object and what it selects, not the traffic it stops.
+    """
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(run, worker_network_policy_name(run, stage), stage),
+        "spec": {
+            "podSelector": {
+                "matchLabels": {LABEL_RUN: run.name, LABEL_STAGE: stage.name},
+                "matchExpressions": [{"key": LABEL_ROLE, "operator": "In", "values": list(WORKER_ROLES)}],
+            },
+            "policyTypes": ["Ingress"],
+            # A podSelector without a namespaceSelector means pods of the policy's (the run's) namespace.
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {LABEL_RUN: run.name}}}],
+                         "ports": [{"protocol": "TCP", "port": WORKER_PORT}]}],
+        },
+    }
+
+
 def build_stage_children(
     run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stage, attempt: int, endpoints: OperatorEndpoints
 ) -> list[dict]:
     """Every object one attempt of a stage needs, in the order to create them."""
     children = [build_token_secret(run, endpoints), build_config_map(run, spec, stage), build_stage_service(run, stage)]
     if stage.type == "rl":
+        children.append(build_worker_network_policy(run, stage))
         for role in WORKER_ROLES:
             children += [build_worker_service(run, stage, role), build_worker_deployment(run, spec, stage, role)]
     children.append(build_learner_job(run, spec, stage, attempt, endpoints))

@@ -1,9 +1,16 @@
-"""Starts the RL workers as real processes on 127.0.0.1 and stops them by pid."""
+"""Starts the RL workers as real processes on 127.0.0.1 and stops them by pid.
+
+As in a run's pods, workers and learners here share the run's token through the file named by
+`$MEDMO_PROGRESS_TOKEN_FILE`, and rollout workers read weights only from under the run's storage:
+here the session's temporary directory, which holds every test's storage.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -13,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+
+from medmo_trainer.rl.http import TOKEN_FILE_ENV
 
 _LISTENING = re.compile(r"listening on (http://[\d.]+:\d+)")
 
@@ -38,8 +47,12 @@ class Worker:
 
 
 @contextmanager
-def worker(module: str, *args: str, startup_timeout: float = 180.0, env: dict | None = None) -> Iterator[Worker]:
-    """Runs `python -m module --host 127.0.0.1 --port 0 args...` until the block ends."""
+def worker(module: str, *args: str, startup_timeout: float = 180.0, env: dict | None = None,
+           storage_uri: str | None = None) -> Iterator[Worker]:
+    """Runs `python -m module --host 127.0.0.1 --port 0 args...` until the block ends; a rollout
+    worker given no storage of its own (`--config` or `--storage-uri`) gets `storage_uri`."""
+    if storage_uri and module.endswith("rollout_server") and not {"--config", "--storage-uri"} & set(args):
+        args = (*args, "--storage-uri", storage_uri)
     proc = subprocess.Popen(
         [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0", *args],
         stdout=subprocess.PIPE,
@@ -71,7 +84,20 @@ def worker(module: str, *args: str, startup_timeout: float = 180.0, env: dict | 
         handle.stop()
 
 
-@pytest.fixture(scope="session")
-def start_worker():
-    """The `worker` context manager, for tests that start several."""
-    return worker
+@pytest.fixture(scope="module", autouse=True)
+def run_token(tmp_path_factory) -> Iterator[str]:
+    """The run's token in a file named by $MEDMO_PROGRESS_TOKEN_FILE, for the workers and learners
+    a test module starts (both inherit the environment); unset again after the module."""
+    token = secrets.token_hex(32)
+    path = tmp_path_factory.mktemp("run-token") / "token"
+    path.write_text(token)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TOKEN_FILE_ENV, str(path))
+        yield token
+
+
+@pytest.fixture(scope="module")
+def start_worker(tmp_path_factory, run_token):
+    """The `worker` context manager, for tests that start several; the session's temporary
+    directory is the storage rollout workers read weights from."""
+    return functools.partial(worker, storage_uri=str(tmp_path_factory.getbasetemp()))

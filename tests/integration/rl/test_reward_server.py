@@ -6,10 +6,17 @@ import urllib.request
 
 import pytest
 
+from medmo_trainer.rl.http import read_run_token
 
-def request(url, body=None, content_type="application/json", raw=None):
+
+def request(url, body=None, content_type="application/json", raw=None, token=None, method=None):
+    """A request with the run's token (the one the workers were started with), unless `token` is given."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": content_type} if data is not None else {})
+    headers = {"Content-Type": content_type} if data is not None else {}
+    token = read_run_token() if token is None else token
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
@@ -67,6 +74,44 @@ def test_bad_requests_get_4xx_with_a_message(server):
     assert status == 422 and "items" in payload["error"]
     status, payload = request(f"{server}/v1/score", raw=b"a=b", content_type="application/x-www-form-urlencoded")
     assert status == 415 and "application/json" in payload["error"]
+
+
+VQA = {"completion": "<answer>yes</answer>", "reference": {"task": "vqa", "answer": "yes"}}
+
+
+@pytest.mark.parametrize("case, args, status, message", [
+    ("no token", dict(body={"items": [VQA]}, token=""), 401, "token"),
+    ("wrong token", dict(body={"items": [VQA]}, token="not-the-runs-token"), 401, "token"),
+    ("unknown path, no token", dict(path="/v1/admin", body={}, token=""), 401, "token"),
+    ("unknown path", dict(path="/v1/admin", body={}), 404, "/v1/admin"),
+    ("wrong method", dict(method="GET"), 405, "POST"),
+    ("malformed JSON", dict(raw=b'{"items": [}'), 400, "not valid JSON"),
+    ("not UTF-8", dict(raw=b"\xff\xfe{}"), 400, "not valid JSON"),
+    ("nested too deep", dict(raw=b"[" * 15000), 400, "not valid JSON"),
+    ("a list, not an object", dict(body=[VQA]), 422, "body"),
+    ("items of the wrong type", dict(body={"items": "all of them"}), 422, "items"),
+    ("a number for a completion", dict(body={"items": [{**VQA, "completion": 5}]}), 422, "items.0.completion"),
+    ("a word for a weight", dict(body={"weights": {"bbox": "high"}, "items": [VQA]}), 422, "weights.bbox"),
+    ("a negative length", dict(body={"items": [{**VQA, "completionLength": -1}]}), 422, "completionLength"),
+    ("an unknown field", dict(body={"items": [VQA], "rewardEverything": True}), 422, "rewardEverything"),
+    ("form data", dict(raw=b"a=b", content_type="application/x-www-form-urlencoded"), 415, "application/json"),
+    ("oversized", dict(body={"items": [{**VQA, "completion": "x" * 30000}]}), 413, "too large"),
+])
+def test_hostile_requests_get_a_4xx_with_a_message_and_change_nothing(server, case, args, status, message):
+    before = request(f"{server}/v1/score", {"items": [VQA]})
+    path = args.pop("path", "/v1/score")
+
+    code, payload = request(f"{server}{path}", **args)
+
+    assert code == status and message in payload["error"], (case, payload)
+    # the worker still serves the run, exactly as before
+    assert request(f"{server}/v1/score", {"items": [VQA]}) == before == (200, before[1])
+
+
+def test_probes_need_no_token_and_tell_a_stranger_nothing(server):
+    assert request(f"{server}/healthz", token="") == (200, {"status": "ok"})
+    assert request(f"{server}/readyz", token="") == (200, {"status": "ready"})
+    assert request(f"{server}/readyz") == (200, {"status": "ready", "reason": ""})
 
 
 def test_request_size_is_bounded(server):

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from medmo_trainer.exit_codes import ConfigError
 from medmo_trainer.rl.workers import WorkerPool, WorkerRequestError, WorkerUnavailableError
 
 ITEM = {"completion": "<answer>yes</answer>", "reference": {"task": "vqa", "answer": "yes"}}
@@ -68,3 +69,19 @@ def test_a_worker_that_never_gets_ready_is_named_with_its_reason(start_worker):
         pool = WorkerPool("rollout", [broken.url], timeout_seconds=10)
         with pytest.raises(WorkerUnavailableError, match=r"no rollout worker became ready within 20s.*cannot load model '/no/such/model'"):
             pool.wait_ready(timeout_seconds=20, poll_seconds=0.2)
+
+
+def test_a_pool_without_the_runs_token_is_refused_at_once_and_not_retried(start_worker):
+    with start_worker("medmo_trainer.rl.reward_server") as alive:
+        pool = WorkerPool("reward", [alive.url, alive.url], timeout_seconds=10, token="another-runs-token")
+        with pytest.raises(WorkerRequestError, match="401.*missing or wrong token"):
+            pool.post("/v1/score", {"items": [ITEM]})
+        assert pool.total_failovers() == 0
+        # the run's own token (from the file its pods mount) is accepted
+        assert WorkerPool("reward", [alive.url], timeout_seconds=10).post("/v1/score", {"items": [ITEM]})["rewards"]
+
+
+def test_a_learner_without_the_runs_token_fails_as_a_config_error(monkeypatch):
+    monkeypatch.delenv("MEDMO_PROGRESS_TOKEN_FILE")
+    with pytest.raises(ConfigError, match="the rollout workers need the run's token: no run token"):
+        WorkerPool("rollout", ["http://127.0.0.1:1"], timeout_seconds=1)

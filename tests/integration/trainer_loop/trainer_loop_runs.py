@@ -71,8 +71,9 @@ def _command(config_file: Path) -> list[str]:
 def _environment(tmp: Path, extra: dict[str, str] | None) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MEDMO_", "OTEL_"))}
     env.update({"MEDMO_TERMINATION_LOG": str(tmp / "termination-log"), "OMP_NUM_THREADS": "1"})
-    if "MEDMO_CACHE" in os.environ:
-        env["MEDMO_CACHE"] = os.environ["MEDMO_CACHE"]
+    for key in ("MEDMO_CACHE", "MEDMO_PROGRESS_TOKEN_FILE"):  # a shared cache; the run's token (RL workers need it)
+        if key in os.environ:
+            env[key] = os.environ[key]
     env.update(extra or {})
     return env
 

@@ -83,3 +83,50 @@ def test_unknown_runs_and_malformed_reports_get_clear_errors():
     code, _ = _exchange(store, URL_PATH, {**GOOD, "padding": "x" * MAX_REPORT_BYTES}, token)
     assert code == 413
     assert store.latest("team-a", "medmo-tiny") == {}
+
+
+def test_hostile_requests_get_a_4xx_with_a_message_and_change_nothing():
+    """One server takes every kind of bad request in turn, then still stores a good report."""
+    token = render.progress_token(RUN, KEY)
+    auth = {"Authorization": f"Bearer {token}"}
+    hostile = [
+        ("no token, oversized", "POST", URL_PATH, b"x" * (MAX_REPORT_BYTES + 1), {}, 401, "token"),
+        ("a token that is not text", "POST", URL_PATH, json.dumps(GOOD).encode(),
+         {"Authorization": "Bearer \u00e9\u00e9"}, 401, "token"),
+        ("unknown path", "POST", "/v1/namespaces/team-a/medmotrainings/medmo-tiny/admin", b"{}", auth, 404, "admin"),
+        ("wrong method", "GET", URL_PATH, b"", auth, 405, "POST"),
+        ("deleting", "DELETE", URL_PATH, b"", auth, 405, "POST"),
+        ("not UTF-8", "POST", URL_PATH, b"\xff\xfe{}", auth, 400, "JSON"),
+        ("nested too deep", "POST", URL_PATH, b"[" * 20000, auth, 400, "JSON"),
+        ("a list", "POST", URL_PATH, json.dumps([GOOD]).encode(), auth, 400, "not a progress report"),
+        ("null", "POST", URL_PATH, b"null", auth, 400, "not a progress report"),
+        ("a word for a step", "POST", URL_PATH, json.dumps({**GOOD, "step": "seven"}).encode(), auth, 400, "step"),
+        ("a word for a metric", "POST", URL_PATH, json.dumps({**GOOD, "metrics": {"loss": "low"}}).encode(), auth, 400,
+         "loss"),
+        ("oversized", "POST", URL_PATH, json.dumps({**GOOD, "padding": "x" * MAX_REPORT_BYTES}).encode(), auth, 413,
+         f"{MAX_REPORT_BYTES} bytes"),
+    ]
+
+    async def go():
+        store = ProgressStore()
+        runner, base = await _serve(store)
+        answers = []
+        try:
+            async with ClientSession() as session:
+                for case, method, path, data, headers, *_ in hostile:
+                    async with session.request(method, base + path, data=data, headers=headers) as response:
+                        answers.append((case, response.status, await response.json()))
+                reports_after_bad_requests = store.latest("team-a", "medmo-tiny")
+                async with session.post(base + URL_PATH, data=json.dumps(GOOD).encode(), headers=auth) as response:
+                    answers.append(("good", response.status, await response.json()))
+        finally:
+            await runner.cleanup()
+        return answers, reports_after_bad_requests, store
+
+    answers, reports_after_bad_requests, store = asyncio.run(go())
+
+    for (case, status, body), (_, _, _, _, _, expected, message) in zip(answers, hostile):
+        assert status == expected and message in body["error"], (case, status, body)
+    assert reports_after_bad_requests == {}
+    assert answers[-1][1:] == (202, {"accepted": True})
+    assert store.latest("team-a", "medmo-tiny")["align"].to_json() == GOOD

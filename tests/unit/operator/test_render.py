@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from medmo_cases import load_sample
@@ -185,3 +187,86 @@ def test_a_cache_names_exactly_one_volume_source():
     obj["spec"]["cache"] = {"hostPath": {"path": "/var/cache/medmo"}, "emptyDir": {}}
     with pytest.raises(ValueError, match="exactly one of persistentVolumeClaim, hostPath, emptyDir"):
         api.parse_training(obj)
+
+
+def test_rl_workers_require_the_runs_token_from_its_mounted_secret():
+    spec = _spec()
+    children = render.build_stage_children(RUN, spec, _stage(spec, "grpo"), 0, ENDPOINTS)
+    secret = next(c for c in children if c["kind"] == "Secret")
+
+    for role in render.WORKER_ROLES:
+        deployment = next(c for c in children
+                          if c["kind"] == "Deployment" and c["metadata"]["name"] == f"medmo-8b-grpo-{role}")
+        pod = deployment["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        token_file = container["args"][container["args"].index("--token-file") + 1]
+        mount = next(m for m in container["volumeMounts"] if token_file.startswith(m["mountPath"] + "/"))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == secret["metadata"]["name"] and mount["readOnly"] is True
+        assert token_file.removeprefix(mount["mountPath"] + "/") in secret["stringData"]
+        assert render.progress_token(RUN, ENDPOINTS.token_key) not in yaml.safe_dump(deployment)
+        # the kubelet's probes carry no token: they call the workers' open routes
+        assert {container["readinessProbe"]["httpGet"]["path"], container["livenessProbe"]["httpGet"]["path"]} == {
+            "/readyz", "/healthz"}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions In/Exists) selects `labels`."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator = expression["key"], expression["operator"]
+        if operator == "In" and labels.get(key) not in expression["values"]:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+    return True
+
+
+def test_only_the_runs_own_pods_reach_its_rl_workers():
+    """The policy is checked here as data: the test control plane's kubelet does not enforce
+    NetworkPolicies (the operator tests that run an rl stage show the API server accepts it)."""
+    spec = _spec()
+    stage = _stage(spec, "grpo")
+    children = render.build_stage_children(RUN, spec, stage, 0, ENDPOINTS)
+    (policy,) = [c for c in children if c["kind"] == "NetworkPolicy"]
+    pods = {c["metadata"]["name"]: c["spec"]["template"]["metadata"]["labels"] for c in children
+            if c["kind"] in ("Job", "Deployment")}
+    other_run = render.build_stage_children(render.RunRef("medmo-4b", "medmo", "uid-2"), spec, stage, 0, ENDPOINTS)
+    stranger = next(c for c in other_run if c["kind"] == "Job")["spec"]["template"]["metadata"]["labels"]
+    (rule,) = policy["spec"]["ingress"]
+
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["metadata"]["name"] == render.worker_network_policy_name(RUN, stage)
+    # it covers both worker groups of this stage, and not the learner (whose rendezvous is its own affair)
+    assert {name for name, labels in pods.items() if _selects(policy["spec"]["podSelector"], labels)} == {
+        "medmo-8b-grpo-rollout", "medmo-8b-grpo-reward"}
+    # from: every pod of this run (its learner ranks), no pod of another run, and only to the workers' port
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # no namespaceSelector: the run's own namespace only
+    assert all(_selects(peer["podSelector"], labels) for labels in pods.values())
+    assert not _selects(peer["podSelector"], stranger)
+    assert rule["ports"] == [{"protocol": "TCP", "port": render.WORKER_PORT}]
+    assert not [c for c in render.build_stage_children(RUN, spec, _stage(spec, "ground"), 0, ENDPOINTS)
+                if c["kind"] == "NetworkPolicy"]
+
+
+def test_only_pods_of_runs_reach_the_operators_progress_port():
+    base = Path(__file__).resolve().parents[3] / "manifests" / "base"
+    documents = [d for name in ("networkpolicy.yaml", "deployment.yaml")
+                 for d in yaml.safe_load_all((base / name).read_text())]
+    (policy,) = [d for d in documents if d["kind"] == "NetworkPolicy"]
+    operator = next(d for d in documents if d["kind"] == "Deployment")["spec"]["template"]
+    ports = operator["spec"]["containers"][0]["ports"]
+    progress_port = next(p["containerPort"] for p in ports if p["name"] == "progress")
+    spec = _spec()
+    learner = render.build_learner_job(RUN, spec, spec.stages[0], 0, ENDPOINTS)["spec"]["template"]["metadata"]["labels"]
+    rules = {r["ports"][0]["port"]: r.get("from") for r in policy["spec"]["ingress"]}
+
+    assert _selects(policy["spec"]["podSelector"], operator["metadata"]["labels"])
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (peer,) = rules[progress_port]
+    assert peer["namespaceSelector"] == {}  # runs live in any namespace
+    assert _selects(peer["podSelector"], learner)
+    assert not _selects(peer["podSelector"], {"app": "anything-else"})
+    assert set(rules) == {progress_port, 9090}  # and the metrics port, open to any scraper
