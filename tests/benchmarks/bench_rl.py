@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -73,9 +74,14 @@ def rate_from_reports(reports: list[dict]) -> float:
 def run_ours(data: Path, model: Path, steps: int, workers: int, out: Path) -> float:
     from integration.rl.conftest import worker
     from integration.rl.pipeline import progress_lines, stage_config, train_stage
+    from medmo_trainer.rl.http import TOKEN_FILE_ENV
 
+    # The run's token, as a run's pods get it: the workers require it and the learner sends it.
+    (out / "run-token").write_text(secrets.token_hex(32))
+    os.environ[TOKEN_FILE_ENV] = str(out / "run-token")
     with contextlib.ExitStack() as stack:
-        rollouts = [stack.enter_context(worker("medmo_trainer.rl.rollout_server", "--model", str(model), "--threads", "1"))
+        rollouts = [stack.enter_context(worker("medmo_trainer.rl.rollout_server", "--model", str(model), "--threads", "1",
+                                               storage_uri=str(out)))
                     for _ in range(workers)]
         rewards = [stack.enter_context(worker("medmo_trainer.rl.reward_server")) for _ in range(workers)]
         rl = {
