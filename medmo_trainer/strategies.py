@@ -2,6 +2,15 @@
 
 One small interface, one class per strategy, looked up by the config's `strategy.name`. The
 trainer calls only the interface, so it never branches on the strategy.
+
+Every loop (the supervised trainer and the RL learner) steps through the same contract:
+
+    for each micro-batch of the step:  strategy.backward(loss, last_micro_step=...)
+    strategy.optimizer_step()
+
+`backward` only accumulates gradients (reduced across ranks with the last micro-batch) of the loss
+as given, so the caller scales its micro-batch losses to sum to the step's loss; `optimizer_step`
+is the one place where the optimizer and the learning-rate schedule step, once per call.
 """
 
 from __future__ import annotations
@@ -44,8 +53,9 @@ class TrainingStrategy(ABC):
         self.dtype = compute_dtype(self.hp, context.device)
 
     @abstractmethod
-    def prepare(self, model: torch.nn.Module, total_steps: int) -> None:
-        """Moves and wraps the model, then builds optimizer and schedule over its trainable parameters."""
+    def prepare(self, model: torch.nn.Module, total_steps: int, micro_batches_per_step: int) -> None:
+        """Moves and wraps the model, then builds optimizer and schedule over its trainable parameters;
+        `micro_batches_per_step` is how many `backward` calls an optimizer step usually has."""
 
     @property
     @abstractmethod
@@ -58,11 +68,13 @@ class TrainingStrategy(ABC):
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
-        """Back-propagates one micro-batch's loss (unscaled: the strategy divides by accumulation)."""
+        """Accumulates the gradient of one micro-batch's `loss`, unscaled (the caller's micro-batch losses
+        sum to the step's loss); gradients are reduced across ranks with the step's last micro-batch."""
 
     @abstractmethod
     def optimizer_step(self) -> float:
-        """Clips, steps optimizer and schedule, zeroes gradients; returns the gradient norm."""
+        """Clips, steps optimizer and schedule once, zeroes gradients; returns the gradient norm. Called
+        once per step, after the `backward` of its last micro-batch."""
 
     @abstractmethod
     def learning_rate(self) -> float:
@@ -110,9 +122,6 @@ class _DistributedCheckpointStrategy(TrainingStrategy):
     def _build_optimizer(self, model: torch.nn.Module, total_steps: int) -> None:
         self.optimizer = build_optimizer(model.parameters(), self.hp)
         self.scheduler = build_scheduler(self.optimizer, self.hp, total_steps)
-
-    def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
-        (loss / self.hp.gradient_accumulation_steps).backward()
 
     def optimizer_step(self) -> float:
         params = [p for p in self._module.parameters() if p.grad is not None]
@@ -167,7 +176,7 @@ class _DistributedCheckpointStrategy(TrainingStrategy):
 class DDPStrategy(_DistributedCheckpointStrategy):
     """Replicated weights, all-reduced gradients (torch DistributedDataParallel)."""
 
-    def prepare(self, model: torch.nn.Module, total_steps: int) -> None:
+    def prepare(self, model: torch.nn.Module, total_steps: int, micro_batches_per_step: int) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         model.to(self.context.device)
@@ -188,13 +197,13 @@ class DDPStrategy(_DistributedCheckpointStrategy):
         # Gradients are all-reduced once per optimizer step, not once per micro-batch.
         sync = contextlib.nullcontext() if last_micro_step else self._module.no_sync()
         with sync:
-            super().backward(loss, last_micro_step)
+            loss.backward()
 
 
 class FSDPStrategy(_DistributedCheckpointStrategy):
     """Sharded weights, gradients and optimizer state (FSDP2 `fully_shard`), one unit per block."""
 
-    def prepare(self, model: torch.nn.Module, total_steps: int) -> None:
+    def prepare(self, model: torch.nn.Module, total_steps: int, micro_batches_per_step: int) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model.to(self.context.device)
@@ -211,11 +220,16 @@ class FSDPStrategy(_DistributedCheckpointStrategy):
     def unwrapped_model(self) -> torch.nn.Module:
         return self._module  # fully_shard changes the module in place; names stay
 
+    def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
+        # Unsharded gradients accumulate locally; they are reduce-scattered once, with the last micro-batch.
+        self._module.set_requires_gradient_sync(last_micro_step)
+        loss.backward()
+
 
 class DeepSpeedStrategy(TrainingStrategy):
     """DeepSpeed ZeRO 1/2/3, optionally offloading optimizer state (and parameters at 3) to CPU."""
 
-    def prepare(self, model: torch.nn.Module, total_steps: int) -> None:
+    def prepare(self, model: torch.nn.Module, total_steps: int, micro_batches_per_step: int) -> None:
         prepare_deepspeed_environment()
         import deepspeed
 
@@ -227,11 +241,11 @@ class DeepSpeedStrategy(TrainingStrategy):
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lr_multiplier(self.hp, total_steps)
             ),
-            config=self._deepspeed_config(),
+            config=self._deepspeed_config(micro_batches_per_step),
             dist_init_required=False,
         )
 
-    def _deepspeed_config(self) -> dict:
+    def _deepspeed_config(self, micro_batches_per_step: int) -> dict:
         strategy = self.config.strategy
         zero: dict[str, Any] = {"stage": strategy.zero_stage}
         if strategy.zero_stage == 3:
@@ -242,7 +256,9 @@ class DeepSpeedStrategy(TrainingStrategy):
                 zero["offload_param"] = {"device": "cpu"}
         return {
             "train_micro_batch_size_per_gpu": self.hp.per_device_batch_size,
-            "gradient_accumulation_steps": self.hp.gradient_accumulation_steps,
+            # Only bookkeeping (batch-size accounting, offloaded accumulation buffers): `backward` sets the
+            # boundary itself, so a step whose micro-batch count differs still steps once.
+            "gradient_accumulation_steps": micro_batches_per_step,
             "gradient_clipping": self.hp.max_grad_norm,
             "bf16": {"enabled": self.dtype == torch.bfloat16},
             "zero_optimization": zero,
@@ -262,12 +278,15 @@ class DeepSpeedStrategy(TrainingStrategy):
         return self.engine.module
 
     def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
-        # DeepSpeed divides by the accumulation steps itself and steps only at the boundary.
-        self.engine.backward(loss)
-        if not last_micro_step:
-            self.engine.step()
+        # Left to its micro-step counter, DeepSpeed would reduce and step every `gradient_accumulation_steps`
+        # backward passes, whatever a step's micro-batch count; and the caller has scaled the loss already.
+        self.engine.set_gradient_accumulation_boundary(last_micro_step)
+        self.engine.backward(loss, scale_wrt_gas=False)
 
     def optimizer_step(self) -> float:
+        if not self.engine.is_gradient_accumulation_boundary():
+            # engine.step() would silently skip the update.
+            raise RuntimeError("optimizer_step() without a backward(..., last_micro_step=True) before it")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

@@ -148,7 +148,8 @@ class GRPOLearner(StageLoop):
         if rl.algorithm.kl_beta > 0:
             reference = load_stage_model(config).model.to(context.device).eval().requires_grad_(False)
         strategy = build_strategy(config, context)
-        strategy.prepare(loaded.model, total_steps)
+        completions_per_rank = math.ceil(rl.algorithm.prompts_per_step * rl.algorithm.group_size / context.world_size)
+        strategy.prepare(loaded.model, total_steps, math.ceil(completions_per_rank / hp.per_device_batch_size))
         controller = publisher = executor = None
         if context.is_main:
             timeout = rl.request_timeout_seconds
@@ -212,7 +213,8 @@ class GRPOLearner(StageLoop):
         return holder[0]
 
     def update(self, batch: RolloutBatch) -> UpdateMetrics:
-        """One optimizer step over this rank's share of the batch's completions."""
+        """One optimizer step over this rank's share of the batch's completions, in micro-batches of
+        perDeviceBatchSize whose losses sum to this rank's share of the batch's loss."""
         mine = batch.samples[self.context.rank :: self.context.world_size]
         carrying = [s for s in batch.samples if not (self.algorithm.mask_truncated and s.truncated)]
         count = sum(len(s.token_ids) for s in carrying) if self.algorithm.loss_aggregation == "token" else len(carrying)
@@ -224,9 +226,7 @@ class GRPOLearner(StageLoop):
         for index, chunk in enumerate(chunks):
             with self.strategy.autocast():
                 out = self.loss_of(chunk, normalizer)
-            # The strategy divides by gradientAccumulationSteps; the normalizer already averages.
-            accumulation = self.config.hyperparameters.gradient_accumulation_steps
-            self.strategy.backward(out.loss * accumulation, last_micro_step=index == len(chunks) - 1)
+            self.strategy.backward(out.loss, last_micro_step=index == len(chunks) - 1)
             loss += out.loss.item()
             clipped += (out.clip_fraction * out.tokens).item()
             kl += (out.kl * out.tokens).item()

@@ -126,7 +126,7 @@ class Trainer(StageLoop):
         global_batch = hp.per_device_batch_size * hp.gradient_accumulation_steps * context.world_size
         total_steps = hp.max_steps or max(1, math.ceil(hp.epochs * loader.samples_per_epoch / global_batch))
         strategy = build_strategy(config, context)
-        strategy.prepare(loaded.model, total_steps)
+        strategy.prepare(loaded.model, total_steps, hp.gradient_accumulation_steps)
         return cls(
             config=config,
             context=context,
@@ -172,7 +172,8 @@ class Trainer(StageLoop):
             batch = next(batches)
             with self.strategy.autocast():
                 loss = self.strategy.model(**batch).loss
-            self.strategy.backward(loss, last_micro_step=micro_step == accumulation - 1)
+            # The step's loss is the mean over its micro-batches.
+            self.strategy.backward(loss / accumulation, last_micro_step=micro_step == accumulation - 1)
             losses.append(loss.detach().float())
         grad_norm = self.strategy.optimizer_step()
         stats = self.loader.stats
