@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 from medmo_cases import REPO, load_sample
+from PIL import Image
 
 DEMO_STORAGE = Path(urlparse(load_sample("medmo-tiny.yaml")["spec"]["storage"]["uri"]).path)
 """Where the README's demo keeps checkpoints and models (the sample's file:// storage)."""
@@ -138,6 +139,12 @@ def test_the_readme_quickstart_command_succeeds_from_a_fresh_clone_and_again_pri
     report = Path(first.stdout.split("report: ", 1)[1].split()[0])
     assert (clone / report).resolve() == (clone / ".medmo/medmo-tiny/report/report.md").resolve()
     assert "groundingMiou" in (clone / report).read_text()
+    for plot in ("loss.png", "rewards.png", "grounding_iou.png"):
+        image = Image.open(clone / report.parent / plot).convert("L")
+        assert image.size[0] >= 400 and len(set(image.getdata())) > 2, plot
+    # What the README says the demo shows: GRPO raises held-out grounding IoU over the SFT model.
+    bench = status["stages"][-1]["metrics"]
+    assert bench["heldout/groundingMiou"] > bench["instruct/heldout/groundingMiou"], bench
 
     again = _run_as_a_user(command, clone, storage)
 
