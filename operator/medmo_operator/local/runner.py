@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import network
-from .container import ContainerRun, now
+from .container import ContainerRun
 from .image import image_env, python_paths
 from .podspec import (Identity, ObjectSource, PodConfigError, container_command, container_identity,
                       expand_references, home_of, resolve_env, unsupported_features)
