@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
