@@ -32,6 +32,7 @@ STRATEGIES = {
     "ddp": {"name": "ddp"},
     "fsdp": {"name": "fsdp"},
     "deepspeed-zero2": {"name": "deepspeed", "zeroStage": 2},
+    "deepspeed-zero2-cpu-offload": {"name": "deepspeed", "zeroStage": 2, "offload": "cpu"},
     "deepspeed-zero3": {"name": "deepspeed", "zeroStage": 3},
 }
 
@@ -86,7 +87,7 @@ def test_each_rl_step_steps_the_optimizer_and_the_schedule_once(learner_updates,
     assert recorded["learningRate"] == pytest.approx(peak * multiplier(STEPS), rel=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed-zero2", "deepspeed-zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed-zero2", "deepspeed-zero2-cpu-offload", "deepspeed-zero3"])
 def test_micro_batches_of_an_rl_step_give_the_gradient_of_one_batch(learner_updates, strategy):
     split = learner_updates(strategy, micro_batch=2, steps=STEPS)
     whole = learner_updates(strategy, micro_batch=PROMPTS * GROUP, steps=1)
