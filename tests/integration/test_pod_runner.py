@@ -300,6 +300,26 @@ def test_a_non_root_user_writes_its_empty_dir_and_runs_this_python(runner):
     assert log.split() == ["1000", "1000", sys.prefix]
 
 
+def test_a_volume_over_the_images_python_leaves_it_runnable(runner):
+    """A checkout under /tmp (as CI may clone) with an emptyDir on /tmp, as learner pods have: the
+    image's python and its packages stay visible, read-only, as files of a real image would be."""
+    checkout = pathlib.Path(__file__).resolve().parents[2]
+    pod = runner.start(make_pod("hidden", [{"name": "main", "command": python("""
+        import medmo_trainer, pathlib
+        print(pathlib.Path(medmo_trainer.__file__).parent.parent)
+        try:
+            pathlib.Path(medmo_trainer.__file__).with_name("written").write_text("x")
+        except OSError as error:
+            print(type(error).__name__)"""),
+        "securityContext": {"runAsUser": 1000, "runAsGroup": 1000},
+        "volumeMounts": [{"name": "over", "mountPath": str(checkout)}]}],
+        volumes=[{"name": "over", "emptyDir": {}}]))
+    phase, log = _finished_log(pod)
+    assert phase == "Succeeded", log
+    imported_from, write = log.split()
+    assert imported_from == str(checkout) and write in ("PermissionError", "OSError"), log
+
+
 def test_the_environment_is_only_what_the_spec_and_a_runtime_give(runner, monkeypatch):
     monkeypatch.setenv("MEDMO_RUNNER_ONLY", "leaked")
     pod = runner.start(make_pod("env", [{"name": "main", "command": ["env"], "env": [{"name": "GIVEN", "value": "1"}],

@@ -189,6 +189,19 @@ def _open_up(root: str, path: str) -> None:
             os.chmod(current, stat.S_IMODE(mode) | wanted)
 
 
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _hidden_image_paths(spec: SandboxSpec) -> list[Mount]:
+    """The image's python paths that a volume would hide (a clone under /tmp, where pods mount an
+    emptyDir), bound back read-only on top of it: in a real image they are not under a volume."""
+    hidden = sorted(path for path in spec.open_up
+                    if any(_under(path, mount.target) for mount in spec.mounts))
+    outermost = [path for path in hidden if not any(_under(path, other) for other in hidden if other != path)]
+    return [Mount(source=path, target=path, read_only=True) for path in outermost]
+
+
 def build_root(spec: SandboxSpec) -> None:
     """In fresh mount and UTS namespaces: the container's root at ``spec.root``, then pivot into it."""
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unshare the mount and UTS namespaces")
@@ -206,7 +219,7 @@ def build_root(spec: SandboxSpec) -> None:
     if spec.termination_log:
         _bind(spec.termination_log, _make_mount_point(root, spec.termination_log_path, False), read_only=False)
     # Parents before children, so /data/cache is mounted onto the /data volume, not under it.
-    for mount in sorted(spec.mounts, key=lambda m: len([p for p in m.target.split("/") if p])):
+    for mount in sorted(spec.mounts + _hidden_image_paths(spec), key=lambda m: len([p for p in m.target.split("/") if p])):
         target = _make_mount_point(root, mount.target, os.path.isdir(mount.source))
         _bind(mount.source, target, mount.read_only)
     for path in spec.open_up:
