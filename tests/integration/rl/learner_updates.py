@@ -1,13 +1,15 @@
-"""The RL learner's update on fixed batches, in this process as one rank, with every optimizer step recorded.
+"""The RL learner's update on fixed batches, with every optimizer step recorded.
 
-    python learner_updates.py CONFIG STEPS OUT
+    python learner_updates.py CONFIG STEPS OUT                          (one rank, this process)
+    python -m medmo_trainer.launch --nproc-per-node N learner_updates.py CONFIG STEPS OUT
 
 builds the `rl` stage's learner as its stage does (`GRPOLearner.build`: the model, the strategy of
 the config, its optimizer and schedule) and runs STEPS updates (`GRPOLearner.update`, the learner's
 part of an RL step). Torch's global optimizer hooks see every optimizer step, whatever wraps the
 optimizer (DDP, FSDP, DeepSpeed ZeRO's partitioned fp32 copy), and record how many each RL step
-took and the gradient the first one applied. OUT (torch.save) holds, per step, the update's metrics
-and optimizer steps, then the learning rate after the last step and that first gradient.
+took and the gradient the first one applied (rank 0's part of it under ZeRO). OUT (torch.save,
+written by rank 0) holds, per step, the update's metrics and optimizer steps, then the learning
+rate after the last step and that first gradient.
 
 The update needs no rollout or reward worker, so none runs: the config's worker URLs are never
 called, and each step's batch is drawn from the config's data with completions and advantages
@@ -77,8 +79,9 @@ def main(config_path: str, steps: int, out: str) -> None:
             update = learner.update(made_up_batch(learner, step))
             updates.append({**dataclasses.asdict(update), "optimizerSteps": optimizer_steps[-1]})
             optimizer_steps.append(0)
-        torch.save({"updates": updates, "learningRate": learner.strategy.learning_rate(),
-                    "gradient": first_gradient[0]}, out)
+        if context.is_main:
+            torch.save({"updates": updates, "learningRate": learner.strategy.learning_rate(),
+                        "gradient": first_gradient[0]}, out)
     finally:
         learner.close()
         shutdown_distributed()

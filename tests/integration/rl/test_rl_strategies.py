@@ -1,12 +1,14 @@
 """The RL learner under every strategy: one optimizer and schedule step per RL step, however many
 micro-batches the step's completions take, and the same gradient as one micro-batch of them.
 
-The learner's updates run in a process of their own, one rank each (learner_updates.py); the last
-test runs a whole `rl` stage under ZeRO-3 with real rollout and reward workers.
+The learner's updates run in processes of their own, one rank (or two, on gloo) each
+(learner_updates.py); the last test runs a whole `rl` stage under ZeRO-3 with real rollout and
+reward workers.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,20 +57,22 @@ def rl_config(root: Path, data: Path, strategy: dict, micro_batch: int, rl: dict
 
 @pytest.fixture(scope="module")
 def learner_updates(tmp_path_factory, grounding_data):
-    """(strategy, micro-batch size, steps) -> what learner_updates.py recorded; each run once per module."""
+    """(strategy, micro-batch size, steps, ranks) -> what learner_updates.py recorded; each run once per module."""
     runs: dict[tuple, dict] = {}
     nowhere = {**rl_section([], [], group_size=GROUP, prompts=PROMPTS),
                "rolloutUrls": ["http://127.0.0.1:9"], "rewardUrls": ["http://127.0.0.1:9"]}
 
-    def run(strategy: str, micro_batch: int, steps: int) -> dict:
-        key = (strategy, micro_batch, steps)
+    def run(strategy: str, micro_batch: int, steps: int, ranks: int = 1) -> dict:
+        key = (strategy, micro_batch, steps, ranks)
         if key not in runs:
-            root = tmp_path_factory.mktemp(f"{strategy}-micro-{micro_batch}")
+            root = tmp_path_factory.mktemp(f"{strategy}-micro-{micro_batch}-ranks-{ranks}")
             config = rl_config(root, grounding_data, STRATEGIES[strategy], micro_batch, nowhere)
             out = root / "updates.pt"
-            proc = subprocess.run([sys.executable, str(Path(__file__).with_name("learner_updates.py")),
-                                   str(config), str(steps), str(out)],
-                                  capture_output=True, text=True, timeout=600)
+            launch = ["-m", "medmo_trainer.launch", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+            script = Path(__file__).with_name("learner_updates.py")
+            proc = subprocess.run([sys.executable, *launch, str(script), str(config), str(steps), str(out)],
+                                  capture_output=True, text=True, timeout=600,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             runs[key] = torch.load(out)
         return runs[key]
@@ -87,10 +91,15 @@ def test_each_rl_step_steps_the_optimizer_and_the_schedule_once(learner_updates,
     assert recorded["learningRate"] == pytest.approx(peak * multiplier(STEPS), rel=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed-zero2", "deepspeed-zero2-cpu-offload", "deepspeed-zero3"])
-def test_micro_batches_of_an_rl_step_give_the_gradient_of_one_batch(learner_updates, strategy):
-    split = learner_updates(strategy, micro_batch=2, steps=STEPS)
-    whole = learner_updates(strategy, micro_batch=PROMPTS * GROUP, steps=1)
+@pytest.mark.parametrize(("strategy", "ranks"), [
+    ("ddp", 1), ("deepspeed-zero2", 1), ("deepspeed-zero2-cpu-offload", 1), ("deepspeed-zero3", 1),
+    pytest.param("ddp", 2, id="ddp-2-ranks"), pytest.param("deepspeed-zero2", 2, id="deepspeed-zero2-2-ranks"),
+])
+def test_micro_batches_of_an_rl_step_give_the_gradient_of_one_batch(learner_updates, strategy, ranks):
+    """Each rank's completions in micro-batches of 2, or all at once: the same step."""
+    split = learner_updates(strategy, micro_batch=2, steps=STEPS if ranks == 1 else 1, ranks=ranks)
+    whole = learner_updates(strategy, micro_batch=PROMPTS * GROUP // ranks, steps=1, ranks=ranks)
+    assert split["updates"][0]["optimizerSteps"] == whole["updates"][0]["optimizerSteps"] == 1
     assert split["gradient"].abs().sum() > 0
     torch.testing.assert_close(split["gradient"], whole["gradient"], rtol=1e-4, atol=1e-6)
     first_split, first_whole = split["updates"][0], whole["updates"][0]
