@@ -139,6 +139,10 @@ class GRPOLearner(StageLoop):
             raise ConfigError(f"promptsPerStep x groupSize ({rl.algorithm.prompts_per_step} x "
                               f"{rl.algorithm.group_size}) must be at least the number of ranks ({context.world_size})")
         hp = config.hyperparameters
+        if hp.gradient_accumulation_steps != 1:
+            raise ConfigError(f"rl stage {config.stage!r}: gradientAccumulationSteps does not apply (each RL step is "
+                              "one optimizer step over its promptsPerStep x groupSize completions, in micro-batches "
+                              "of perDeviceBatchSize per rank); remove it")
         seed_everything(hp.seed)
         sampler = PromptSampler(config.datasets, hp.seed)
         total_steps = hp.max_steps or math.ceil(hp.epochs * len(sampler) / rl.algorithm.prompts_per_step)
