@@ -26,6 +26,9 @@ def python_paths() -> list[str]:
     The interpreter and the shared packages may sit under a home directory only root can enter
     (/root is 0700); the sandbox opens them up inside the container's root only.
     """
-    paths = {sys.executable, sys.prefix, sys.base_prefix, *sys.path}
+    search = list(sys.path)
+    if search and search[0] in ("", os.getcwd()):
+        search = search[1:]  # `python -m`/`-c` put the working directory first: that is no part of the image
+    paths = {sys.executable, sys.prefix, sys.base_prefix, *search}
     resolved = {os.path.realpath(p) for p in paths if p and os.path.exists(p)}
     return sorted(resolved)

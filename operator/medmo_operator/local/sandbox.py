@@ -195,11 +195,12 @@ def _under(path: str, folder: str) -> bool:
 
 def _hidden_image_paths(spec: SandboxSpec) -> list[Mount]:
     """The image's python paths that a volume would hide (a clone under /tmp, where pods mount an
-    emptyDir), bound back read-only on top of it: in a real image they are not under a volume."""
+    emptyDir), bound back on top of it (made read-only once every mount is in place): in a real
+    image they are not under a volume."""
     hidden = sorted(path for path in spec.open_up
                     if any(_under(path, mount.target) for mount in spec.mounts))
     outermost = [path for path in hidden if not any(_under(path, other) for other in hidden if other != path)]
-    return [Mount(source=path, target=path, read_only=True) for path in outermost]
+    return [Mount(source=path, target=path) for path in outermost]
 
 
 def build_root(spec: SandboxSpec) -> None:
@@ -219,9 +220,13 @@ def build_root(spec: SandboxSpec) -> None:
     if spec.termination_log:
         _bind(spec.termination_log, _make_mount_point(root, spec.termination_log_path, False), read_only=False)
     # Parents before children, so /data/cache is mounted onto the /data volume, not under it.
-    for mount in sorted(spec.mounts + _hidden_image_paths(spec), key=lambda m: len([p for p in m.target.split("/") if p])):
+    image_paths = _hidden_image_paths(spec)
+    for mount in sorted(spec.mounts + image_paths, key=lambda m: len([p for p in m.target.split("/") if p])):
         target = _make_mount_point(root, mount.target, os.path.isdir(mount.source))
         _bind(mount.source, target, mount.read_only)
+    # Read-only only now: a volume inside one of them (storage under a checkout) needed its mount point.
+    for mount in image_paths:
+        _mount(None, in_root(root, mount.target), None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     for path in spec.open_up:
         _open_up(root, path)
     os.makedirs(in_root(root, spec.working_dir), exist_ok=True)  # as runtimes create a missing workingDir
