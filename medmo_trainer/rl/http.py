@@ -11,7 +11,6 @@ caller sends the token (the learner does, and reports why a worker is not ready)
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -21,6 +20,8 @@ from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
+
+from medmo_trainer.webapi import carries_token, errors_as_json, json_error
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,6 @@ TOKEN_FILE_ENV = "MEDMO_PROGRESS_TOKEN_FILE"
 reports, its worker requests and the workers' checks all use this one token."""
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-def json_error(status: int, message: str) -> web.Response:
-    """An error response whose body says what to change: `{"error": message}`."""
-    return web.json_response({"error": message}, status=status)
 
 
 def read_run_token(path: str | None = None) -> str:
@@ -59,10 +55,8 @@ def read_run_token(path: str | None = None) -> str:
 
 
 def is_authorized(request: web.Request) -> bool:
-    """Whether the request carries the run's token (compared in constant time)."""
-    header = request.headers.get("Authorization", "")
-    given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
-    return hmac.compare_digest(given.encode(errors="replace"), request.app[TOKEN].encode())
+    """Whether the request carries the run's token."""
+    return carries_token(request, request.app[TOKEN])
 
 
 @web.middleware
@@ -73,20 +67,6 @@ async def require_token(request: web.Request, handler):
         response.headers["WWW-Authenticate"] = 'Bearer realm="medmo"'
         return response
     return await handler(request)
-
-
-@web.middleware
-async def errors_as_json(request: web.Request, handler):
-    """aiohttp's own refusals (unknown path, wrong method, body over the size limit) as JSON errors."""
-    try:
-        return await handler(request)
-    except web.HTTPRequestEntityTooLarge as error:
-        return json_error(413, f"request body too large ({error.text}); send less per request")
-    except web.HTTPException as error:
-        if error.status < 400 or error.content_type == "application/json":
-            raise
-        allowed = f"; allowed: {error.headers['Allow']}" if "Allow" in error.headers else ""
-        return json_error(error.status, f"{error.reason}: {request.method} {request.path}{allowed}")
 
 
 def new_app(token: str, max_request_bytes: int) -> web.Application:

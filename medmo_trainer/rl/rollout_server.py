@@ -47,9 +47,10 @@ from safetensors.torch import load as load_safetensors
 
 from medmo_trainer.config import ConfigModel, load_stage_config
 from medmo_trainer.fsio import export_storage_environment
-from medmo_trainer.rl.http import READY, json_error, new_app, parse_body, read_run_token, serve
+from medmo_trainer.rl.http import READY, new_app, parse_body, read_run_token, serve
 from medmo_trainer.rl.prompts import Prompt
 from medmo_trainer.rl.rollout import BACKENDS, RolloutBackend, SamplingParams, read_weights
+from medmo_trainer.webapi import json_error
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ and the operator needs no storage credentials.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import threading
@@ -22,6 +21,7 @@ from pydantic import ValidationError
 
 from medmo_operator import render
 from medmo_trainer.progress import Progress
+from medmo_trainer.webapi import carries_token, errors_as_json, json_error
 
 MAX_REPORT_BYTES = 64 * 1024
 """A report is a few dozen metrics and counters: a few KiB. Anything larger is refused unread."""
@@ -59,7 +59,7 @@ class ProgressEndpoint:
     in a worker thread, never on the event loop."""
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_REPORT_BYTES, middlewares=[_errors_as_json])
+        app = web.Application(client_max_size=MAX_REPORT_BYTES, middlewares=[errors_as_json])
         app.router.add_post("/v1/namespaces/{namespace}/medmotrainings/{name}/progress", self.post_progress)
         app.router.add_get("/healthz", self.healthz)
         return app
@@ -78,36 +78,21 @@ class ProgressEndpoint:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         uid = await asyncio.to_thread(self.run_uid, namespace, name)
         if uid is None:
-            return _error(404, f"no MedMOTraining {namespace}/{name} is known to this operator")
+            return json_error(404, f"no MedMOTraining {namespace}/{name} is known to this operator")
         expected = render.progress_token(render.RunRef(name=name, namespace=namespace, uid=uid), self.token_key)
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(errors="replace"), expected.encode()):
-            return _error(401, "missing or wrong progress token for this run")
+        if not carries_token(request, expected):
+            return json_error(401, "missing or wrong progress token for this run: send Authorization: Bearer <token>")
         try:
             body = json.loads(await request.read())
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"progress reports are limited to {MAX_REPORT_BYTES} bytes")
+            return json_error(413, f"progress reports are limited to {MAX_REPORT_BYTES} bytes")
         except (ValueError, RecursionError):  # not JSON, not UTF-8, nested deeper than the parser goes
-            return _error(400, "the body must be a JSON object")
+            return json_error(400, "the body must be a JSON object")
         try:
             report = Progress.model_validate(body)
         except ValidationError as error:
-            return _error(400, f"not a progress report: {error}")
+            return json_error(400, f"not a progress report: {error}")
+        if report.run != name:
+            return json_error(400, f"a report of run {report.run!r} was posted to run {name!r}'s endpoint")
         self.store.put(namespace, name, report.stage, report)
         return web.json_response({"accepted": True}, status=202)
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
-@web.middleware
-async def _errors_as_json(request: web.Request, handler):
-    """aiohttp's own refusals (an unknown path, a wrong method) as JSON errors, like the endpoint's."""
-    try:
-        return await handler(request)
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
-        allowed = f"; allowed: {error.headers['Allow']}" if "Allow" in error.headers else ""
-        return _error(error.status, f"{error.reason}: {request.method} {request.path}{allowed}")

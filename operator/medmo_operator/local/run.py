@@ -242,8 +242,10 @@ class LocalRun:
         if kind == "Job":
             job = self.jobs.pop(name, None)
             pods = job.pods if job else []
-        else:
+        elif kind == "Deployment":
             pods = self.deployments.pop(name, [])
+        else:
+            return  # kinds this machine does not run (a NetworkPolicy): nothing to stop
         for pod in pods:
             self.runner.forget(pod.uid)
 
@@ -301,9 +303,10 @@ def _replica_pod(deployment: dict, replica: int) -> dict:
 
 
 def _passed_through_env() -> dict[str, str]:
-    """What the node adds to every pod: CPU-only settings of this machine (caches are the spec's)."""
+    """What this machine adds to every pod, as a node's runtime would: its accelerator, thread and BLAS
+    settings and the GPUs it gives (caches and storage endpoints come from the spec)."""
     names = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
-             "CUDA_VISIBLE_DEVICES", "AWS_ENDPOINT_URL")
+             "CUDA_VISIBLE_DEVICES")
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
