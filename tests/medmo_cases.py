@@ -7,12 +7,16 @@ real API server's schema and CEL rules (tests/integration), so both reject the s
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from medmo_trainer.progress import LOG_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "manifests" / "samples"
@@ -113,3 +117,18 @@ INVALID_CASES: list[InvalidCase] = [
     InvalidCase("run-name-too-long", _set("metadata.name", "a" * 40), "name"),
     InvalidCase("init-from-later-stage", _set("spec.stage:align.initFrom", "instruct"), "initFrom", server=False),
 ]
+
+
+def clone_head(target: Path) -> Path:
+    """A plain `git clone` of this checkout's HEAD at ``target``, as a new user gets the project."""
+    uncommitted = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "requirements"], cwd=REPO)
+    assert uncommitted.returncode == 0, ("requirements/ has uncommitted changes: a clone of HEAD would build "
+                                         "another dependency virtualenv; commit them first")
+    subprocess.run(["git", "clone", "-q", str(REPO), str(target)], check=True, timeout=300)
+    return target
+
+
+def progress_lines(log: str) -> list[dict]:
+    """The progress reports a stage printed in ``log`` (its stdout or a pod's log), in order."""
+    return [json.loads(line.split(LOG_PREFIX, 1)[1]) for line in log.splitlines()
+            if LOG_PREFIX + "{" in line]

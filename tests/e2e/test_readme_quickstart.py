@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from medmo_cases import REPO, load_sample
+from medmo_cases import REPO, clone_head, load_sample
 from PIL import Image
 
 DEMO_STORAGE = Path(urlparse(load_sample("medmo-tiny.yaml")["spec"]["storage"]["uri"]).path)
@@ -36,14 +36,6 @@ def quickstart_command() -> str:
     lines = [line for line in block.group(1).splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert len(lines) == 1, f"README.md: the Quickstart's first code block should hold one command, not {lines}"
     return lines[0]
-
-
-def _fresh_clone(target: Path) -> Path:
-    uncommitted = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "requirements"], cwd=REPO)
-    assert uncommitted.returncode == 0, ("requirements/ has uncommitted changes: a clone of HEAD would build "
-                                         "another dependency virtualenv; commit them first")
-    subprocess.run(["git", "clone", "-q", str(REPO), str(target)], check=True, timeout=300)
-    return target
 
 
 def _users_environment() -> dict[str, str]:
@@ -115,7 +107,7 @@ def scratch():
 @pytest.mark.timeout(2 * RUN_TIMEOUT_S + 600)
 def test_the_readme_quickstart_command_succeeds_from_a_fresh_clone_and_again_prints_the_finished_run(scratch):
     command = quickstart_command()
-    clone = _fresh_clone(scratch / "clone")
+    clone = clone_head(scratch / "clone")
     storage = scratch / "storage"
     storage.mkdir()
 

@@ -10,19 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from medmo_cases import REPO
+from medmo_cases import REPO, clone_head
 
 WHERE = ("import medmo_operator, medmo_trainer, operator, sys; "
          "print(medmo_operator.__file__); print(medmo_trainer.__file__); print(operator.__file__); "
          "print(sys.executable)")
-
-
-def _clone(target: Path) -> Path:
-    subprocess.run(["git", "clone", "-q", str(REPO), str(target)], check=True, timeout=120)
-    changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "requirements"], cwd=REPO)
-    assert changed.returncode == 0, ("requirements/ has uncommitted changes: a clone of HEAD would build "
-                                     "another dependency virtualenv; commit them first")
-    return target
 
 
 def _bootstrap(clone: Path) -> Path:
@@ -38,7 +30,7 @@ def _imports(venv: Path, cwd: Path) -> list[str]:
 
 
 def test_each_clone_imports_its_own_code(tmp_path):
-    first, second = _clone(tmp_path / "first"), _clone(tmp_path / "second")
+    first, second = clone_head(tmp_path / "first"), clone_head(tmp_path / "second")
     first_venv = _bootstrap(first)
     second_venv = _bootstrap(second)
     assert first_venv == first / ".venv" and second_venv == second / ".venv"

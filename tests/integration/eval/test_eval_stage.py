@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from medmo_cases import progress_lines
 
 from medmo_trainer.data.synthetic import generate
 from medmo_trainer.eval.scoring import METRIC_NAMES
@@ -63,10 +64,6 @@ def run_stage(tmp_path: Path, config: Path, nproc: int = 1) -> subprocess.Comple
 
 def read_metrics(tmp_path: Path) -> dict:
     return json.loads((tmp_path / "storage" / "bench" / "metrics.json").read_text())
-
-
-def progress_lines(stdout: str) -> list[dict]:
-    return [json.loads(line.removeprefix("[medmo] ")) for line in stdout.splitlines() if line.startswith("[medmo] ")]
 
 
 def test_eval_stage_scores_models_and_reports_metrics(tmp_path, benchmark):

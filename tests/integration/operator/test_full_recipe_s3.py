@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import s3fs
 import yaml
-from medmo_cases import load_sample
+from medmo_cases import load_sample, progress_lines
 from PIL import Image, ImageDraw
 
 from medmo_operator import render
-from medmo_trainer.progress import LOG_PREFIX
 
 pytestmark = [pytest.mark.slow, pytest.mark.controlplane, pytest.mark.s3]
 
@@ -109,10 +108,6 @@ def _pod_logs(node_agent, namespace: str) -> dict[str, str]:
     return logs
 
 
-def _progress_lines(log: str) -> list[dict]:
-    return [json.loads(line.split(LOG_PREFIX, 1)[1]) for line in log.splitlines() if LOG_PREFIX in line]
-
-
 def _one(logs: dict[str, str], prefix: str) -> str:
     matching = [text for name, text in logs.items() if name.startswith(prefix)]
     assert len(matching) == 1, f"expected one log starting {prefix!r}, got {sorted(n for n in logs if n.startswith(prefix))}"
@@ -157,7 +152,7 @@ def test_the_tiny_recipe_on_s3_through_the_operator_yields_a_model_stock_transfo
     assert grpo_config["rl"]["rolloutUrls"] == [f"http://{rollout_service}:{render.WORKER_PORT}"]
     assert grpo_config["rl"]["rewardUrls"] == [f"http://{reward_service}:{render.WORKER_PORT}"]
     logs = _pod_logs(node_agent, namespace)
-    learner_steps = [p for p in _progress_lines(_one(logs, f"{RUN}-grpo-0-")) if p["phase"] == "Running"]
+    learner_steps = [p for p in progress_lines(_one(logs, f"{RUN}-grpo-0-")) if p["phase"] == "Running"]
     assert [p["step"] for p in learner_steps] == list(range(1, STEPS + 1))
     for report in learner_steps:
         assert report["metrics"]["completionLength"] > 0 and "reward/bbox" in report["metrics"], report

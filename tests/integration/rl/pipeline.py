@@ -6,7 +6,6 @@ Everything is real: `python -m medmo_trainer` runs the stages, workers are separ
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from medmo_cases import progress_lines as reports_in
 
 from medmo_trainer.rl.rewards import BoxReward
 
@@ -101,5 +101,5 @@ def heldout_box_reward(model_uri: str, data: Path, limit: int = 24, samples: int
 
 
 def progress_lines(log: Path) -> list[dict]:
-    """The `[medmo] {...}` progress reports a stage printed."""
-    return [json.loads(line.split("[medmo] ", 1)[1]) for line in log.read_text().splitlines() if "[medmo] {" in line]
+    """The progress reports a stage printed in its log file."""
+    return reports_in(log.read_text())
