@@ -13,7 +13,7 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 from medmo_cases import load_sample
 
 from medmo_operator import api, render
@@ -52,11 +52,8 @@ def _post(report: Progress) -> ProgressStore:
     endpoint = ProgressEndpoint(store, KEY, lambda ns, name: RUN.uid if (ns, name) == (RUN.namespace, RUN.name) else None)
 
     async def go():
-        runner = web.AppRunner(endpoint.app())
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        runner = await endpoint.serve("127.0.0.1", 0)
+        port = runner.addresses[0][1]
         url = f"http://127.0.0.1:{port}/v1/namespaces/{RUN.namespace}/medmotrainings/{RUN.name}/progress"
         try:
             async with ClientSession() as session:
