@@ -98,7 +98,8 @@ def test_killing_a_rollout_and_a_reward_worker_mid_run_the_run_finishes(start_wo
     assert last["rolloutFailovers"] >= 1 and last["rewardFailovers"] >= 1
 
 
-def test_a_killed_stage_resumes_with_the_losses_of_an_uninterrupted_run(start_worker, grounding_data, tmp_path):
+@pytest.mark.parametrize("strategy", [{"name": "ddp"}, {"name": "deepspeed", "zeroStage": 2}], ids=["ddp", "deepspeed-zero2"])
+def test_a_killed_stage_resumes_with_the_losses_of_an_uninterrupted_run(strategy, start_worker, grounding_data, tmp_path):
     """Killed after step 3, with the checkpoint of step 2 committed, the stage resumes at step 3 and
     republishes that policy as version 2; each step's loss, gradient norm and reward are those of a run
     never interrupted, and the resumed steps and checkpoints are traced as a training stage's are."""
@@ -106,7 +107,8 @@ def test_a_killed_stage_resumes_with_the_losses_of_an_uninterrupted_run(start_wo
         def config(name: str) -> dict:
             path = stage_config(tmp_path / name, "grpo", "rl", PRESET, grounding_data, seed=0, steps=4,
                                 learning_rate=1e-3, batch_size=4, rl=rl_section(rollouts, rewards))
-            return {**yaml.safe_load(path.read_text()), "checkpoint": {"everySteps": 2, "keepLast": 2}}
+            return {**yaml.safe_load(path.read_text()), "checkpoint": {"everySteps": 2, "keepLast": 2},
+                    "strategy": strategy}
 
         whole = run_stage(tmp_path, config("whole"), name="whole")
         assert_succeeded(whole)
