@@ -89,9 +89,9 @@ def _printed_eval_metrics(output: str) -> dict[str, dict[str, float]]:
 
 @pytest.fixture
 def scratch():
-    """A fresh folder outside /tmp (learner pods mount an emptyDir over /tmp, which would hide a
-    clone there), readable by the pods' non-root user; removed afterwards, with the empty mount point
-    made for the demo's storage if there was none."""
+    """A fresh folder readable by the pods' non-root user (outside /tmp, whose per-user folders
+    pytest makes private); removed afterwards, with the empty mount point made for the demo's
+    storage if there was none."""
     base = Path(tempfile.mkdtemp(prefix="medmo-readme-", dir="/var/tmp"))
     base.chmod(0o755)
     made = [p for p in (DEMO_STORAGE, *DEMO_STORAGE.parents) if not p.exists()]
