@@ -77,11 +77,16 @@ class ProgressEndpoint:
     async def post_progress(self, request: web.Request) -> web.Response:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         uid = await asyncio.to_thread(self.run_uid, namespace, name)
-        if uid is None:
-            return json_error(404, f"no MedMOTraining {namespace}/{name} is known to this operator")
-        expected = render.progress_token(render.RunRef(name=name, namespace=namespace, uid=uid), self.token_key)
-        if not carries_token(request, expected):
-            return json_error(401, "missing or wrong progress token for this run: send Authorization: Bearer <token>")
+        # An unknown run gets the same answer as a wrong token, so the endpoint does not tell a
+        # caller without a token which runs exist.
+        if uid is None or not carries_token(
+            request, render.progress_token(render.RunRef(name=name, namespace=namespace, uid=uid), self.token_key)
+        ):
+            return json_error(
+                401,
+                "missing or wrong progress token for this run (or no such run is known to this operator):"
+                " send Authorization: Bearer <token>",
+            )
         try:
             body = json.loads(await request.read())
         except web.HTTPRequestEntityTooLarge:

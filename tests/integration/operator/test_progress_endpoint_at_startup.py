@@ -56,4 +56,4 @@ def test_a_report_for_an_existing_run_is_accepted_before_any_reconcile(control_p
 
     assert code == 202
     assert state.store.latest(namespace, "early")["align"].to_json() == report
-    assert unknown_code == 404 and "ghost" in unknown_body["error"]
+    assert unknown_code == 401 and "token" in unknown_body["error"]

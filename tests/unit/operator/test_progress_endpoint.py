@@ -73,7 +73,10 @@ def test_unknown_runs_and_malformed_reports_get_clear_errors():
     token = render.progress_token(RUN, KEY)
     store = ProgressStore()
 
-    assert _exchange(store, "/v1/namespaces/team-a/medmotrainings/ghost/progress", GOOD, token)[0] == 404
+    # An unknown run is answered exactly as a wrong token is: no probing for run names.
+    assert _exchange(store, "/v1/namespaces/team-a/medmotrainings/ghost/progress", GOOD, token) == _exchange(
+        store, URL_PATH, GOOD, "not-the-token"
+    )
     code, body = _exchange(store, URL_PATH, b"{not json", token)
     assert code == 400 and "JSON" in body["error"]
     code, body = _exchange(store, URL_PATH, {"step": "seven"}, token)
