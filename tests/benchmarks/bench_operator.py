@@ -283,7 +283,7 @@ class Bench:
         self.api_client = config.new_client_from_config(config_file=str(self.cp.kubeconfig))
         self.core = client.CoreV1Api(self.api_client)
         self.cp.kubectl("apply", "-f", str(crd.CRD_PATH))
-        self.cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/medmotrainings.medmo.io")
+        self.cp.wait_established("medmotrainings.medmo.io")
         for manifest in ("namespace.yaml", "rbac.yaml"):
             self.cp.kubectl("apply", "-f", str(REPO / "manifests" / "base" / manifest))
         self.agent = NodeAgent(self.cp.kubeconfig, self.workdir / "node-agent", NODES, entrypoints=ENTRYPOINTS).start()

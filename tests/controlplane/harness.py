@@ -20,6 +20,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -232,6 +233,23 @@ class ControlPlane:
         if check and result.returncode != 0:
             raise KubectlError(result.returncode, result.args, result.stdout, result.stderr)
         return result
+
+    def wait_established(self, crd: str, timeout_s: float = 60.0) -> None:
+        """Wait until the API server serves the CRD named ``crd`` (e.g. ``medmotrainings.medmo.io``).
+
+        Polls the condition itself: ``kubectl wait --for=condition=Established`` issued right after
+        an apply can fail at once with ".status.conditions accessor error" while the new CRD has no
+        status yet.
+        """
+        deadline = time.monotonic() + timeout_s
+        query = '{.status.conditions[?(@.type=="Established")].status}'
+        while True:
+            result = self.kubectl("get", f"crd/{crd}", "-o", f"jsonpath={query}", check=False)
+            if result.returncode == 0 and result.stdout.strip() == "True":
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRD {crd} not Established after {timeout_s}s: {result.stdout}{result.stderr}")
+            time.sleep(0.2)
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop every component by pid (SIGTERM, then SIGKILL after ``grace_s``), in reverse start order."""

@@ -84,7 +84,7 @@ def widget(name: str, **spec) -> str:
 def test_crd_is_served_and_its_schema_enforced_by_the_api_server(control_plane, namespace):
     control_plane.kubectl("apply", "-f", "-", input=WIDGET_CRD)
     try:
-        control_plane.kubectl("wait", "--for=condition=Established", "crd/widgets.harness.medmo.io", "--timeout=60s")
+        control_plane.wait_established("widgets.harness.medmo.io")
         control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=widget("good", replicas=2, maxReplicas=3))
         stored = json.loads(control_plane.kubectl("get", "widget", "good", "-n", namespace, "-o", "json").stdout)
         assert stored["spec"] == {"replicas": 2, "maxReplicas": 3}
@@ -107,7 +107,7 @@ def test_crd_is_served_and_its_schema_enforced_by_the_api_server(control_plane, 
 @pytest.mark.controlplane
 def test_project_crd_applies_and_is_established(control_plane):
     control_plane.kubectl("apply", "--server-side", "-f", str(PROJECT_CRD))
-    control_plane.kubectl("wait", "--for=condition=Established", "crd/medmotrainings.medmo.io", "--timeout=60s")
+    control_plane.wait_established("medmotrainings.medmo.io")
 
     resources = control_plane.kubectl("api-resources", "--api-group=medmo.io", "-o", "name").stdout.split()
     assert resources == ["medmotrainings.medmo.io"]

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.controlplane
 @pytest.fixture(scope="module")
 def crd_installed(control_plane):
     control_plane.kubectl("apply", "-f", str(crd.CRD_PATH))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/medmotrainings.medmo.io")
+    control_plane.wait_established("medmotrainings.medmo.io")
     # Discovery caches refresh asynchronously: wait until kubectl can resolve the short name.
     deadline = time.monotonic() + 30
     while control_plane.kubectl("get", "mmt", "-A", check=False).returncode != 0:

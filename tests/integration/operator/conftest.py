@@ -64,7 +64,7 @@ def operator_ns(control_plane, node_agent):
     """CRD, operator namespace and RBAC; the node agent learns the test images' entrypoints."""
     node_agent.runner.entrypoints.update(ENTRYPOINTS)
     control_plane.kubectl("apply", "-f", str(crd.CRD_PATH))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/medmotrainings.medmo.io")
+    control_plane.wait_established("medmotrainings.medmo.io")
     for manifest in ("namespace.yaml", "rbac.yaml"):
         control_plane.kubectl("apply", "-f", str(REPO / "manifests" / "base" / manifest))
     return "medmo-system"

@@ -29,7 +29,7 @@ async def _post(url: str, body: dict, token: str) -> tuple[int, dict]:
 
 def test_a_report_for_an_existing_run_is_accepted_before_any_reconcile(control_plane, kubeconfig, namespace):
     control_plane.kubectl("apply", "-f", str(crd.CRD_PATH))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/medmotrainings.medmo.io")
+    control_plane.wait_established("medmotrainings.medmo.io")
     training = load_sample("medmo-tiny.yaml")
     training["metadata"]["name"] = "early"
     control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(training))
