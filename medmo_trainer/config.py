@@ -48,17 +48,33 @@ class ConfigModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+RECORD_FIELDS = ("id", "task", "image", "images", "prompt", "answer", "answerType", "options", "findings", "boxes", "meta")
+"""Keys of a JSONL record (`medmo_trainer.data.schema.Record`): what a tabular dataset's columns can fill."""
+
+
 class DatasetSpec(ConfigModel):
     """One dataset of a stage's weighted mixture."""
 
     name: DnsLabel
     """Short name, used in progress reports and record counts."""
     uri: Annotated[str, Field(min_length=1)]
-    """fsspec URI of a JSONL shard or a folder of `*.jsonl` shards (`s3://`, `file://`, a local path)."""
+    """fsspec URI (`s3://`, `file://`, a local path) of a shard or a folder of shards: JSONL records,
+    or Parquet / Arrow tables (see `columns`); read shard by shard (`medmo_trainer.data.shards`)."""
     weight: Annotated[float, Field(gt=0)] = 1.0
     """Relative sampling weight in the stage's mixture."""
     tasks: list[TaskType] = Field(default_factory=list)
     """Task types to keep from this dataset; empty keeps all five."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """For Parquet and Arrow datasets (as Hugging Face `datasets` saves them): record field -> column
+    name, e.g. `{prompt: question, image: image}`; a column named like its field needs no entry. Without
+    a task column, `tasks` names the one task of all records."""
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> DatasetSpec:
+        unknown = sorted(set(self.columns) - set(RECORD_FIELDS))
+        if unknown:
+            raise ValueError(f"columns maps {unknown}, which are not record fields; record fields are {list(RECORD_FIELDS)}")
+        return self
 
 
 class Hyperparameters(ConfigModel):
@@ -208,6 +224,15 @@ class EvalSettings(ConfigModel):
         if duplicates:
             raise ValueError(f"evaluation model names must be unique (modelName and compareModels[].name): {duplicates}")
         return self
+
+
+PRESET_PREFIX = "preset:"
+
+
+def is_hub_model(base: str) -> bool:
+    """Whether a model source names a Hugging Face Hub repository (`org/name`): not a preset, a
+    `file://`/`s3://`/other URI, nor an absolute or relative path."""
+    return not base.startswith((PRESET_PREFIX, "/", ".")) and "://" not in base
 
 
 class ModelSource(ConfigModel):

@@ -29,10 +29,15 @@ class ExitCode(enum.IntEnum):
     CHECKPOINT_INCOMPATIBLE = 5
     """The stage's checkpoint folder holds a checkpoint this stage must not or cannot resume from: written
     by another run or under another config, or with tensors whose names or shapes do not match the model."""
+    MODEL_ACCESS_DENIED = 6
+    """The model hub refused the model (401/403): it is gated or private, and no token, or one without
+    access to it, was given."""
     STORAGE_UNAVAILABLE = 10
     """Checkpoint or export storage failed (network, credentials refused mid-run, server down)."""
     DISTRIBUTED_FAILURE = 11
     """Rendezvous or a collective (NCCL, gloo) failed: usually a lost peer."""
+    MODEL_HUB_UNAVAILABLE = 12
+    """The model hub could not be reached or failed mid-download (network, 5xx)."""
 
     @property
     def retryable(self) -> bool:
@@ -63,6 +68,14 @@ class DataError(StageError):
 
 class ModelError(StageError):
     exit_code = ExitCode.MODEL_INVALID
+
+
+class ModelAccessDeniedError(StageError):
+    exit_code = ExitCode.MODEL_ACCESS_DENIED
+
+
+class ModelHubUnavailableError(StageError):
+    exit_code = ExitCode.MODEL_HUB_UNAVAILABLE
 
 
 class CheckpointIncompatibleError(StageError):

@@ -22,6 +22,12 @@ Kubernetes (etcd, kube-apiserver, kube-controller-manager, kube-scheduler on 127
   namespace      (function) name of a fresh namespace whose ``default`` ServiceAccount exists
                             (so pods can be created at once); deleted after the test.
 
+A stand-in for the Hugging Face Hub (tests/hub_standin.py: no hub is reachable here):
+  hub            (session)  ``hub_standin.HubStandIn`` on 127.0.0.1 (``endpoint`` for HF_ENDPOINT,
+                            ``token``, ``requests()``), serving the tiny preset exported in bf16
+                            with its processor as HUB_MODEL, and again as HUB_GATED_MODEL, which
+                            needs ``token``; any other id is a missing model (404).
+
 S3 (SeaweedFS ``weed mini`` on 127.0.0.1; requests must be signed with the credentials):
   s3_server      (session)  ``controlplane.seaweed.SeaweedFS``: ``endpoint``, ``access_key``,
                             ``secret_key``, ``region``, ``storage_options()`` (kwargs for s3fs /
@@ -168,3 +174,23 @@ def s3_bucket(s3_server: SeaweedFS) -> str:
     fs.mkdir(bucket)
     yield f"s3://{bucket}"
     fs.rm(bucket, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory):
+    import shutil
+
+    import torch
+    from hub_standin import HUB_GATED_MODEL, HUB_MODEL, HubStandIn
+
+    from medmo_trainer.model import export_hf
+    from medmo_trainer.model.presets import build_preset
+
+    server = HubStandIn(tmp_path_factory.mktemp("hub"), gated=[HUB_GATED_MODEL], token=f"hf_{secrets.token_hex(16)}")
+    # Saved in bf16, as released checkpoints are, so loading shows whether a stage's precision is honoured.
+    model, processor, _ = build_preset("tiny-qwen3-vl", dtype=torch.bfloat16)
+    export_hf(model, processor, str(server.root / HUB_MODEL))
+    shutil.copytree(server.root / HUB_MODEL, server.root / HUB_GATED_MODEL)
+    server.start()
+    yield server
+    server.stop()

@@ -5,7 +5,11 @@ Sources (`ModelSource.base`):
 - a local folder, or a `file://` URI of one;
 - an `s3://` (or other remote fsspec) URI of a Hugging Face model folder, downloaded once into
   `${MEDMO_CACHE:-~/.cache/medmo}/models/<hash of URI and listing>/`;
-- anything else is a Hugging Face Hub id, resolved by `huggingface_hub.snapshot_download`.
+- anything else is a Hugging Face Hub id, resolved by `huggingface_hub.snapshot_download` (under the
+  operator, an initializer Job has already copied a hub model into the run's storage, and pods load
+  that copy by URI: see `medmo_trainer.model.fetch`).
+
+Weights load in the dtype asked for (a stage's `precision`), whatever dtype they were saved in.
 """
 
 from __future__ import annotations
@@ -20,13 +24,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
-from medmo_trainer.config import ModelSource
+from medmo_trainer.config import PRESET_PREFIX, ModelSource
 from medmo_trainer.fsio import is_remote, url_to_fs
 from medmo_trainer.model.families import FAMILIES, UnsupportedModelError
 from medmo_trainer.model.presets import PRESETS, build_preset
 from medmo_trainer.model.processor import VLProcessor, vision_markers_present
-
-PRESET_PREFIX = "preset:"
 
 
 class ModelUnavailableError(RuntimeError):

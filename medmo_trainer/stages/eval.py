@@ -36,6 +36,7 @@ from medmo_trainer.inputs import prompt_messages
 from medmo_trainer.progress import Progress
 from medmo_trainer.stages import StageResult, register
 from medmo_trainer.stages.loop import StageLoop, run_reporting_failures
+from medmo_trainer.strategies import compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ class Evaluator(StageLoop):
             scorer.add(record, text, scores)
 
     def _evaluate_model(self, name: str, uri: str) -> ModelResult:
-        model, processor = load_eval_model(uri, self.context.device)
+        dtype = compute_dtype(self.config.hyperparameters, self.context.device)
+        model, processor = load_eval_model(uri, self.context.device, dtype)
         result = ModelResult(name, uri)
         batch_size = self.config.evaluation.batch_size
         for benchmark in self.benchmarks:
@@ -180,11 +182,11 @@ def load_benchmark(spec: BenchmarkSpec, context: DistContext) -> Benchmark:
     return Benchmark(spec, mine, skipped if context.is_main else Counter())
 
 
-def load_eval_model(uri: str, device: torch.device):
-    """The model (in eval mode, on `device`) and processor of a model source; ModelError when unloadable."""
+def load_eval_model(uri: str, device: torch.device, dtype: torch.dtype):
+    """The model (in eval mode, on `device`, weights in `dtype`) and processor of a model source;
+    ModelError when unloadable."""
     from medmo_trainer.model import load_model
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         loaded = load_model(uri, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as error:

@@ -146,11 +146,11 @@ class GRPOLearner(StageLoop):
         seed_everything(hp.seed)
         sampler = PromptSampler(config.datasets, hp.seed)
         total_steps = hp.max_steps or math.ceil(hp.epochs * len(sampler) / rl.algorithm.prompts_per_step)
-        loaded = load_stage_model(config)
+        loaded = load_stage_model(config, context.device)
         trainable = apply_trainable(loaded.model, config.model.trainable)
         reference = None
         if rl.algorithm.kl_beta > 0:
-            reference = load_stage_model(config).model.to(context.device).eval().requires_grad_(False)
+            reference = load_stage_model(config, context.device).model.to(context.device).eval().requires_grad_(False)
         strategy = build_strategy(config, context)
         completions_per_rank = math.ceil(rl.algorithm.prompts_per_step * rl.algorithm.group_size / context.world_size)
         strategy.prepare(loaded.model, total_steps, math.ceil(completions_per_rank / hp.per_device_batch_size))

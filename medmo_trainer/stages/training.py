@@ -45,7 +45,7 @@ from medmo_trainer.progress import (
 )
 from medmo_trainer.stages import StageResult, register
 from medmo_trainer.stages.loop import StageLoop, run_reporting_failures
-from medmo_trainer.strategies import TrainingStrategy, build_strategy
+from medmo_trainer.strategies import TrainingStrategy, build_strategy, compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Trainer(StageLoop):
     def build(cls, config: StageConfig, context: DistContext) -> Trainer:
         hp = config.hyperparameters
         seed_everything(hp.seed)
-        loaded = load_stage_model(config)
+        loaded = load_stage_model(config, context.device)
         try:
             apply_trainable(loaded.model, config.model.trainable)
         except UnsupportedModelError as error:
@@ -237,7 +237,7 @@ def export_stage_model(config: StageConfig, context: DistContext, strategy: Trai
     if context.is_main:
         # A fresh copy of the base model receives the gathered weights: it is plain (not wrapped
         # or sharded by the strategy), so it saves as the model's own class.
-        fresh = load_stage_model(config)
+        fresh = load_stage_model(config, context.device)
         fresh.model.load_state_dict(state)
         try:
             export_hf(fresh.model, fresh.processor, config.output_uri)
@@ -252,13 +252,14 @@ def run_training_stage(config: StageConfig, context: DistContext) -> StageResult
     return run_reporting_failures(Trainer.build(config, context), Trainer.train)
 
 
-def load_stage_model(config: StageConfig) -> Any:
+def load_stage_model(config: StageConfig, device: torch.device) -> Any:
     """The stage's starting model and processor; a source that cannot be loaded is a ModelError.
 
-    The processor resizes images under the stage's pixel budget, and the export records it, so the
-    exported model's stock processor prepares images as this stage trained on them."""
+    Weights load in the stage's precision (`auto`: bf16 when `device` is a GPU), so bf16 weights stay
+    bf16 and are never first copied into float32 at twice their size. The processor resizes images under the stage's pixel budget, and the export
+    records it, so the exported model's stock processor prepares images as this stage trained on them."""
     try:
-        loaded = load_model(config.model)
+        loaded = load_model(config.model, dtype=compute_dtype(config.hyperparameters, device))
     except (ModelUnavailableError, UnsupportedModelError) as error:
         raise ModelError(str(error)) from error
     loaded.processor.set_image_size(config.hyperparameters.image_size)

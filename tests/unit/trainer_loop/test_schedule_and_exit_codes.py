@@ -37,8 +37,9 @@ def test_warmup_rises_linearly_to_the_peak_then_the_schedule_decays(scheduler):
 
 def test_exit_codes_split_into_failing_and_retryable_classes():
     assert set(NON_RETRYABLE) == {ExitCode.CONFIG_INVALID, ExitCode.DATA_INVALID, ExitCode.MODEL_INVALID,
-                                  ExitCode.CHECKPOINT_INCOMPATIBLE}
-    assert set(RETRYABLE) == {ExitCode.UNEXPECTED, ExitCode.STORAGE_UNAVAILABLE, ExitCode.DISTRIBUTED_FAILURE}
+                                  ExitCode.MODEL_ACCESS_DENIED, ExitCode.CHECKPOINT_INCOMPATIBLE}
+    assert set(RETRYABLE) == {ExitCode.UNEXPECTED, ExitCode.STORAGE_UNAVAILABLE, ExitCode.DISTRIBUTED_FAILURE,
+                              ExitCode.MODEL_HUB_UNAVAILABLE}
     assert not set(NON_RETRYABLE) & set(RETRYABLE)
 
 
