@@ -26,8 +26,10 @@ from medmo_trainer.config import (
     ModuleGroup,
     RewardWeights,
     RLAlgorithm,
+    RolloutBackendName,
     StageType,
     Strategy,
+    is_hub_model,
 )
 
 GROUP = "medmo.io"
@@ -44,6 +46,8 @@ MAX_RUN_NAME = 36
 MAX_STAGES = 16
 MAX_STAGE_NAME = 20
 STORAGE_SCHEMES = ("s3://", "gs://", "az://", "file://")
+HUB_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?"
+"""A Hugging Face Hub repository id: `name` or `org/name`."""
 
 Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
 """A Kubernetes resource quantity: `4`, `500m`, `64Gi`."""
@@ -215,12 +219,73 @@ class CacheSpec(ConfigModel):
         return self.to_wire()
 
 
+class SecretKeyReference(ConfigModel):
+    """One key of a Secret in the run's namespace (as a container's `secretKeyRef`)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253)]
+    """Name of the Secret."""
+    key: Annotated[str, Field(min_length=1, max_length=253)] = "HF_TOKEN"
+    """Key of the value in the Secret."""
+
+
+HUB_ONLY_FIELDS = ("revision", "tokenSecretRef", "hubEndpoint")
+"""ModelSpec fields that only a Hugging Face Hub id in `base` uses."""
+CEL_NOT_HUB_ID = ("self.base.startsWith('preset:') || self.base.startsWith('/') || self.base.startsWith('.') "
+                  "|| self.base.contains('://')")
+"""`medmo_trainer.config.is_hub_model`, negated, in CEL."""
+
+
 class ModelSpec(ConfigModel):
-    """The base model the first stage starts from."""
+    """The base model the first stage starts from. A Hugging Face Hub id is downloaded once, by the
+    run's model initializer Job, into `<storage.uri>/base_model/`, and every pod loads it from there."""
+
+    model_config = ConfigModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                f"{CEL_NOT_HUB_ID} || self.base.matches('^{HUB_ID}$')",
+                "model.base must be a Hugging Face Hub id (org/name), an s3:// or file:// URI, a path, or preset:<name>",
+                ".base",
+            ),
+            cel(
+                f"!({CEL_NOT_HUB_ID}) || (!has(self.revision) && !has(self.tokenSecretRef) && !has(self.hubEndpoint))",
+                "model.revision, tokenSecretRef and hubEndpoint apply only to a Hugging Face Hub id in model.base",
+            ),
+        )
+    }
 
     base: Annotated[str, Field(min_length=1, max_length=1024)]
-    """Hugging Face id (`Qwen/Qwen3-VL-8B-Instruct`), `s3://` or `file://` URI of a Hugging Face
+    """Hugging Face Hub id (`Qwen/Qwen3-VL-8B-Instruct`), `s3://` or `file://` URI of a Hugging Face
     model folder, or a built-in tiny preset (`preset:tiny-qwen3-vl`)."""
+    revision: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    """Hub branch, tag or commit to download; default `main`."""
+    token_secret_ref: SecretKeyReference | None = None
+    """Secret key holding a Hugging Face token, for gated or private models; only the initializer
+    pod receives it (as HF_TOKEN), and it never appears in status, events or logs."""
+    hub_endpoint: Annotated[str, Field(max_length=1024, pattern=r"^https?://")] | None = None
+    """Hub endpoint (a mirror or a private hub); pods get it as HF_ENDPOINT. Unset: huggingface.co."""
+
+    @field_validator("base")
+    @classmethod
+    def _known_form(cls, base: str) -> str:
+        if is_hub_model(base) and not re.fullmatch(HUB_ID, base):
+            raise ValueError(
+                f"model.base {base!r} must be a Hugging Face Hub id (org/name), an s3:// or file:// URI, a path, or preset:<name>"
+            )
+        return base
+
+    @model_validator(mode="after")
+    def _hub_fields_need_a_hub_id(self) -> ModelSpec:
+        if not is_hub_model(self.base):
+            given = [name for name, value in zip(HUB_ONLY_FIELDS, (self.revision, self.token_secret_ref, self.hub_endpoint),
+                                                 strict=True) if value is not None]
+            if given:
+                raise ValueError(f"model.{', '.join(given)}: apply only to a Hugging Face Hub id in model.base, not {self.base!r}")
+        return self
+
+    @property
+    def from_hub(self) -> bool:
+        """Whether the base model is downloaded from the hub by the run's model initializer."""
+        return is_hub_model(self.base)
 
 
 class WorkerGroup(ConfigModel):
@@ -238,6 +303,36 @@ class WorkerGroup(ConfigModel):
     """Taints the worker pods tolerate."""
 
 
+VLLM_NEEDS_IMAGE = ("rl.rollout.backend vllm needs rl.rollout.image: an image built from images/rollout-vllm/ "
+                    "(vLLM is not in the trainer image)")
+
+
+class RolloutWorkerGroup(WorkerGroup):
+    """The rollout workers: a worker group that also chooses how it generates."""
+
+    model_config = WorkerGroup.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "!has(self.backend) || self.backend != 'vllm' || has(self.image)",
+                VLLM_NEEDS_IMAGE,
+                ".image",
+            ),
+        )
+    }
+
+    backend: RolloutBackendName = "transformers"
+    """`transformers` (`model.generate` in the trainer image, bf16 on GPU) or `vllm` (a vLLM engine over
+    the worker's GPUs, with in-place updates of the trained weights; needs `image`)."""
+    image: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    """Image of the rollout pods; default `spec.image`."""
+
+    @model_validator(mode="after")
+    def _vllm_needs_its_image(self) -> RolloutWorkerGroup:
+        if self.backend == "vllm" and self.image is None:
+            raise ValueError(VLLM_NEEDS_IMAGE)
+        return self
+
+
 class RLSpec(ConfigModel):
     """What an `rl` stage adds: its worker groups, algorithm and reward weights."""
 
@@ -252,7 +347,7 @@ class RLSpec(ConfigModel):
         )
     }
 
-    rollout: WorkerGroup
+    rollout: RolloutWorkerGroup
     """Workers that generate completions with the current policy (GPU by default in real runs)."""
     reward: WorkerGroup
     """Workers that score completions with the verifiable rewards (CPU)."""
@@ -539,6 +634,24 @@ class StageStatus(ConfigModel):
     """URI of the model the stage exported (Hugging Face format)."""
 
 
+class InitializerStatus(ConfigModel):
+    """The record of an initializer Job that runs before the first stage (as a Kubeflow Trainer
+    TrainJob's `jobsStatus` lists its `model-initializer`)."""
+
+    name: str
+    """`model-initializer`: downloads a Hugging Face Hub model into the run's storage."""
+    phase: Phase = Phase.PENDING
+    """Pending, Running, Succeeded or Failed."""
+    output: str | None = None
+    """Where it puts what it fetched (the model every stage then loads)."""
+    message: Annotated[str, Field(max_length=4096)] | None = None
+    """What it reported: what was copied, or why it failed."""
+    start_time: datetime | None = None
+    """When its Job was created."""
+    completion_time: datetime | None = None
+    """When it succeeded or failed."""
+
+
 class MedMOTrainingStatus(ConfigModel):
     """What the operator observed; written only by the operator."""
 
@@ -561,6 +674,11 @@ class MedMOTrainingStatus(ConfigModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     """Conditions of the run, one per type."""
+    initializers: Annotated[list[InitializerStatus], Field(max_length=4)] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Steps before the first stage: the model initializer, when `model.base` is a hub id."""
     stages: Annotated[list[StageStatus], Field(max_length=MAX_STAGES)] = Field(default_factory=list)
     """One record per stage, in spec order."""
     output_model: str | None = None

@@ -45,6 +45,8 @@ def carry_out(
             case plan.EnsureStage(stage=stage_name, attempt=attempt):
                 for child in render.build_stage_children(run, spec, stages[stage_name], attempt, endpoints):
                     executor.create(child)
+            case plan.EnsureModelInitializer():
+                executor.create(render.build_model_initializer_job(run, spec))
             case plan.DeleteJob(name=job_name):
                 executor.delete("Job", job_name)
             case plan.SuspendJob(name=job_name, suspend=suspend):

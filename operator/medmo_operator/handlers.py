@@ -167,6 +167,11 @@ def learner_pods_by_run(namespace: str, labels: dict, body: kopf.Body, **_: Any)
     return {(namespace, labels[render.LABEL_RUN]): _snapshot(body, "metadata", "status")}
 
 
+@kopf.index("", "v1", "pods", labels={render.LABEL_RUN: kopf.PRESENT, render.LABEL_ROLE: render.MODEL_INITIALIZER})
+def initializer_pods_by_run(namespace: str, labels: dict, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[render.LABEL_RUN]): _snapshot(body, "metadata", "status")}
+
+
 # -- the reconcile ----------------------------------------------------------------------------
 
 
@@ -183,6 +188,7 @@ def reconcile_training(
     memo: kopf.Memo,
     jobs_by_run: kopf.Index,
     learner_pods_by_run: kopf.Index,
+    initializer_pods_by_run: kopf.Index,
     **_: Any,
 ) -> None:
     """One reconcile of one run (kopf calls it every reconcileInterval seconds per run)."""
@@ -194,9 +200,11 @@ def reconcile_training(
     training_spec = api.MedMOTrainingSpec.model_validate(copy.deepcopy(dict(spec)))
     current = {k: v for k, v in dict(status).items() if k != "kopf"}
     current_status = api.MedMOTrainingStatus.model_validate(copy.deepcopy(current)) if current else None
+    jobs = list(jobs_by_run.get((namespace, name), []))
     observed = plan.Observed(
-        jobs=observe.latest_jobs(list(jobs_by_run.get((namespace, name), [])), list(learner_pods_by_run.get((namespace, name), []))),
+        jobs=observe.latest_jobs(jobs, list(learner_pods_by_run.get((namespace, name), []))),
         progress=state.store.latest(namespace, name),
+        initializer=observe.model_initializer_job(jobs, list(initializer_pods_by_run.get((namespace, name), []))),
     )
     result = plan.plan(training_spec, current_status, observed, datetime.now(UTC), generation=meta.get("generation"))
     execute.carry_out(result.actions, run, training_spec, state.endpoints, KubernetesExecutor(run, body))

@@ -20,13 +20,27 @@ def _get(obj: Obj, *path: str, default: Any = None) -> Any:
     return node
 
 
-def latest_jobs(jobs: Iterable[Obj], pods: Iterable[Obj]) -> dict[str, JobObservation]:
-    """The latest-attempt learner Job of each stage, with what its pods say."""
+def _pods_by_job(pods: Iterable[Obj]) -> dict[str, list[Obj]]:
     pods_by_job: dict[str, list[Obj]] = {}
     for pod in pods:
         job_name = _get(pod, "metadata", "labels", "batch.kubernetes.io/job-name") or _get(pod, "metadata", "labels", "job-name")
         if job_name:
             pods_by_job.setdefault(job_name, []).append(pod)
+    return pods_by_job
+
+
+def model_initializer_job(jobs: Iterable[Obj], pods: Iterable[Obj]) -> JobObservation | None:
+    """The run's model initializer Job, with what its pods say; None while there is none."""
+    for job in jobs:
+        role = (_get(job, "metadata", "labels", default={}) or {}).get(render.LABEL_ROLE)
+        if role == render.MODEL_INITIALIZER and not _get(job, "metadata", "deletionTimestamp"):
+            return observe_job(job, _pods_by_job(pods).get(_get(job, "metadata", "name"), []))
+    return None
+
+
+def latest_jobs(jobs: Iterable[Obj], pods: Iterable[Obj]) -> dict[str, JobObservation]:
+    """The latest-attempt learner Job of each stage, with what its pods say."""
+    pods_by_job = _pods_by_job(pods)
     latest: dict[str, JobObservation] = {}
     for job in jobs:
         labels = _get(job, "metadata", "labels", default={}) or {}

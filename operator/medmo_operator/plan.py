@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from medmo_operator import api, render
+from medmo_operator import api, initializer, render
 from medmo_operator.api import ConditionType, Phase
 from medmo_trainer.exit_codes import NON_RETRYABLE
 from medmo_trainer.progress import Progress
@@ -51,6 +51,8 @@ class Observed:
     """Latest-attempt learner Job by stage name."""
     progress: dict[str, Progress] = field(default_factory=dict)
     """Latest progress report by stage name."""
+    initializer: JobObservation | None = None
+    """The run's model initializer Job, when there is one."""
 
 
 # -- what to do -------------------------------------------------------------------------------
@@ -62,6 +64,11 @@ class EnsureStage:
 
     stage: str
     attempt: int
+
+
+@dataclass(frozen=True)
+class EnsureModelInitializer:
+    """Create (if absent) the Job that downloads a hub model into the run's storage."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,7 @@ class Event:
     """The stage the event is about; None for events about the whole run."""
 
 
-Action = EnsureStage | DeleteJob | SuspendJob | DeleteWorkers | DeleteRun | Event
+Action = EnsureStage | EnsureModelInitializer | DeleteJob | SuspendJob | DeleteWorkers | DeleteRun | Event
 
 
 @dataclass
@@ -162,6 +169,10 @@ def plan(
             if stage_status.phase == Phase.SUSPENDED:
                 stage_status.phase = Phase.RESTARTING if restarting else Phase.RUNNING
 
+    waiting = _initialize_model(spec, status, observed, now, actions)
+    if waiting is not None:
+        return waiting
+
     # Advance through as many stages as the observations allow (a finished stage starts the next).
     while True:
         stage = _current_stage(spec, status)
@@ -190,6 +201,28 @@ def plan(
         _stage_running(status, record, stage, job, now, actions)
         break
 
+    return Plan(actions, status)
+
+
+def _initialize_model(spec, status, observed: Observed, now, actions) -> Plan | None:
+    """Runs the model initializer before the first stage (see `medmo_operator.initializer`); returns
+    the plan while the stages must wait, None once they may run."""
+    step = initializer.advance(spec, status, observed.initializer, now)
+    if step.succeeded:
+        actions.append(Event("ModelInitialized", step.message))
+    if step.ready:
+        return None
+    if step.failure:
+        _fail(status, now, actions, step.failure, step.message, None)
+        return _after_finish(spec, status, now, actions)
+    if step.ensure:
+        actions.append(EnsureModelInitializer())
+    if step.started:
+        actions.append(Event("ModelInitializing", step.message))
+    if observed.initializer is not None and observed.initializer.suspended:
+        actions.append(SuspendJob(observed.initializer.name, False))  # resumed after a suspension
+    status.phase = Phase.RUNNING
+    _set_condition(status, ConditionType.RUNNING, True, "Initializing", step.message, now)
     return Plan(actions, status)
 
 
@@ -332,6 +365,9 @@ def _stage_failed_attempt(spec, status, record, stage, job: JobObservation, now,
 
 
 def _suspend(spec, status, observed: Observed, now, actions) -> Plan:
+    model_initializer = observed.initializer
+    if model_initializer is not None and not model_initializer.suspended and not model_initializer.complete:
+        actions.append(SuspendJob(model_initializer.name, True))
     stage = _current_stage(spec, status)
     if stage is not None:
         record = _record(status, stage.name)

@@ -62,6 +62,11 @@ TRAINER_ENTRYPOINT = ["python", "-m", "medmo_trainer.launch"]
 """The trainer image's ENTRYPOINT (images/trainer/Dockerfile); learner pods set only args."""
 WORKER_ROLES = ("rollout", "reward")
 """The worker groups of an rl stage, each a Deployment behind a Service."""
+MODEL_INITIALIZER = "model-initializer"
+"""Role (and name suffix) of the Job that downloads a hub model before the first stage."""
+BASE_MODEL_DIR = "base_model"
+"""Where under the run's storage the model initializer puts the base model (no stage is named so:
+stage names are DNS labels, without `_`)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,10 @@ def worker_network_policy_name(run: RunRef, stage: api.Stage) -> str:
     return f"{run.name}-{stage.name}-workers"
 
 
+def model_initializer_job_name(run: RunRef) -> str:
+    return f"{run.name}-{MODEL_INITIALIZER}"
+
+
 def token_secret_name(run: RunRef) -> str:
     return f"{run.name}-progress-token"
 
@@ -151,6 +160,12 @@ def stage_checkpoint_uri(spec: api.MedMOTrainingSpec, stage: api.Stage) -> str:
     return f"{stage_uri(spec, stage)}/checkpoints"
 
 
+def base_model_uri(spec: api.MedMOTrainingSpec) -> str:
+    """Where pods load the run's base model: the initializer's copy of a hub model in the run's
+    storage, else `model.base` itself."""
+    return f"{spec.storage.uri.rstrip('/')}/{BASE_MODEL_DIR}" if spec.model.from_hub else spec.model.base
+
+
 def stage_input_model(spec: api.MedMOTrainingSpec, stage: api.Stage) -> str:
     """The model a stage starts from: `initFrom`, else the previous training stage's export,
     else the run's base model."""
@@ -160,7 +175,7 @@ def stage_input_model(spec: api.MedMOTrainingSpec, stage: api.Stage) -> str:
         return stage_output_uri(spec, named) if named else stage.init_from
     index = spec.stages.index(stage)
     earlier = [s for s in spec.stages[:index] if s.trains]
-    return stage_output_uri(spec, earlier[-1]) if earlier else spec.model.base
+    return stage_output_uri(spec, earlier[-1]) if earlier else base_model_uri(spec)
 
 
 def final_output_model(spec: api.MedMOTrainingSpec) -> str | None:
@@ -199,6 +214,7 @@ def build_stage_config(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stag
             reward_urls=[f"http://{worker_name(run, stage, 'reward')}:{WORKER_PORT}"],
             # One Service URL per group: split each step into as many requests as there are replicas.
             rollout_requests_per_step=stage.rl.rollout.replicas,
+            rollout_backend=stage.rl.rollout.backend,
             reward_requests_per_step=stage.rl.reward.replicas,
         )
     extra = {"evaluation": evaluation_settings(spec, stage)} if stage.type == "eval" else {}
@@ -339,19 +355,23 @@ def _placement(pool: api.NodePool, spec: api.MedMOTrainingSpec) -> dict:
 
 
 def _common_volumes(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stage) -> tuple[list[dict], list[dict]]:
-    cache = spec.cache.volume_source() if spec.cache else {"emptyDir": {}}
-    volumes = [
+    volumes, mounts = _scratch_and_storage_volumes(spec)
+    volumes[:0] = [
         {"name": "config", "configMap": {"name": config_map_name(run, stage)}},
         {"name": "progress-token", "secret": {"secretName": token_secret_name(run)}},
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "cache", **cache},
     ]
-    mounts = [
+    mounts[:0] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "progress-token", "mountPath": TOKEN_DIR, "readOnly": True},
-        {"name": "tmp", "mountPath": "/tmp"},
-        {"name": "cache", "mountPath": CACHE_DIR},
     ]
+    return volumes, mounts
+
+
+def _scratch_and_storage_volumes(spec: api.MedMOTrainingSpec) -> tuple[list[dict], list[dict]]:
+    """/tmp, the cache volume and file:// storage: what every pod of the run mounts."""
+    cache = spec.cache.volume_source() if spec.cache else {"emptyDir": {}}
+    volumes = [{"name": "tmp", "emptyDir": {}}, {"name": "cache", **cache}]
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": CACHE_DIR}]
     directory = file_storage_path(spec)
     if directory is not None:
         # file:// storage is a directory on the nodes (shared between them by the cluster's admin,
@@ -369,6 +389,22 @@ def file_storage_path(spec: api.MedMOTrainingSpec) -> str | None:
 
 def _cache_env() -> list[dict]:
     return [{"name": name, "value": value} for name, value in CACHE_ENV.items()]
+
+
+def _hub_env(spec: api.MedMOTrainingSpec) -> list[dict]:
+    """The run's hub (a mirror), for every pod: none should need it once the initializer has run,
+    but any that does asks the run's hub, never huggingface.co behind the user's back."""
+    return [{"name": "HF_ENDPOINT", "value": spec.model.hub_endpoint}] if spec.model.hub_endpoint else []
+
+
+def _pod_failure_policy(container: str) -> dict:
+    """A non-retryable exit code fails the Job at once; a pod evicted or preempted does not count."""
+    return {
+        "rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": sorted(NON_RETRYABLE)}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]
+    }
 
 
 def _progress_env(run: RunRef, endpoints: OperatorEndpoints) -> list[dict]:
@@ -402,6 +438,7 @@ def build_learner_job(
         *_progress_env(run, endpoints),
         *_storage_env(spec),
         *_cache_env(),
+        *_hub_env(spec),
     ]
     labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.name, LABEL_ROLE: "learner", LABEL_ATTEMPT: str(attempt)}
     if spec.scheduling.gang:
@@ -432,15 +469,7 @@ def build_learner_job(
             # The operator restarts the whole stage (gang restart from the last checkpoint), so the
             # Job itself never retries a pod: one failed rank fails the attempt.
             "backoffLimit": 0,
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": sorted(NON_RETRYABLE)},
-                    },
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                ]
-            },
+            "podFailurePolicy": _pod_failure_policy("trainer"),
             # Kueue admits a queued Job by unsuspending it.
             "suspend": bool(spec.scheduling.queue_name) or spec.run_policy.suspend,
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
@@ -460,7 +489,7 @@ def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api
     args = ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--token-file", f"{TOKEN_DIR}/{TOKEN_KEY}",
             "--host", "0.0.0.0", "--port", str(WORKER_PORT)]
     env = _storage_env(spec) if role == "rollout" else []
-    env = [*env, *_cache_env()]
+    env = [*env, *_cache_env(), *_hub_env(spec)]
     worker_pool = api.NodePool(
         node_selector=group.node_selector if group.node_selector is not None else (pool.node_selector if group.gpus else None),
         tolerations=group.tolerations if group.tolerations is not None else (pool.tolerations if group.gpus else None),
@@ -468,7 +497,7 @@ def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api
     )
     container = {
         "name": role,
-        "image": spec.image,
+        "image": (stage.rl.rollout.image if role == "rollout" else None) or spec.image,  # e.g. the vLLM image
         "command": command,
         "args": args,
         "env": env,
@@ -490,6 +519,53 @@ def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api
                 "metadata": {"labels": labels},
                 "spec": _pod_spec(spec, container, volumes, worker_pool, group.gpus),
             },
+        },
+    }
+
+
+def build_model_initializer_job(run: RunRef, spec: api.MedMOTrainingSpec) -> dict:
+    """The Job that downloads a hub model into the run's storage before the first stage (Kubeflow
+    Trainer's model initializer). Its token, if any, comes by secretKeyRef and reaches no other pod.
+    Retryable failures (the hub or storage unreachable) are retried by the Job controller, with its
+    backoff, up to the run's backoffLimit; a model refused (401/403) or missing (404) fails it at once."""
+    model = spec.model
+    args = ["--model", model.base, "--to", base_model_uri(spec)]
+    if model.revision:
+        args += ["--revision", model.revision]
+    env = [
+        {"name": "MEDMO_TERMINATION_LOG", "value": "/dev/termination-log"},
+        *_storage_env(spec),
+        *_cache_env(),
+        *_hub_env(spec),
+    ]
+    if model.token_secret_ref is not None:
+        ref = model.token_secret_ref
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    volumes, mounts = _scratch_and_storage_volumes(spec)
+    container = {
+        "name": "initializer",
+        "image": spec.image,
+        "command": ["python", "-m", "medmo_trainer.fetch"],
+        "args": args,
+        "env": env,
+        "volumeMounts": mounts,
+        "securityContext": _container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    # Where the run's pods go (file:// storage is a directory on those nodes), without their GPUs.
+    pool = api.NodePool(node_selector=spec.node_pool.node_selector, tolerations=spec.node_pool.tolerations)
+    labels = {LABEL_RUN: run.name, LABEL_ROLE: MODEL_INITIALIZER}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(run, model_initializer_job_name(run), role=MODEL_INITIALIZER),
+        "spec": {
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": spec.run_policy.backoff_limit,
+            "podFailurePolicy": _pod_failure_policy("initializer"),
+            "suspend": spec.run_policy.suspend,
+            "template": {"metadata": {"labels": labels}, "spec": _pod_spec(spec, container, volumes, pool, 0, restartPolicy="Never")},
         },
     }
 

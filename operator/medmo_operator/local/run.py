@@ -141,6 +141,8 @@ class LocalRun:
         self.endpoints = render.OperatorEndpoints(f"http://{host}:{port}", self.token_key)
         if self.spec.storage.secret_ref:
             self._add_storage_secret()
+        if self.spec.model.token_secret_ref:
+            self._add_hub_token_secret()
         try:
             while not self._stop.is_set():
                 result = plan.plan(self.spec, status, self._observe(), datetime.now(UTC), generation=1)
@@ -191,7 +193,8 @@ class LocalRun:
             job_object, pod_objects = self._job_controller(job)
             jobs.append(job_object)
             pods += pod_objects
-        return plan.Observed(jobs=observe.latest_jobs(jobs, pods), progress=self.store.latest(NAMESPACE, self.name))
+        return plan.Observed(jobs=observe.latest_jobs(jobs, pods), progress=self.store.latest(NAMESPACE, self.name),
+                             initializer=observe.model_initializer_job(jobs, pods))
 
     def _job_controller(self, job: LocalJob) -> tuple[dict, list[dict]]:
         """A Job with the status its controller would give it, and its pods. One failed rank fails
@@ -269,6 +272,14 @@ class LocalRun:
                 "AWS_SECRET_ACCESS_KEY in the environment; set them"
             )
         self.objects.add({"kind": "Secret", "metadata": {"name": ref.name, "namespace": NAMESPACE}, "stringData": values})
+
+    def _add_hub_token_secret(self) -> None:
+        """Locally, the hub token Secret the spec names is made from this shell's HF_TOKEN."""
+        ref = self.spec.model.token_secret_ref
+        if not os.environ.get("HF_TOKEN"):
+            raise SystemExit(f"model.tokenSecretRef {ref.name!r}: locally the token comes from HF_TOKEN in the environment; set it")
+        self.objects.add({"kind": "Secret", "metadata": {"name": ref.name, "namespace": NAMESPACE},
+                          "stringData": {ref.key: os.environ["HF_TOKEN"]}})
 
     def _dns_records(self, pod: RunningPod) -> list[tuple[str, list[str]]]:
         running = [p for job in self.jobs.values() for p in job.pods] + [p for pods in self.deployments.values() for p in pods]

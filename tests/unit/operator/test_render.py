@@ -104,7 +104,7 @@ def test_each_stage_starts_from_the_previous_training_stages_export():
     spec = _spec()
     configs = [render.build_stage_config(RUN, spec, stage) for stage in spec.stages]
 
-    assert configs[0].model.base == "Qwen/Qwen3-VL-8B-Instruct"
+    assert configs[0].model.base == "s3://medmo-runs/medmo-8b/base_model"  # the model initializer's copy of the hub model
     assert configs[1].model.base == "s3://medmo-runs/medmo-8b/align/model"
     assert configs[4].model.base == "s3://medmo-runs/medmo-8b/grpo/model"
     assert configs[0].model.trainable == ["projector"]
