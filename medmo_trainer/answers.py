@@ -37,7 +37,12 @@ def normalize_text(text: object) -> str:
 _YES_NO = re.compile(r"\b(yes|no)\b")
 _LETTER_ALONE = re.compile(r"^\(?([a-z])\)?$")
 _LETTER_LEADING = re.compile(r"^\(?([A-Za-z])(?:\)|\.|:)(?:\s|$)|^\(([A-Za-z])\)")
-_LETTER_PHRASE = re.compile(r"\b(?:answer|option|choice)(?: is)?:?\s*\(?([A-Za-z])\)?(?:[\s.,)]|$)", re.IGNORECASE)
+# "The answer is (C)", "Answer: **B**", "option d)": an upper-case letter, or a lower-case one set off by
+# brackets or punctuation, so that "the answer is a nodule" is not read as option A.
+_LETTER_PHRASE = re.compile(
+    r"\b(?i:answer|option|choice)(?i:\s+is)?\s*:?\s*[*\"'`]*(?:\(([A-Za-z])\)|([A-Z])\b|([a-z])(?=[.,:)]|\s*$))"
+)
+_MARKUP = "*`_\"' "
 
 
 def _letter(index: int) -> str:
@@ -45,15 +50,19 @@ def _letter(index: int) -> str:
 
 
 def _option_letter(text: str, options: Sequence[str] | None) -> str | None:
-    """The option letter a free-text answer picks, or None when it picks none."""
-    stripped = text.strip()
+    """The option letter a free-text answer picks, or None when it picks none (with `options`, a letter
+    beyond the last option picks none)."""
+    stripped = text.strip().strip(_MARKUP)
     normalized = normalize_text(stripped)
+    letter = None
     if match := _LETTER_ALONE.match(stripped.lower().rstrip(".")):
-        return match.group(1)
-    if match := _LETTER_LEADING.match(stripped):
-        return (match.group(1) or match.group(2)).lower()
-    if match := _LETTER_PHRASE.search(stripped):
-        return match.group(1).lower()
+        letter = match.group(1)
+    elif match := _LETTER_LEADING.match(stripped):
+        letter = (match.group(1) or match.group(2)).lower()
+    elif match := _LETTER_PHRASE.search(stripped):
+        letter = next(g for g in match.groups() if g is not None).lower()
+    if letter is not None and (not options or ord(letter) - ord("a") < len(options)):
+        return letter
     if options:
         option_texts = [normalize_text(o) for o in options]
         if normalized in option_texts:
@@ -64,24 +73,25 @@ def _option_letter(text: str, options: Sequence[str] | None) -> str | None:
     return None
 
 
-def vqa_accuracy(prediction: str, reference: str, options: Sequence[str] | None = None) -> float | None:
-    """1.0 or 0.0 for a VQA answer; None when the prediction cannot be read.
-
-    Yes/no references compare the first yes/no word; multiple-choice references (a letter, or an
-    answer among `options`) compare option letters; anything else is a normalised exact match.
-    """
+def read_vqa_answer(text: str, reference: str, options: Sequence[str] | None = None) -> str | None:
+    """The answer `text` gives, read the way `reference` is to be compared: the first yes/no word for a
+    yes/no reference; the option letter (upper case) for a multiple-choice reference (a letter, or an
+    answer among `options`); else the normalised text. None when nothing can be read."""
     ref = normalize_text(reference)
-    pred = normalize_text(prediction)
     if ref in ("yes", "no"):
-        found = _YES_NO.search(pred)
-        return None if found is None else float(found.group(1) == ref)
-    reference_letter = _option_letter(reference, options) if (options or _LETTER_ALONE.match(ref)) else None
-    if reference_letter is not None:
-        predicted_letter = _option_letter(prediction, options)
-        return None if predicted_letter is None else float(predicted_letter == reference_letter)
-    if not pred:
-        return None
-    return float(pred == ref)
+        found = _YES_NO.search(normalize_text(text))
+        return None if found is None else found.group(1)
+    if (options or _LETTER_ALONE.match(ref)) and _option_letter(reference, options) is not None:
+        letter = _option_letter(text, options)
+        return None if letter is None else letter.upper()
+    return normalize_text(text) or None
+
+
+def vqa_accuracy(prediction: str, reference: str, options: Sequence[str] | None = None) -> float | None:
+    """1.0 or 0.0 for a VQA answer (compared as `read_vqa_answer` reads it); None when the prediction
+    cannot be read."""
+    predicted = read_vqa_answer(prediction, reference, options)
+    return None if predicted is None else float(predicted == read_vqa_answer(reference, reference, options))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -125,13 +125,16 @@ def _task_of(line: str) -> str | None:
 
 
 def validate(raw: RawRecord) -> Record:
-    """The validated record, its image reference made absolute; raises MalformedRecordError."""
+    """The validated record, its image references made absolute; raises MalformedRecordError."""
     data = raw.parse()
     try:
         record = Record.model_validate(data)
     except ValidationError as error:
         raise MalformedRecordError(_reason(error), str(error.errors()[0]["msg"])) from error
-    return record.model_copy(update={"image": resolve_image_ref(record.image, raw.base)})
+    return record.model_copy(update={
+        "image": None if record.image is None else resolve_image_ref(record.image, raw.base),
+        "images": [resolve_image_ref(image, raw.base) for image in record.images],
+    })
 
 
 def _reason(error: ValidationError) -> str:
@@ -173,6 +176,11 @@ def load_image(ref: str) -> Image.Image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         raise MalformedRecordError("badImage", f"{ref[:80]}: {error}") from error
+
+
+def load_images(record: Record) -> list[Image.Image]:
+    """The record's images in order (none for a text-only record); raises MalformedRecordError."""
+    return [load_image(ref) for ref in record.image_refs]
 
 
 def iter_records(uri: str, tasks: list[TaskType] | tuple[TaskType, ...] | None = None,

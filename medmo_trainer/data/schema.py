@@ -5,7 +5,9 @@ A dataset is a `.jsonl` file or a folder of `*.jsonl` shards; each line is one `
     {"id": "train-000012-vqa-1", "task": "vqa", "image": "images/train-000012.png",
      "prompt": "Is there a nodule?", "answer": "yes", "answerType": "closed", "options": ["yes", "no"]}
 
-`image` is one of
+A record shows the model one image (`image`), several (`images`, in the order the model sees them,
+all before the prompt) or none (a text-only question, as in MedQA; give neither field). An image
+reference is one of
 - a path relative to the folder of the shard that holds the record (`images/x.png`),
 - an absolute fsspec URI (`s3://bucket/images/x.png`, `file:///data/x.png`) or absolute local path,
 - an embedded image, `data:image/png;base64,<...>`.
@@ -13,7 +15,9 @@ A dataset is a `.jsonl` file or a folder of `*.jsonl` shards; each line is one `
 Per task:
 - `caption`: `answer` is the caption.
 - `vqa`: `answerType` is `closed` (then `options` lists the allowed answers and `answer` is one of
-  them) or `open` (free text).
+  them, e.g. yes/no), `open` (free text), or `choice`: a multiple-choice question as in PMC-VQA,
+  MMMU or MedXpertQA, whose `prompt` lists every one of `options` (`multiple_choice_prompt` writes
+  them lettered `A. ...`) and whose `answer` is the letter of the right one (`A` for the first).
 - `report`: `answer` is the report; `findings` lists its positive findings, for verifiable rewards.
 - `retrieval`: `options` are candidate captions; `answer` is the letter of the matching one (`A`, `B`...).
 - `grounding`: `boxes` holds the ground truth, XYXY on the 0-1000 grid; `answer` writes them as
@@ -57,16 +61,19 @@ class Record(BaseModel):
 
     id: Annotated[str, Field(min_length=1)]
     task: TaskType
-    image: Annotated[str, Field(min_length=1)]
-    """Relative path (to the shard's folder), absolute URI/path, or `data:image/...;base64,` URI."""
+    image: Annotated[str, Field(min_length=1)] | None = None
+    """The record's one image: a relative path (to the shard's folder), absolute URI/path, or
+    `data:image/...;base64,` URI. None (and `images` empty) for a text-only record."""
+    images: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    """The images of a record that shows several (references as for `image`), in the order shown."""
     prompt: Annotated[str, Field(min_length=1)]
     """The user's instruction or question (the image comes before it in the chat turn)."""
     answer: Annotated[str, Field(min_length=1)]
     """The target text the model learns to produce (loss is computed on it only)."""
-    answer_type: Literal["closed", "open"] | None = None
-    """For `vqa`: closed (answer among `options`) or open."""
+    answer_type: Literal["closed", "open", "choice"] | None = None
+    """For `vqa`: closed (answer among `options`), open, or choice (answer the letter of an option)."""
     options: list[str] = Field(default_factory=list)
-    """Allowed answers of closed VQA, or candidate captions of retrieval."""
+    """Allowed answers of closed VQA, choices of a multiple-choice question, or candidate captions of retrieval."""
     findings: list[str] = Field(default_factory=list)
     """Positive findings of a report, for label-accuracy rewards."""
     boxes: list[Box] = Field(default_factory=list)
@@ -74,23 +81,40 @@ class Record(BaseModel):
     meta: dict = Field(default_factory=dict)
     """Free-form provenance (generator parameters, source dataset ids)."""
 
+    @property
+    def image_refs(self) -> list[str]:
+        """The record's images in the order shown: `[image]`, `images`, or none for a text-only record."""
+        return [self.image] if self.image is not None else list(self.images)
+
     @model_validator(mode="after")
     def _check_task_fields(self) -> Record:
+        if self.image is not None and self.images:
+            raise ValueError("give either `image` (one) or `images` (several), not both")
         if self.task == "vqa":
             if self.answer_type is None:
-                raise ValueError("vqa record needs answerType 'closed' or 'open'")
+                raise ValueError("vqa record needs answerType 'closed', 'open' or 'choice'")
             if self.answer_type == "closed" and self.answer not in self.options:
                 raise ValueError(f"closed vqa answer {self.answer!r} is not among options {self.options}")
+            if self.answer_type == "choice":
+                _check_letter_answer("multiple-choice", self.answer, self.options)
+                unlisted = [option for option in self.options if option not in self.prompt]
+                if unlisted:
+                    raise ValueError(f"multiple-choice prompt does not list the options {unlisted}")
         if self.task == "retrieval":
-            letters = OPTION_LETTERS[: len(self.options)]
-            if len(self.options) < 2 or self.answer not in letters:
-                raise ValueError(f"retrieval answer {self.answer!r} must be one of the option letters {list(letters)}")
+            _check_letter_answer("retrieval", self.answer, self.options)
         if self.task == "grounding":
             if not self.boxes:
                 raise ValueError("grounding record needs at least one entry in boxes")
             if parse_grounding(self.answer) != {(b.label, b.box) for b in self.boxes}:
                 raise ValueError("grounding answer does not write exactly the record's boxes")
         return self
+
+
+def _check_letter_answer(kind: str, answer: str, options: list[str]) -> None:
+    letters = OPTION_LETTERS[: len(options)]
+    if len(options) < 2 or answer not in letters:
+        raise ValueError(f"{kind} answer {answer!r} must be one of the option letters {list(letters)} "
+                         f"(at least 2 options)")
 
 
 def format_grounding(boxes: list[Box]) -> str:
@@ -106,7 +130,7 @@ def parse_grounding(text: str) -> set[tuple[str, tuple[float, float, float, floa
     return {(group.label, box) for group in parse_boxes(text).groups for box in group.boxes}
 
 
-def retrieval_prompt(question: str, options: list[str]) -> str:
-    """The retrieval prompt: the question, then one lettered option per line."""
+def multiple_choice_prompt(question: str, options: list[str]) -> str:
+    """A multiple-choice (or retrieval) prompt: the question, then one lettered option per line."""
     lines = [question] + [f"{OPTION_LETTERS[i]}. {option}" for i, option in enumerate(options)]
     return "\n".join(lines)

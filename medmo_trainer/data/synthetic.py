@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from medmo_trainer.boxes import GRID
-from medmo_trainer.data.schema import Box, Record, format_grounding, retrieval_prompt
+from medmo_trainer.data.schema import Box, Record, format_grounding, multiple_choice_prompt
 from medmo_trainer.fsio import join, url_to_fs
 
 LOCATIONS = ("upper left", "upper right", "lower left", "lower right")
@@ -213,7 +213,7 @@ def _retrieval(scene: Scene, scan_id: str, rng: np.random.Generator, common: dic
     options = [options[i] for i in order]
     answer = "ABCD"[int(np.flatnonzero(order == 0)[0])]
     return Record(
-        id=f"{scan_id}-retrieval", task="retrieval", prompt=retrieval_prompt(RETRIEVAL_QUESTION, options),
+        id=f"{scan_id}-retrieval", task="retrieval", prompt=multiple_choice_prompt(RETRIEVAL_QUESTION, options),
         answer=answer, options=options, **common,
     )
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
-from medmo_trainer.data.records import MalformedRecordError, load_image
+from medmo_trainer.data.records import MalformedRecordError, load_images
 from medmo_trainer.data.schema import Record
 from medmo_trainer.model.processor import VLProcessor
 from medmo_trainer.model.tokenizer import IM_END
@@ -36,14 +36,17 @@ class EncodedSample:
     """(seq,) IGNORE_INDEX except on the answer tokens (and the end-of-turn token after them)."""
     position_ids: torch.Tensor
     """(4, seq): text positions, then multimodal RoPE time/height/width positions."""
-    pixel_values: torch.Tensor
-    image_grid_thw: torch.Tensor
+    pixel_values: torch.Tensor | None
+    """Patches of the record's images; None for a text-only record."""
+    image_grid_thw: torch.Tensor | None
+    """(images, 3); None for a text-only record."""
     truncated: bool
 
 
 def prompt_messages(record: Record) -> list[dict]:
-    """The chat turn asking the record's question about its image."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record.prompt}]}]
+    """The chat turn asking the record's question: its images in order (none for a text-only record), then the text."""
+    images = [{"type": "image"} for _ in record.image_refs]
+    return [{"role": "user", "content": [*images, {"type": "text", "text": record.prompt}]}]
 
 
 def rope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
@@ -72,11 +75,13 @@ def rope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor
     return torch.cat(positions, dim=1)
 
 
-def encode_sample(processor: VLProcessor, record: Record, image: Image.Image, *, image_size: int,
+def encode_sample(processor: VLProcessor, record: Record, images: list[Image.Image], *, image_size: int,
                   max_seq_length: int) -> EncodedSample:
-    """Tokenises a record for training; answers longer than the budget are cut (`truncated`), a prompt
-    that alone fills `max_seq_length` raises MalformedRecordError('tooLong')."""
-    vision = processor.encode_images([image], image_size)
+    """Tokenises a record with its images (none for a text-only record) for training; answers longer
+    than the budget are cut (`truncated`), a prompt that alone fills `max_seq_length` raises
+    MalformedRecordError('tooLong')."""
+    vision = processor.encode_images(images, image_size) if images else {"pixel_values": None,
+                                                                         "image_grid_thw": torch.empty(0, 3)}
     prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
     prompt = processor.expand_image_tokens(prompt, vision["image_grid_thw"])
     tokenizer = processor.tokenizer
@@ -93,7 +98,16 @@ def encode_sample(processor: VLProcessor, record: Record, image: Image.Image, *,
     mrope = rope_positions(mm_types, vision["image_grid_thw"], processor.image_processor.merge_size)
     text = torch.arange(len(input_ids)).unsqueeze(0)
     return EncodedSample(input_ids, labels, torch.cat([text, mrope]), vision["pixel_values"],
-                         vision["image_grid_thw"], truncated)
+                         vision["image_grid_thw"] if images else None, truncated)
+
+
+def _vision_inputs(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
+    """`pixel_values` and `image_grid_thw` of the samples' images, in order; none for a text-only batch."""
+    with_images = [s for s in samples if s.pixel_values is not None]
+    if not with_images:
+        return {}
+    return {"pixel_values": torch.cat([s.pixel_values for s in with_images]),
+            "image_grid_thw": torch.cat([s.image_grid_thw for s in with_images])}
 
 
 def pack(samples: list[EncodedSample], image_token_id: int) -> dict[str, torch.Tensor]:
@@ -104,8 +118,7 @@ def pack(samples: list[EncodedSample], image_token_id: int) -> dict[str, torch.T
         "labels": torch.cat([s.labels for s in samples]).unsqueeze(0),
         "position_ids": torch.cat([s.position_ids for s in samples], dim=1).unsqueeze(1),
         "mm_token_type_ids": (input_ids == image_token_id).long(),
-        "pixel_values": torch.cat([s.pixel_values for s in samples]),
-        "image_grid_thw": torch.cat([s.image_grid_thw for s in samples]),
+        **_vision_inputs(samples),
     }
 
 
@@ -122,8 +135,7 @@ def pad(samples: list[EncodedSample], image_token_id: int, pad_token_id: int) ->
         "attention_mask": torch.stack([padded(torch.ones_like(s.input_ids), 0) for s in samples]),
         "labels": torch.stack([padded(s.labels, IGNORE_INDEX) for s in samples]),
         "mm_token_type_ids": (input_ids == image_token_id).long(),
-        "pixel_values": torch.cat([s.pixel_values for s in samples]),
-        "image_grid_thw": torch.cat([s.image_grid_thw for s in samples]),
+        **_vision_inputs(samples),
     }
 
 
@@ -140,7 +152,7 @@ class PromptInputs:
     record: Record
     messages: list[dict]
     text: str
-    image: Image.Image
+    images: list[Image.Image]
     inputs: BatchFeature
     """input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw (batch of one)."""
 
@@ -150,8 +162,8 @@ class PromptInputs:
 
 
 def build_prompt(processor: VLProcessor, record: Record, *, image_size: int = 768) -> PromptInputs:
-    """The generation prompt of a record (its image loaded and resized to the pixel budget)."""
+    """The generation prompt of a record (its images loaded and resized to the pixel budget)."""
     messages = prompt_messages(record)
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    image = load_image(record.image)
-    return PromptInputs(record, messages, text, image, processor([text], [image], image_size=image_size))
+    images = load_images(record)
+    return PromptInputs(record, messages, text, images, processor([text], images, image_size=image_size))

@@ -39,7 +39,7 @@ from medmo_trainer.data.records import (
     DatasetUnavailableError,
     MalformedRecordError,
     RawRecord,
-    load_image,
+    load_images,
     read_raw_records,
     validate,
 )
@@ -194,8 +194,7 @@ class BatchSource(Dataset):
 
     def _encode(self, raw: RawRecord) -> tuple[EncodedSample, str]:
         record = validate(raw)
-        image = load_image(record.image)
-        sample = encode_sample(self.processor, record, image, image_size=self.hp.image_size,
+        sample = encode_sample(self.processor, record, load_images(record), image_size=self.hp.image_size,
                                max_seq_length=self.hp.max_seq_length)
         return sample, record.id
 
@@ -207,7 +206,8 @@ def _as_is(item: PreparedBatch) -> PreparedBatch:
 class TrainLoader:
     """Infinite iterator of ready batches for `model(**batch)` (see the module docstring).
 
-    Each batch holds `input_ids`, `labels`, `mm_token_type_ids`, `pixel_values`, `image_grid_thw`, and
+    Each batch holds `input_ids`, `labels`, `mm_token_type_ids`, `pixel_values` and `image_grid_thw` (of
+    all images of its records, in order; absent when every record is text-only), and
     either `position_ids` (packed: one row, no attention mask) or `attention_mask` (padded rows).
     `load_state_dict` may be called at any time: the next batch is then the one after the saved position.
     """

@@ -23,7 +23,7 @@ class Prompt(ConfigModel):
 
     id: str | None = None
     record: dict[str, Any] | None = None
-    """A record of the data schema (camelCase); its `image` must be absolute or a data URI."""
+    """A record of the data schema (camelCase); its `image` or `images` must be absolute or data URIs."""
     messages: list[dict[str, Any]] | None = None
     """Chat turns; an image is a content part `{"type": "image"}`."""
     images: list[str] = []
@@ -33,15 +33,20 @@ class Prompt(ConfigModel):
     def _one_source(self) -> Prompt:
         if (self.record is None) == (self.messages is None):
             raise ValueError("give exactly one of `record` or `messages`")
-        if self.record is not None and not {"prompt", "image"} <= self.record.keys():
-            raise ValueError("a prompt `record` needs `prompt` and `image`")
+        if self.record is not None and "prompt" not in self.record:
+            raise ValueError("a prompt `record` needs `prompt`")
         return self
 
     def chat(self) -> tuple[list[dict[str, Any]], list[str]]:
         """(messages, image references) of this prompt."""
         if self.messages is not None:
             return self.messages, list(self.images)
-        return record_messages(self.record), [self.record["image"]]
+        return record_messages(self.record), record_images(self.record)
+
+
+def record_images(record: dict[str, Any]) -> list[str]:
+    """The image references of a wire record, in order: `image`, else `images` (none: text-only)."""
+    return [record["image"]] if record.get("image") else list(record.get("images", []))
 
 
 def portable_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -49,24 +54,32 @@ def portable_record(record: dict[str, Any]) -> dict[str, Any]:
     path or `file://`, such as synthetic data generated on the learner's own cache volume) goes
     inline as a data URI; object-store and data URIs stay references. A file that cannot be read is
     left as it is, so the worker reports it like any other unreadable image."""
-    image = record["image"]
+    portable = dict(record)
+    if record.get("image"):
+        portable["image"] = _portable_image(record["image"])
+    if record.get("images"):
+        portable["images"] = [_portable_image(image) for image in record["images"]]
+    return portable
+
+
+def _portable_image(image: str) -> str:
     if not image.startswith(("/", "file://")):
-        return record
+        return image
     try:
         fs, path = url_to_fs(image)
         data = fs.cat_file(path)
     except OSError:
-        return record
+        return image
     mime = mimetypes.guess_type(path)[0] or "image/png"
-    return {**record, "image": f"data:{mime};base64,{base64.b64encode(data).decode()}"}
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def record_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     """The user turn of a record, laid out exactly as the SFT stages train on it."""
     from medmo_trainer.inputs.encode import prompt_messages
 
-    # prompt_messages reads only the prompt text; a wire record need not carry a full, valid Record.
-    return prompt_messages(SimpleNamespace(prompt=record["prompt"]))
+    # prompt_messages reads only the prompt text and the images; a wire record need not carry a full, valid Record.
+    return prompt_messages(SimpleNamespace(prompt=record["prompt"], image_refs=record_images(record)))
 
 
 def load_image(reference: str) -> Image.Image:

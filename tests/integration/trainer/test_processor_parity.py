@@ -66,7 +66,7 @@ def test_the_stock_processor_of_an_export_gives_the_inputs_the_stage_trained_on(
     trained_with = load_model("preset:tiny-qwen3-vl").processor  # the stage's base model's processor
 
     for record, image in _cases(data_dir):
-        sample = encode_sample(trained_with, record, image, image_size=IMAGE_SIZE, max_seq_length=512)
+        sample = encode_sample(trained_with, record, [image], image_size=IMAGE_SIZE, max_seq_length=512)
         served = _stock_inputs(stock, image, record.prompt)
 
         prompt_length = int((sample.labels == IGNORE_INDEX).sum())

@@ -1,0 +1,93 @@
+"""Records with no image (MedQA-style questions) and with several images train and generate like any other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from medmo_trainer.config import DatasetSpec, Hyperparameters
+from medmo_trainer.data import iter_records
+from medmo_trainer.data.schema import multiple_choice_prompt
+from medmo_trainer.inputs import IGNORE_INDEX, build_prompt, build_train_loader
+
+OPTIONS = ["Aspirin", "Heparin", "Warfarin", "Alteplase", "Clopidogrel"]
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(tmp_path_factory) -> str:
+    """A text-only multiple-choice question, a two-image comparison and a one-image question."""
+    folder = tmp_path_factory.mktemp("mixed")
+    (folder / "images").mkdir()
+    for name, shade in (("prior", 40), ("current", 200)):
+        Image.new("RGB", (64, 48), (shade, shade, shade)).save(folder / "images" / f"{name}.png")
+    records = [
+        {"id": "medqa-1", "task": "vqa", "answerType": "choice", "options": OPTIONS, "answer": "D",
+         "prompt": multiple_choice_prompt("Which drug dissolves a fresh clot in acute ischaemic stroke?", OPTIONS)},
+        {"id": "compare-1", "task": "vqa", "answerType": "closed", "options": ["yes", "no"], "answer": "yes",
+         "images": ["images/prior.png", "images/current.png"],
+         "prompt": "The first image is the prior study. Is the opacity larger now?"},
+        {"id": "single-1", "task": "caption", "image": "images/current.png", "prompt": "Describe the scan.",
+         "answer": "A uniformly bright scan."},
+    ]
+    (folder / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(folder)
+
+
+def _first_batch(uri, processor, packing: bool):
+    hp = Hyperparameters(per_device_batch_size=3, image_size=64, max_seq_length=512, packing=packing)
+    loader = build_train_loader([DatasetSpec(name="mixed", uri=uri)], processor, hp, rank=0, world_size=1, seed=0)
+    return loader.next_batch(), loader.last_record_ids
+
+
+def test_a_batch_of_text_only_multi_image_and_single_image_records_trains(mixed_dataset, tiny_qwen3):
+    processor, model = tiny_qwen3.processor, tiny_qwen3.model
+    packed, ids = _first_batch(mixed_dataset, processor, packing=True)
+    padded, padded_ids = _first_batch(mixed_dataset, processor, packing=False)
+    assert sorted(ids) == sorted(padded_ids) == ["compare-1", "medqa-1", "single-1"]
+
+    # three images in all (two of the comparison, one of the caption), each with its own placeholders
+    assert packed["image_grid_thw"].shape == (3, 3)
+    image_tokens = sum(processor.image_token_count(grid) for grid in packed["image_grid_thw"])
+    assert int((packed["input_ids"] == processor.image_token_id).sum()) == image_tokens
+    answers = {r.id: r.answer for r in iter_records(mixed_dataset)}
+    supervised = packed["labels"][packed["labels"] != IGNORE_INDEX]
+    assert processor.tokenizer.decode(supervised) == "".join(answers[i] + "<|im_end|>" for i in ids)
+
+    # The packed row carries the project's own multimodal positions; the padded rows get the model's.
+    # Equal losses mean both agree on where each image and the text around it sit.
+    with torch.no_grad():
+        packed_loss = model(**packed).loss
+        padded_loss = model(**padded).loss
+    assert torch.isfinite(packed_loss)
+    assert packed_loss.item() == pytest.approx(padded_loss.item(), rel=1e-4)
+
+
+def test_a_batch_of_text_only_records_has_no_image_inputs_and_a_gradient(tmp_path, tiny_qwen3):
+    lines = [{"id": f"q{i}", "task": "vqa", "answerType": "choice", "options": OPTIONS, "answer": "ABCDE"[i],
+              "prompt": multiple_choice_prompt(f"Question {i}?", OPTIONS)} for i in range(2)]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    batch, _ = _first_batch(str(tmp_path), tiny_qwen3.processor, packing=True)
+    assert "pixel_values" not in batch and "image_grid_thw" not in batch
+    model = tiny_qwen3.model
+    loss = model(**batch).loss
+    loss.backward()
+    embeddings = model.get_input_embeddings().weight
+    assert torch.isfinite(loss) and embeddings.grad is not None and embeddings.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_generation_prompts_show_every_image_of_a_record_or_none(mixed_dataset, tiny_qwen3):
+    processor = tiny_qwen3.processor
+    records = {r.id: r for r in iter_records(mixed_dataset)}
+    text_only = build_prompt(processor, records["medqa-1"], image_size=64)
+    assert "pixel_values" not in text_only.inputs and "<|image_pad|>" not in text_only.text
+    assert "D. Alteplase" in text_only.text
+    two = build_prompt(processor, records["compare-1"], image_size=64)
+    assert two.text.count("<|vision_start|>") == 2 and len(two.images) == 2
+    # the prior study (dark) comes first, as the record lists it
+    assert two.images[0].getpixel((0, 0))[0] < two.images[1].getpixel((0, 0))[0]
+    out = tiny_qwen3.model.generate(**two.inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > two.inputs["input_ids"].shape[1]
