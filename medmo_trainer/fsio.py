@@ -4,6 +4,10 @@ S3 credentials come from the standard `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_K
 botocore). The endpoint of an S3-compatible server (SeaweedFS, MinIO) comes from, in order,
 `MEDMO_S3_ENDPOINT`, `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL` or `FSSPEC_S3_ENDPOINT_URL`; the region
 from `AWS_REGION` / `AWS_DEFAULT_REGION`.
+
+Every S3 request is retried on connection errors, timeouts, throttling and 5xx answers with
+exponential backoff and jitter (botocore's standard retry mode, `S3_MAX_ATTEMPTS` attempts), so a
+storage outage of a minute or so stalls a checkpoint save instead of failing the stage.
 """
 
 from __future__ import annotations
@@ -18,11 +22,16 @@ if TYPE_CHECKING:
     from medmo_trainer.config import StorageConfig
 
 ENDPOINT_ENV_VARS = ("MEDMO_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL")
+S3_MAX_ATTEMPTS = 15
+"""Attempts of one S3 request. Waits grow as 1, 2, 4 ... s up to 20 s (each drawn at random up to
+that bound), about 100 s in all on average: botocore's default (3 attempts, under 2 s) fails a
+save on a blip of a few seconds."""
 
 
 def s3_options() -> dict:
-    """s3fs keyword arguments built from the environment (endpoint and region only; keys stay with botocore)."""
-    options: dict = {}
+    """s3fs keyword arguments built from the environment (endpoint and region; keys stay with
+    botocore), with retries of every request (`S3_MAX_ATTEMPTS`)."""
+    options: dict = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS}}}
     endpoint = next((os.environ[name] for name in ENDPOINT_ENV_VARS if os.environ.get(name)), None)
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     client_kwargs = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from medmo_trainer.config import ModelSource
-from medmo_trainer.fsio import s3_options
+from medmo_trainer.fsio import S3_MAX_ATTEMPTS, s3_options
 from medmo_trainer.model import ModelUnavailableError, load_model
 
 
@@ -13,10 +13,11 @@ def test_s3_endpoint_and_region_come_from_the_environment(monkeypatch):
     for name in ("MEDMO_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL",
                  "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
-    assert s3_options() == {}
+    retries = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS}}}
+    assert s3_options() == retries
     monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
-    assert s3_options() == {"endpoint_url": "http://127.0.0.1:1", "client_kwargs": {"region_name": "eu-west-3"}}
+    assert s3_options() == {**retries, "endpoint_url": "http://127.0.0.1:1", "client_kwargs": {"region_name": "eu-west-3"}}
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:2")
     monkeypatch.setenv("MEDMO_S3_ENDPOINT", "http://127.0.0.1:3")  # the project's own variable wins
     assert s3_options()["endpoint_url"] == "http://127.0.0.1:3"
