@@ -23,6 +23,9 @@ TaskType = Literal["caption", "vqa", "report", "retrieval", "grounding"]
 
 StageType = Literal["pretrain", "sft", "rl", "eval"]
 StrategyName = Literal["ddp", "fsdp", "deepspeed"]
+RolloutBackendName = Literal["transformers", "vllm"]
+"""How rollout workers generate: `transformers` (`model.generate`, any image) or `vllm` (a vLLM engine,
+the image built from images/rollout-vllm/)."""
 
 ALL_TASKS: tuple[TaskType, ...] = ("caption", "vqa", "report", "retrieval", "grounding")
 ALL_MODULE_GROUPS: tuple[ModuleGroup, ...] = ("vision", "projector", "language")
@@ -265,6 +268,8 @@ class RLStageConfig(ConfigModel):
     """Base URLs of rollout workers (each replica, or one Service)."""
     reward_urls: list[str] = Field(default_factory=list)
     """Base URLs of reward-scoring workers."""
+    rollout_backend: RolloutBackendName = "transformers"
+    """The rollout workers' backend (they read it from this config)."""
     request_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0
     """A worker that takes longer is abandoned and the request retried on another replica."""
     worker_startup_timeout_seconds: Annotated[float, Field(gt=0)] = 900.0

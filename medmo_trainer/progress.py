@@ -40,6 +40,12 @@ LEARNING_RATE = "learningRate"
 GRAD_NORM = "gradNorm"
 TOKENS_PER_SECOND = "tokensPerSecond"
 SAMPLES_PER_SECOND = "samplesPerSecond"
+MFU = "mfu"
+"""Model FLOPs utilisation, 0-1 (`medmo_trainer.flops`); reported on GPUs whose peak is known, in bf16."""
+TFLOPS_PER_DEVICE = "tflopsPerDevice"
+"""Model TFLOPs per second of one device, averaged over the ranks (`medmo_trainer.flops`)."""
+PEAK_GPU_MEMORY_GIB = "peakGpuMemoryGib"
+"""Most GPU memory rank 0 held during the step (torch's allocator), in GiB; absent on CPU."""
 REWARD_PREFIX = "reward/"
 """RL reward components, `reward/<component>` and `reward/total`."""
 
@@ -79,8 +85,8 @@ class Progress(BaseModel):
     timestamp: float = 0.0
     """Unix seconds when the report was sent (set by `ProgressReporter.report`)."""
     metrics: dict[str, float] = Field(default_factory=dict)
-    """Latest measurements: loss, learningRate, gradNorm, tokensPerSecond, samplesPerSecond,
-    reward/<component>, eval scores ...; folded into `status.stages[].metrics`."""
+    """Latest measurements: loss, learningRate, gradNorm, tokensPerSecond, samplesPerSecond, mfu,
+    tflopsPerDevice, peakGpuMemoryGib, reward/<component>, eval scores ...; folded into `status.stages[].metrics`."""
     counters: dict[str, int] = Field(default_factory=dict)
     """Running totals: recordsRead, skippedRecords, skipped/<reason>, eval sample counts ...;
     folded into `status.stages[].counters`."""

@@ -92,6 +92,11 @@ class TrainingStrategy(ABC):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on rank 0 (on CPU, names of the unwrapped model); {} elsewhere."""
 
+    @abstractmethod
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights that train, whole, on rank 0 (on CPU, names of the unwrapped model); {} elsewhere.
+        A collective: what the RL learner publishes each step, without gathering the frozen rest."""
+
     @property
     @abstractmethod
     def unwrapped_model(self) -> torch.nn.Module:
@@ -168,7 +173,13 @@ class _DistributedCheckpointStrategy(TrainingStrategy):
         self.scheduler.load_state_dict(state["scheduler"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return self._gathered_state(ignore_frozen_params=False)
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._gathered_state(ignore_frozen_params=True)
+
+    def _gathered_state(self, ignore_frozen_params: bool) -> dict[str, torch.Tensor]:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=ignore_frozen_params)
         state = get_model_state_dict(self._module, options=options)
         return state if self.context.is_main else {}
 
@@ -333,6 +344,18 @@ class DeepSpeedStrategy(TrainingStrategy):
         if not self.context.is_main:
             return {}
         return {name: tensor.detach().cpu() for name, tensor in state.items()}
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        trained = [(name, p) for name, p in self.engine.module.named_parameters() if p.requires_grad]
+        # ZeRO-3 partitions every parameter: gather the trained ones only (a collective); at 1 and 2 they are whole.
+        gather = (deepspeed.zero.GatheredParameters([p for _, p in trained])
+                  if self.config.strategy.zero_stage == 3 else contextlib.nullcontext())
+        with gather:
+            if not self.context.is_main:
+                return {}
+            return {name: p.detach().cpu().clone() for name, p in trained}
 
 
 STRATEGIES: dict[str, type[TrainingStrategy]] = {

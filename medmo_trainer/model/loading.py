@@ -61,7 +61,19 @@ def load_model(source: ModelSource | str, *, dtype: torch.dtype | None = None, s
         except (OSError, ValueError) as error:
             raise ModelUnavailableError(f"cannot load model {base!r}: {error}") from error
     disable_forward_cache(loaded.model)
+    use_fastest_attention(loaded.model)
     return loaded
+
+
+def use_fastest_attention(model: PreTrainedModel) -> None:
+    """FlashAttention-2 where it can run (a GPU, the `flash_attn` package installed), else PyTorch's SDPA
+    (transformers' default, which picks its own flash or memory-efficient kernel on GPU).
+
+    Both take packed rows: flash attention reads the samples' bounds from the restarting position ids."""
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        model.set_attn_implementation("flash_attention_2")
 
 
 def disable_forward_cache(model: PreTrainedModel) -> None:

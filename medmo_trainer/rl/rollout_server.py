@@ -4,8 +4,8 @@
         [--token-file F] [--storage-uri URI] [--host 0.0.0.0] [--backend transformers] [--seed 0]
         [--max-request-bytes N] [--threads N]
 
-`--config` takes the model source, the seed and the run's storage from an rl stage's config
-(what the operator mounts). Requests need the run's token (`--token-file`, default
+`--config` takes the model source, the seed, the run's storage and the backend (`rl.rolloutBackend`)
+from an rl stage's config (what the operator mounts). Requests need the run's token (`--token-file`, default
 `$MEDMO_PROGRESS_TOKEN_FILE`; see `medmo_trainer.rl.http`), and weights are read only from under
 the run's storage (`--storage-uri`, default the config's `storage.uri`; without either, only pushed
 weights are taken): a worker never reads what its run did not write. `<source>` is anything
@@ -20,13 +20,18 @@ POST /v1/generate  {"prompts": [{"id": "p0", "record": {...}} | {"messages": [..
   -> 200 {"policyVersion": 3, "results": [{"id": "p0", "completions": [
               {"tokenIds": [...], "logprobs": [...], "text": "...", "truncated": false}, ...]},
               {"id": "p1", "completions": [], "error": "cannot read image ..."}],
-          "generatedTokens": 812, "seconds": 1.9}
+          "generatedTokens": 812, "seconds": 1.9, "tokensPerSecond": 427.4}
 POST /v1/weights   {"version": 4, "uri": "s3://bucket/run/grpo/policy/v4.safetensors"}      (from storage)
                    or the safetensors bytes with Content-Type application/octet-stream and
                    header X-Policy-Version: 4                                                (pushed)
   -> 200 {"policyVersion": 4}; 409 when the version is older than the one held; 403 for a URI outside
      the run's storage
-GET  /v1/policy    -> {"policyVersion": 3, "model": "<source>"}
+GET  /v1/policy    -> {"policyVersion": 3, "model": "<source>", "backend": "transformers",
+                       "weightFetches": 3, "weightBytesFetched": 123456,        (policy files read from storage)
+                       "generatedTokens": 9000, "generationSeconds": 20.5}     (since the worker started)
+
+A worker reads each policy version from storage once: requests naming the version it holds load
+nothing, and concurrent requests naming a new one wait for one read.
 GET  /healthz, GET /readyz (503 until the model is loaded).
 """
 
@@ -45,11 +50,11 @@ from aiohttp import web
 from pydantic import Field
 from safetensors.torch import load as load_safetensors
 
-from medmo_trainer.config import ConfigModel, load_stage_config
+from medmo_trainer.config import ConfigModel, RLAlgorithm, load_stage_config
 from medmo_trainer.fsio import export_storage_environment
 from medmo_trainer.rl.http import READY, new_app, parse_body, read_run_token, serve
 from medmo_trainer.rl.prompts import Prompt
-from medmo_trainer.rl.rollout import BACKENDS, RolloutBackend, SamplingParams, read_weights
+from medmo_trainer.rl.rollout import BACKENDS, RolloutBackend, SamplingParams, read_weight_bytes
 from medmo_trainer.webapi import json_error
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,9 @@ MODEL_SOURCE = web.AppKey("model_source", str)
 LOADER = web.AppKey("loader", asyncio.Task)
 WEIGHTS_LOCK = web.AppKey("weights_lock", asyncio.Lock)
 STORAGE = web.AppKey("storage", str)
+BACKEND_NAME = web.AppKey("backend_name", str)
+TOTALS = web.AppKey("totals", dict)
+"""Running totals /v1/policy reports: weightFetches, weightBytesFetched, generatedTokens, generationSeconds."""
 """The run's storage URI: the only place weights are read from ("" when none was given)."""
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024 * 1024
 """Pushed weights of a whole small model fit; larger policies are sent by URI."""
@@ -121,8 +129,8 @@ async def handle_generate(request: web.Request) -> web.Response:
     if body.policy is not None and body.policy.uri != backend.policy_uri:
         async with request.app[WEIGHTS_LOCK]:
             if body.policy.uri != backend.policy_uri:  # another request may have loaded it meanwhile
-                failure = await _load_weights(backend, body.policy.version, lambda: read_weights(body.policy.uri),
-                                              body.policy.uri)
+                failure = await _load_weights(backend, body.policy.version,
+                                              _storage_reader(request.app, body.policy.uri), body.policy.uri)
                 if failure is not None:
                     return failure
     started = time.monotonic()
@@ -135,18 +143,34 @@ async def handle_generate(request: web.Request) -> web.Response:
         results.append(result)
     generated_tokens = sum(len(c.token_ids) for group in groups for c in group.completions)
     seconds = time.monotonic() - started
+    totals = request.app[TOTALS]
+    totals["generatedTokens"] += generated_tokens
+    totals["generationSeconds"] += seconds
     # One line per request (the access log is off: probes would drown it), so `kubectl logs` shows the traffic.
-    log.info("generate: %d prompts -> %d completions, %d tokens, policy version %d, %.1fs (from %s)",
+    log.info("generate: %d prompts -> %d completions, %d tokens (%.1f tokens/s), policy version %d, %.1fs (from %s)",
              len(body.prompts), sum(len(group.completions) for group in groups), generated_tokens,
-             backend.policy_version, seconds, request.remote)
+             generated_tokens / max(seconds, 1e-9), backend.policy_version, seconds, request.remote)
     return web.json_response(
         {
             "policyVersion": backend.policy_version,
             "results": results,
             "generatedTokens": generated_tokens,
             "seconds": seconds,
+            "tokensPerSecond": generated_tokens / max(seconds, 1e-9),
         }
     )
+
+
+def _storage_reader(app: web.Application, uri: str):
+    """Reads a policy file from storage, counted in the worker's totals."""
+
+    def read() -> dict[str, torch.Tensor]:
+        payload = read_weight_bytes(uri)
+        app[TOTALS]["weightFetches"] += 1
+        app[TOTALS]["weightBytesFetched"] += len(payload)
+        return load_safetensors(payload)
+
+    return read
 
 
 async def _load_weights(backend: RolloutBackend, version: int, read, uri: str | None) -> web.Response | None:
@@ -175,7 +199,7 @@ async def handle_weights(request: web.Request) -> web.Response:
         version, uri = body.version, body.uri
         if refusal := outside_storage(uri, request.app[STORAGE]):
             return json_error(403, refusal)
-        read = lambda: read_weights(uri)  # noqa: E731
+        read = _storage_reader(request.app, uri)
     if version < backend.policy_version:
         return json_error(409, f"policy version {version} is older than the held version {backend.policy_version}")
     async with request.app[WEIGHTS_LOCK]:
@@ -185,17 +209,21 @@ async def handle_weights(request: web.Request) -> web.Response:
 
 async def handle_policy(request: web.Request) -> web.Response:
     backend = _backend(request)
-    return web.json_response({"policyVersion": backend.policy_version, "model": request.app[MODEL_SOURCE]})
+    return web.json_response({"policyVersion": backend.policy_version, "model": request.app[MODEL_SOURCE],
+                              "backend": request.app[BACKEND_NAME], **request.app[TOTALS]})
 
 
 def build_app(model_source: str, token: str, storage: str = "", backend_name: str = "transformers", seed: int = 0,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> web.Application:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, algorithm: RLAlgorithm | None = None
+              ) -> web.Application:
     if backend_name not in BACKENDS:
         raise SystemExit(f"unknown rollout backend {backend_name!r}; available: {sorted(BACKENDS)}")
     app = new_app(token, max_request_bytes)
     app[STORAGE] = storage
     app[BACKEND] = []
     app[MODEL_SOURCE] = model_source
+    app[BACKEND_NAME] = backend_name
+    app[TOTALS] = {"weightFetches": 0, "weightBytesFetched": 0, "generatedTokens": 0, "generationSeconds": 0.0}
     app[WEIGHTS_LOCK] = asyncio.Lock()
     app.router.add_post("/v1/generate", handle_generate)
     app.router.add_post("/v1/weights", handle_weights)
@@ -207,7 +235,7 @@ def build_app(model_source: str, token: str, storage: str = "", backend_name: st
 
         async def load() -> None:
             try:
-                app[BACKEND].append(await asyncio.to_thread(BACKENDS[backend_name], model_source, seed))
+                app[BACKEND].append(await asyncio.to_thread(BACKENDS[backend_name], model_source, seed, algorithm))
                 app[READY].update(ready=True, reason="")
             except Exception as error:  # the reason shows in /readyz; the pod's probe keeps it out of service
                 log.exception("cannot load model %s", model_source)
@@ -228,18 +256,21 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: the config's storage.uri)")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--backend", default="transformers", choices=sorted(BACKENDS))
+    parser.add_argument("--backend", choices=sorted(BACKENDS),
+                        help="rollout backend (default: the config's rl.rolloutBackend, else transformers)")
     parser.add_argument("--seed", type=int, default=None, help="seed of a preset's random weights (default 0)")
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    model, seed, storage = args.model, args.seed, args.storage_uri
+    model, seed, storage, backend, algorithm = args.model, args.seed, args.storage_uri, args.backend, None
     if args.config:
         config = load_stage_config(args.config)
         export_storage_environment(config.storage)
         model, seed = model or config.model.base, config.hyperparameters.seed if args.seed is None else args.seed
         storage = storage or config.storage.uri
+        if config.rl is not None:
+            backend, algorithm = backend or config.rl.rollout_backend, config.rl.algorithm
     if not model:
         parser.error("give --model or --config")
     try:
@@ -248,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
-    serve(build_app(model, token, storage or "", args.backend, seed or 0, args.max_request_bytes),
+    serve(build_app(model, token, storage or "", backend or "transformers", seed or 0, args.max_request_bytes, algorithm),
           args.host, args.port, "rollout server")
 
 

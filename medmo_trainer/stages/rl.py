@@ -5,7 +5,7 @@ One step reads like the algorithm:
     batch  = controller.collect(step, policy)   rank 0: prompts -> rollout workers -> reward workers -> advantages
     batch  = broadcast(batch)                   every rank takes its share of the completions
     update(batch)                               clipped token-level loss (+ beta * KL), one optimizer step
-    policy = publish(step)                      weights to storage; rollout workers load them on their next request
+    policy = publish(step)                      trained weights to storage; rollout workers load them on their next request
 
 On-policy by default (`maxStaleness: 0`). With `maxStaleness: 1` rank 0 gathers step t+1's batch
 with policy t-1 while the ranks update to t, so generation and training overlap; the ratio then
@@ -60,38 +60,59 @@ class UpdateMetrics:
     tokens: int
 
 
+@dataclass(frozen=True)
+class PolicySync:
+    """What publishing one policy version moved: the trained weights' bytes, and the seconds from
+    gathering them (a collective) to the file committed in storage."""
+
+    bytes: int
+    seconds: float
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"policySyncBytes": float(self.bytes), "policySyncSeconds": self.seconds}
+
+
 def rl_progress(config: StageConfig, step: int, total_steps: int, batch: RolloutBatch | None,
                 update: UpdateMetrics | None, skipped: Counter[str], last_checkpoint: str | None, phase: str,
-                message: str = "") -> Progress:
-    """The progress report of an RL stage: the step's rollout and update metrics, and its counters."""
+                message: str = "", sync: PolicySync | None = None) -> Progress:
+    """The progress report of an RL stage: the step's rollout, update and weight-sync metrics, and its counters."""
     metrics = dict(batch.metrics) if batch is not None else {}
     if update is not None:
         metrics.update({LOSS: update.loss, LEARNING_RATE: update.learning_rate, GRAD_NORM: update.grad_norm,
                         "kl": update.kl, "clipFraction": update.clip_fraction})
+    if sync is not None:
+        metrics.update(sync.as_metrics())
     counters = {**data_counters(None, skipped), **(batch.counters if batch is not None else {})}
     return Progress(run=config.run, stage=config.stage, phase=phase, step=step, total_steps=total_steps,
                     last_checkpoint=last_checkpoint, message=message, metrics=metrics, counters=counters)
 
 
 class PolicyPublisher:
-    """Writes each policy version's trainable weights to `<storage>/<stage>/policy/<attempt>/v-N.safetensors`.
+    """Writes each policy version's trained weights to `<storage>/<stage>/policy/<attempt>/v-N.safetensors`,
+    in the stage's compute dtype (bf16 halves what every worker downloads; they compute in it anyway).
 
-    The attempt folder is new on every (re)start, so a worker never mistakes a killed attempt's
-    version N for this one's.
+    Only the weights that train are published (the projector alone in an alignment stage): workers
+    keep the frozen rest from the model they loaded. The attempt folder is new on every (re)start, so a
+    worker never mistakes a killed attempt's version N for this one's.
     """
 
-    def __init__(self, config: StageConfig, trainable: list[str]):
+    def __init__(self, config: StageConfig, dtype: torch.dtype):
         self.root = join(config.storage.uri, config.stage, "policy", uuid.uuid4().hex[:12])
-        self.trainable = set(trainable)
+        self.dtype = dtype
         self.fs, self.root_path = url_to_fs(self.root)
         self.published: list[str] = []
+        self.last_bytes = 0
+        """Size of the last published file."""
 
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> PolicyRef:
+        """Writes `state` (the trained weights) as `version`, keeping the newest POLICY_VERSIONS_KEPT."""
         uri = join(self.root, f"v-{version}.safetensors")
+        payload = weights_bytes({k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()})
         try:
             self.fs.makedirs(self.root_path, exist_ok=True)
             with self.fs.open(join(self.root_path, f"v-{version}.safetensors"), "wb") as handle:
-                handle.write(weights_bytes({k: v for k, v in state.items() if k in self.trainable}))
+                handle.write(payload)
+            self.last_bytes = len(payload)
             self.published.append(uri)
             for old in self.published[:-POLICY_VERSIONS_KEPT]:
                 self.fs.rm(url_to_fs(old)[1])
@@ -125,6 +146,8 @@ class GRPOLearner(StageLoop):
         """The newest published policy version (rank 0)."""
         self.pending: Future | None = None
         """The batch being gathered for the next step (rank 0)."""
+        self.sync: PolicySync | None = None
+        """What the last publish moved (rank 0)."""
 
     @classmethod
     def build(cls, config: StageConfig, context: DistContext) -> GRPOLearner:
@@ -147,7 +170,7 @@ class GRPOLearner(StageLoop):
         sampler = PromptSampler(config.datasets, hp.seed)
         total_steps = hp.max_steps or math.ceil(hp.epochs * len(sampler) / rl.algorithm.prompts_per_step)
         loaded = load_stage_model(config, context.device)
-        trainable = apply_trainable(loaded.model, config.model.trainable)
+        apply_trainable(loaded.model, config.model.trainable)
         reference = None
         if rl.algorithm.kl_beta > 0:
             reference = load_stage_model(config, context.device).model.to(context.device).eval().requires_grad_(False)
@@ -159,7 +182,7 @@ class GRPOLearner(StageLoop):
             timeout = rl.request_timeout_seconds
             controller = RolloutController(config, sampler, WorkerPool("rollout", rl.rollout_urls, timeout),
                                            WorkerPool("reward", rl.reward_urls, timeout))
-            publisher = PolicyPublisher(config, trainable)
+            publisher = PolicyPublisher(config, strategy.dtype)
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
         return cls(config, context, loaded, reference, strategy, CheckpointManager(config, context, strategy),
                    sampler, controller, publisher, executor, total_steps)
@@ -277,9 +300,14 @@ class GRPOLearner(StageLoop):
         )
 
     def publish(self, version: int) -> PolicyRef | None:
-        """Publishes the current weights as `version` (a collective; rank 0 writes)."""
-        state = self.strategy.full_state_dict()
-        return self.publisher.publish(version, state) if self.publisher is not None else None
+        """Publishes the current trained weights as `version` (a collective; rank 0 writes)."""
+        started = time.perf_counter()
+        state = self.strategy.trained_state_dict()
+        if self.publisher is None:
+            return None
+        policy = self.publisher.publish(version, state)
+        self.sync = PolicySync(self.publisher.last_bytes, time.perf_counter() - started)
+        return policy
 
     def report(self, batch: RolloutBatch | None, update: UpdateMetrics | None, phase: str, message: str = "",
                seconds: float | None = None) -> None:
@@ -287,7 +315,7 @@ class GRPOLearner(StageLoop):
             return
         skipped = self.sampler.skipped + (batch.skipped if batch is not None else Counter())
         progress = rl_progress(self.config, self.step, self.total_steps, batch, update, skipped,
-                               self.last_checkpoint, phase, message)
+                               self.last_checkpoint, phase, message, self.sync)
         self.reporter.report(progress)
         if batch is not None and update is not None and seconds is not None:
             self.telemetry.record_step(update.loss, update.tokens, len(batch.samples), seconds)

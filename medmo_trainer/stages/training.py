@@ -24,6 +24,7 @@ from medmo_trainer.config import StageConfig
 from medmo_trainer.data import SKIP_REASONS
 from medmo_trainer.dist import DistContext
 from medmo_trainer.exit_codes import ModelError, StorageError
+from medmo_trainer.flops import BatchShape, device_peak_flops, mfu, training_flops
 from medmo_trainer.inputs import TrainLoader, build_train_loader
 from medmo_trainer.model import (
     LoadedModel,
@@ -38,7 +39,10 @@ from medmo_trainer.progress import (
     GRAD_NORM,
     LEARNING_RATE,
     LOSS,
+    MFU,
+    PEAK_GPU_MEMORY_GIB,
     SAMPLES_PER_SECOND,
+    TFLOPS_PER_DEVICE,
     TOKENS_PER_SECOND,
     Progress,
     data_counters,
@@ -69,13 +73,28 @@ class StepMetrics:
     samples: int
     seconds: float
     data: DataCounts
+    flops: float | None = None
+    """Model FLOPs of the step over all ranks (`medmo_trainer.flops`); None when not counted."""
+    devices: int = 1
+    peak_flops: float | None = None
+    """Peak FLOPs per second of one device; None on CPU, in fp32 or on a GPU missing from the peak table."""
+    peak_memory_bytes: int | None = None
+    """Most GPU memory rank 0's allocator held during the step; None on CPU."""
 
     def as_metrics(self) -> dict[str, float]:
-        """The step's progress metrics."""
-        return {
+        """The step's progress metrics (MFU and GPU memory only where they are known)."""
+        metrics = {
             LOSS: self.loss, LEARNING_RATE: self.learning_rate, GRAD_NORM: self.grad_norm,
             TOKENS_PER_SECOND: self.tokens / self.seconds, SAMPLES_PER_SECOND: self.samples / self.seconds,
         }
+        if self.flops is not None:
+            metrics[TFLOPS_PER_DEVICE] = self.flops / self.seconds / self.devices / 1e12
+            utilisation = mfu(self.flops, self.seconds, self.peak_flops, self.devices)
+            if utilisation is not None:
+                metrics[MFU] = utilisation
+        if self.peak_memory_bytes is not None:
+            metrics[PEAK_GPU_MEMORY_GIB] = self.peak_memory_bytes / 2**30
+        return metrics
 
 
 def training_progress(config: StageConfig, step: int, total_steps: int, metrics: StepMetrics | None, data: DataCounts,
@@ -108,6 +127,7 @@ class Trainer(StageLoop):
         self.checkpoints = checkpoints
         self.metrics_log: MetricsLog | None = None
         """Per-step metrics in storage (rank 0), for the run report's loss curves."""
+        self.peak_flops = device_peak_flops(context.device, strategy.dtype)
 
     @classmethod
     def build(cls, config: StageConfig, context: DistContext) -> Trainer:
@@ -164,12 +184,16 @@ class Trainer(StageLoop):
 
     def train_step(self, batches: Iterator[dict[str, Any]]) -> StepMetrics:
         started = time.perf_counter()
+        on_gpu = self.context.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.context.device)
         accumulation = self.config.hyperparameters.gradient_accumulation_steps
         learning_rate = self.strategy.learning_rate()
         samples_before, tokens_before = self.loader.stats.samples, self.loader.stats.tokens
-        losses = []
+        losses, flops = [], 0.0
         for micro_step in range(accumulation):
             batch = next(batches)
+            flops += training_flops(self.loaded.model.config, BatchShape.of(batch))
             with self.strategy.autocast():
                 loss = self.strategy.model(**batch).loss
             # The step's loss is the mean over its micro-batches.
@@ -177,8 +201,8 @@ class Trainer(StageLoop):
             losses.append(loss.detach().float())
         grad_norm = self.strategy.optimizer_step()
         stats = self.loader.stats
-        local = [torch.stack(losses).mean().item(), stats.tokens - tokens_before, stats.samples - samples_before]
-        loss_sum, tokens, samples, *data = self.context.sum_all(local + self._local_data_counts())
+        local = [torch.stack(losses).mean().item(), stats.tokens - tokens_before, stats.samples - samples_before, flops]
+        loss_sum, tokens, samples, flops, *data = self.context.sum_all(local + self._local_data_counts())
         return StepMetrics(
             loss=loss_sum / self.context.world_size,
             learning_rate=learning_rate,
@@ -187,6 +211,10 @@ class Trainer(StageLoop):
             samples=int(samples),
             seconds=time.perf_counter() - started,
             data=self._data_counts(data),
+            flops=flops,
+            devices=self.context.world_size,
+            peak_flops=self.peak_flops,
+            peak_memory_bytes=torch.cuda.max_memory_allocated(self.context.device) if on_gpu else None,
         )
 
     @property

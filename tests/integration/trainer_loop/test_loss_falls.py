@@ -5,6 +5,9 @@ from __future__ import annotations
 import statistics
 
 import pytest
+
+from medmo_trainer.metrics_log import read_metrics_log, stage_log_uri
+
 from integration.trainer_loop.trainer_loop_runs import ProgressSink, assert_succeeded, closed_port_url, run_stage, stage_config
 
 STEPS = 16
@@ -33,6 +36,11 @@ def test_ddp_loss_falls_and_progress_reaches_the_endpoint_with_the_token(tmp_pat
     assert last["phase"] == "Succeeded" and last["step"] == STEPS and last["totalSteps"] == STEPS
     assert last["lastCheckpoint"].endswith(f"step-{STEPS}")
     assert last["metrics"]["tokensPerSecond"] > 0 and last["metrics"]["samplesPerSecond"] > 0
+    # Every step's throughput is in the metrics log too; on CPU there is no MFU (no peak) and no GPU memory.
+    logged = read_metrics_log(stage_log_uri(str(tmp_path), "sft"))
+    assert [record["step"] for record in logged] == list(range(1, STEPS + 1))
+    assert all(record["tokensPerSecond"] > 0 and record["tflopsPerDevice"] > 0 for record in logged)
+    assert not {"mfu", "peakGpuMemoryGib"} & {key for record in logged for key in record}
 
 
 def test_fsdp_loss_falls_while_the_progress_endpoint_is_down(tmp_path, synthetic_data):
