@@ -12,8 +12,8 @@ and answers as the hub does when it refuses: 404 with `X-Error-Code: RepoNotFoun
 does not hold (`RevisionNotFound` for another revision than `main` or the commit), 401 (no token) or
 403 (another token) with `X-Error-Code: GatedRepo` for a gated repo. It listens on 127.0.0.1 only,
 runs as a child process started and stopped by pid (`HubStandIn`), and appends one JSON line per
-request to `requests.jsonl` (method, path, status, and whether the right token came: never the
-token itself), so tests can count who asked for what.
+request to `requests.jsonl` (method, path, status, and which token came: `right`, `wrong` or
+`none`, never the token itself), so tests can count who asked for what.
 
 Run as a script: `python hub_standin.py --root DIR --port N --log FILE [--gated ORG/NAME ...]`,
 with the token of gated repos in the environment variable HUB_STANDIN_TOKEN.
@@ -71,40 +71,40 @@ class HubHandler(BaseHTTPRequestHandler):
         api, resolve = API_PATH.match(self.path), RESOLVE_PATH.match(self.path)
         match = api or resolve
         if match is None:
-            return self._refuse(404, "EntryNotFound", "no such endpoint")
+            return self._refuse(404, "EntryNotFound", "no such endpoint", "none")
         repo, rev = match["repo"], match["rev"]
         folder = self.root / repo
-        authorized = self.headers.get("Authorization") == f"Bearer {self.token}"
+        sent = self.headers.get("Authorization")
+        token = "none" if sent is None else "right" if sent == f"Bearer {self.token}" else "wrong"
         if not (folder / "config.json").is_file():
-            return self._refuse(404, "RepoNotFound", "Repository not found", authorized)
-        if repo in self.gated and not authorized:
-            status = 403 if self.headers.get("Authorization") else 401
-            return self._refuse(status, "GatedRepo", f"Access to model {repo} is restricted.", authorized)
+            return self._refuse(404, "RepoNotFound", "Repository not found", token)
+        if repo in self.gated and token != "right":
+            return self._refuse(401 if token == "none" else 403, "GatedRepo", f"Access to model {repo} is restricted.", token)
         commit = commit_of(folder)
         if rev not in ("main", commit):
-            return self._refuse(404, "RevisionNotFound", f"Invalid rev id: {rev}", authorized)
+            return self._refuse(404, "RevisionNotFound", f"Invalid rev id: {rev}", token)
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         if api and match["kind"] == "revision":
             info = {"id": repo, "modelId": repo, "sha": commit, "private": False, "gated": repo in self.gated and "manual",
                     "siblings": [{"rfilename": p.relative_to(folder).as_posix()} for p in files]}
-            return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body, authorized)
+            return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body, token)
         if api:
             tree = [{"type": "file", "path": p.relative_to(folder).as_posix(), "size": p.stat().st_size,
                      "oid": hashlib.sha1(p.read_bytes()).hexdigest()} for p in files]
-            return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, body, authorized)
+            return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, body, token)
         path = folder / match["file"]
         if not path.is_file() or folder.resolve() not in path.resolve().parents:
-            return self._refuse(404, "EntryNotFound", "Entry not found", authorized)
+            return self._refuse(404, "EntryNotFound", "Entry not found", token)
         data = path.read_bytes()
         headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
                    "Content-Type": "application/octet-stream"}
-        return self._send(200, data, headers, body, authorized)
+        return self._send(200, data, headers, body, token)
 
-    def _refuse(self, status: int, code: str, message: str, authorized: bool = False) -> None:
+    def _refuse(self, status: int, code: str, message: str, token: str) -> None:
         headers = {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}
-        self._send(status, json.dumps({"error": message}).encode(), headers, True, authorized)
+        self._send(status, json.dumps({"error": message}).encode(), headers, True, token)
 
-    def _send(self, status: int, data: bytes, headers: dict[str, str], body: bool, authorized: bool) -> None:
+    def _send(self, status: int, data: bytes, headers: dict[str, str], body: bool, token: str) -> None:
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
@@ -112,7 +112,7 @@ class HubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if body and self.command != "HEAD":
             self.wfile.write(data)
-        entry = {"method": self.command, "path": self.path.split("?")[0], "status": status, "authorized": authorized}
+        entry = {"method": self.command, "path": self.path.split("?")[0], "status": status, "token": token}
         with self.log_lock, self.log_file.open("a") as log:
             log.write(json.dumps(entry) + "\n")
 
@@ -158,7 +158,7 @@ class HubStandIn:
         self.process.stop(grace_s=5)
 
     def requests(self) -> list[dict]:
-        """Every request so far, in order (method, path, status, authorized)."""
+        """Every request so far, in order (method, path, status, token: right, wrong or none)."""
         if not self.log.exists():
             return []
         return [json.loads(line) for line in self.log.read_text().splitlines()]
