@@ -50,7 +50,8 @@ class RawRecord:
     """One JSONL line, not yet validated, with the folder its relative image paths start from.
 
     Only the line is kept (parsed again when used): a string costs far less memory than the parsed
-    object, and every rank holds all lines of its datasets.
+    object, and a loader holds every line of the shards it reads from. Tabular (Parquet, Arrow)
+    shards' rows become such lines too (`medmo_trainer.data.shards`).
     """
 
     line: str
@@ -69,53 +70,8 @@ class RawRecord:
         return data
 
 
-def list_shards(uri: str) -> list[str]:
-    """The JSONL shards of a dataset URI (itself if it is a file), sorted; raises DatasetUnavailableError."""
-    from medmo_trainer.data import synthetic  # here, so `python -m medmo_trainer.data.synthetic` imports it once
-
-    if uri.startswith(synthetic.SCHEME):
-        try:
-            uri = synthetic.materialize(uri)
-        except ValueError as error:
-            raise DatasetUnavailableError(uri, str(error)) from error
-    try:
-        fs, path = url_to_fs(uri)
-        if fs.isfile(path):
-            return [fs.unstrip_protocol(path)]
-        if not fs.isdir(path):
-            raise DatasetUnavailableError(uri, "no such file or folder")
-        shards = sorted(p for p in fs.find(path) if p.endswith(".jsonl"))
-    except DatasetUnavailableError:
-        raise
-    except Exception as error:  # credentials, network, permissions: the URI cannot be read as configured
-        raise DatasetUnavailableError(uri, f"{type(error).__name__}: {error}") from error
-    if not shards:
-        raise DatasetUnavailableError(uri, "the folder holds no *.jsonl shard")
-    return [fs.unstrip_protocol(p) for p in shards]
-
-
-def read_raw_records(uri: str, tasks: list[TaskType] | tuple[TaskType, ...] | None = None) -> list[RawRecord]:
-    """All lines of a dataset, in shard order, keeping only `tasks` (lines whose task is unreadable stay,
-    to be counted as malformed when used)."""
-    keep = set(tasks or ALL_TASKS)
-    records = []
-    for shard in list_shards(uri):
-        try:
-            fs, path = url_to_fs(shard)
-            text = fs.cat_file(path).decode("utf-8", errors="replace")
-        except Exception as error:
-            raise DatasetUnavailableError(uri, f"cannot read shard {shard}: {error}") from error
-        base = shard.rsplit("/", 1)[0]
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            raw = RawRecord(line, base, _task_of(line))
-            if raw.task is None or raw.task not in ALL_TASKS or raw.task in keep:
-                records.append(raw)
-    return records
-
-
-def _task_of(line: str) -> str | None:
+def task_of(line: str) -> str | None:
+    """The task of a JSONL line when it is a JSON object with a string `task`, else None."""
     try:
         data = json.loads(line)
     except json.JSONDecodeError:
@@ -186,8 +142,18 @@ def load_images(record: Record) -> list[Image.Image]:
 def iter_records(uri: str, tasks: list[TaskType] | tuple[TaskType, ...] | None = None,
                  skipped: Counter | None = None) -> Iterator[Record]:
     """Valid records of a dataset in file order (for evaluation and RL prompts); malformed ones are
-    counted into `skipped` by reason and left out. Images are checked when loaded, not here."""
-    for raw in read_raw_records(uri, tasks):
+    counted into `skipped` by reason and left out. Images are checked when loaded, not here. Reads one
+    shard at a time."""
+    from medmo_trainer.data.shards import open_dataset  # shards builds on this module's RawRecord
+
+    keep = frozenset(tasks or ALL_TASKS)
+    source = open_dataset(uri, tasks=tasks)
+    for index in range(len(source.shards)):
+        yield from _valid(source.read(index, keep), skipped)
+
+
+def _valid(raws: list[RawRecord], skipped: Counter | None) -> Iterator[Record]:
+    for raw in raws:
         try:
             yield validate(raw)
         except MalformedRecordError as error:

@@ -10,6 +10,7 @@ present), so the answers are few, short and verifiable: a tiny model learns some
 hundred CPU steps. Output, under URI (any fsspec URI):
 
     <split>-00000.jsonl ...      records (`medmo_trainer.data.schema.Record`), `--shard-size` per shard
+    medmo-index.json             the shards and their records per task (`medmo_trainer.data.shards`)
     images/<split>-000000.png    one PNG per scan, referenced by relative path (or embedded with
                                  `--embed-images`)
 
@@ -24,6 +25,7 @@ import base64
 import io
 import json
 import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,6 +34,7 @@ from PIL import Image
 
 from medmo_trainer.boxes import GRID
 from medmo_trainer.data.schema import Box, Record, format_grounding, multiple_choice_prompt
+from medmo_trainer.data.shards import Shard, write_index
 from medmo_trainer.fsio import join, url_to_fs
 
 LOCATIONS = ("upper left", "upper right", "lower left", "lower right")
@@ -259,14 +262,17 @@ def generate(out: str, n: int, seed: int, split: str = "train", *, shard_size: i
     per_task: dict[str, int] = {}
     lines: list[str] = []
     images: dict[str, bytes] = {}
-    shards = 0
+    shard_tasks: Counter = Counter()
+    written: list[Shard] = []
 
     def flush() -> None:
-        nonlocal shards, lines, images
+        nonlocal lines, images, shard_tasks
         if images:
             fs.pipe(images)
-        fs.pipe_file(join(root, f"{split}-{shards:05d}.jsonl"), ("\n".join(lines) + "\n").encode())
-        shards, lines, images = shards + 1, [], {}
+        path = join(root, f"{split}-{len(written):05d}.jsonl")
+        fs.pipe_file(path, ("\n".join(lines) + "\n").encode())
+        written.append(Shard(fs.unstrip_protocol(path), len(lines), dict(shard_tasks)))
+        lines, images, shard_tasks = [], {}, Counter()
 
     for index in range(n):
         image, records = generate_scan(seed, split, index, embed_image=embed_images)
@@ -274,13 +280,15 @@ def generate(out: str, n: int, seed: int, split: str = "train", *, shard_size: i
             images[join(root, records[0].image)] = image
         for record in records:
             per_task[record.task] = per_task.get(record.task, 0) + 1
+            shard_tasks[record.task] += 1
             lines.append(json.dumps(record.model_dump(mode="json", by_alias=True, exclude_defaults=True)))
         if len(lines) >= shard_size:
             flush()
     if lines:
         flush()
+    write_index(out, written)  # loaders learn every shard's size without reading the shards
     return {"out": out, "split": split, "scans": n, "records": sum(per_task.values()), "perTask": per_task,
-            "shards": shards}
+            "shards": len(written)}
 
 
 def corpus_texts(scenes: int = 400, seed: int = 0) -> Iterator[str]:

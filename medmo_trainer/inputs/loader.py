@@ -1,31 +1,40 @@
-"""The training loader: a weighted mixture of datasets, sharded over ranks, packed, exactly resumable.
+"""The training loader: a weighted mixture of datasets streamed shard by shard, split over ranks, packed,
+exactly resumable.
 
-The sample stream is a pure function of the seed, so a batch is a pure function of its index:
+A dataset is a sequence of shards whose record counts are known before any is read
+(`medmo_trainer.data.shards`). A rank reads only the shards its share needs, one at a time, with the
+next one read ahead by a background thread, and images only when a sample is made; memory per rank
+is a few shards, whatever the dataset's size. Each rank's sample stream is a pure function of the
+seed, so a batch is a pure function of its index:
 
-- Global positions 0, 1, 2, ... are assigned to datasets by seeded weighted draws, in chunks of
-  `CHUNK` positions (each chunk drawn from its own seed).
-- The m-th draw of dataset d reads its record `perm(seed, d, m // n_d)[m % n_d]`: every pass over a
-  dataset is a fresh seeded permutation of it.
-- Rank r of w owns positions r, r + w, r + 2w, ...: ranks' shares are disjoint and together cover
-  the stream. Its batch b holds the usable records among its positions b*B ... b*B + B - 1, where B
-  is `perDeviceBatchSize`; malformed ones are counted by reason and left out (so a batch may hold
-  fewer than B samples; a batch with none is skipped).
+- Every pass over dataset d puts its shards in a seeded order and each shard's records in a seeded
+  order. Rank r of w owns the records at places [r*N/w, (r+1)*N/w) of that order (N: the dataset's
+  records after the task filter): ranks' shares are disjoint, together cover the data, and each spans
+  about 1/w of the shards (every pass another seeded choice of them).
+- The rank's positions 0, 1, 2, ... are assigned to datasets by weighted draws seeded by the rank, in
+  chunks of `CHUNK` positions (each chunk drawn from its own seed). The m-th draw of dataset d is the
+  record at place m % n of the rank's share in pass m // n (n: the share's size).
+- Batch b holds the usable records among positions b*B ... b*B + B - 1, where B is
+  `perDeviceBatchSize`; malformed ones are counted by reason and left out (so a batch may hold fewer
+  than B samples; a batch with none is skipped).
 
-The loader is infinite: it cycles each dataset, one fresh permutation per pass. The trainer decides
-how many steps to run (`maxSteps`, or `epochs` x `samples_per_epoch` / global batch size).
-`state_dict()` holds the rank's next batch index (and its statistics), so a resumed run sees exactly
-the batches an uninterrupted one would (with the same seed, world size and batch size; after a
-change of either size it continues from the nearest point of the same stream). Because batches do not
-depend on each other, `num_workers` background processes can prepare them (torch's DataLoader),
-in order, without changing what the trainer sees.
+The loader is infinite: it cycles each dataset, one fresh order per pass. The trainer decides how many
+steps to run (`maxSteps`, or `epochs` x `samples_per_epoch` / global batch size). `state_dict()`
+holds the rank's next batch index (and its statistics): the shard, the place in it, the mixture's
+position and every random draw are functions of that index, so a resumed run sees exactly the
+batches an uninterrupted one would (with the same seed, world size and batch size; after a change of
+either size it continues from the same fraction of the stream). Because batches do not depend on each
+other, `num_workers` background processes can prepare them (torch's DataLoader), in order, without
+changing what the trainer sees; each keeps its own few shards.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -33,16 +42,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medmo_trainer.config import DatasetSpec, Hyperparameters
+from medmo_trainer.config import ALL_TASKS, DatasetSpec, Hyperparameters
 from medmo_trainer.inputs.encode import EncodedSample, encode_sample, num_tokens, pack, pad
 from medmo_trainer.data.records import (
     DatasetUnavailableError,
     MalformedRecordError,
     RawRecord,
     load_images,
-    read_raw_records,
     validate,
 )
+from medmo_trainer.data.shards import DatasetSource, open_dataset
 from medmo_trainer.model.processor import VLProcessor
 
 logger = logging.getLogger(__name__)
@@ -96,48 +105,122 @@ class LoaderStats:
 
 
 class MixtureStream:
-    """Maps global stream positions to (dataset index, record index); a pure function of the seed."""
+    """Maps a rank's stream positions to (dataset index, draw of that dataset); a pure function of the seed."""
 
-    def __init__(self, sizes: list[int], weights: list[float], seed: int):
-        self.sizes = sizes
+    def __init__(self, weights: list[float], seed: int, rank: int):
         self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
-        self.seed = seed
+        self.seed, self.rank = seed, rank
         self._choices: dict[int, np.ndarray] = {}
-        self._draws_before: list[np.ndarray] = [np.zeros(len(sizes), dtype=np.int64)]
-        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+        self._draws_before: list[np.ndarray] = [np.zeros(len(weights), dtype=np.int64)]
 
     def locate(self, position: int) -> tuple[int, int]:
-        """The dataset and record index read at a global position."""
+        """The dataset read at a position, and how many draws of it came before."""
         chunk, offset = divmod(position, CHUNK)
         choices = self._chunk_choices(chunk)
         dataset = int(choices[offset])
         draw = int(self._draws_before_chunk(chunk)[dataset]) + int(np.count_nonzero(choices[:offset] == dataset))
-        return dataset, self._record_index(dataset, draw)
+        return dataset, draw
 
     def _chunk_choices(self, chunk: int) -> np.ndarray:
         if chunk not in self._choices:
             if len(self._choices) > 8:
                 self._choices.clear()
-            rng = np.random.default_rng([self.seed, 0, chunk])
-            self._choices[chunk] = rng.choice(len(self.sizes), size=CHUNK, p=self.probabilities)
+            rng = np.random.default_rng([self.seed, 0, self.rank, chunk])
+            self._choices[chunk] = rng.choice(len(self.probabilities), size=CHUNK, p=self.probabilities)
         return self._choices[chunk]
 
     def _draws_before_chunk(self, chunk: int) -> np.ndarray:
         """Draws of each dataset in chunks 0 .. chunk-1 (prefix sums, extended on demand)."""
         while len(self._draws_before) <= chunk:
             done = len(self._draws_before) - 1
-            counts = np.bincount(self._chunk_choices(done), minlength=len(self.sizes))
+            counts = np.bincount(self._chunk_choices(done), minlength=len(self.probabilities))
             self._draws_before.append(self._draws_before[-1] + counts)
         return self._draws_before[chunk]
 
-    def _record_index(self, dataset: int, draw: int) -> int:
-        size = self.sizes[dataset]
-        key = (dataset, draw // size)
-        if key not in self._permutations:
-            if len(self._permutations) > 4 * len(self.sizes):
-                self._permutations.clear()
-            self._permutations[key] = np.random.default_rng([self.seed, 1, dataset, key[1]]).permutation(size)
-        return int(self._permutations[key][draw % size])
+
+class ShareOrder:
+    """Maps the draws of one dataset by one rank to (shard, place among the shard's kept records)."""
+
+    def __init__(self, shard_sizes: list[int], seed: int, dataset: int, rank: int, world_size: int):
+        self.sizes = np.asarray(shard_sizes, dtype=np.int64)
+        self.seed, self.dataset = seed, dataset
+        total = int(self.sizes.sum())
+        if total >= world_size:
+            self.start = rank * total // world_size
+            self.length = (rank + 1) * total // world_size - self.start
+        else:  # fewer records than ranks: each rank reads one, some the same
+            self.start, self.length = rank % total, 1
+        self._passes: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._record_orders: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def locate(self, draw: int) -> tuple[int, int, int | None]:
+        """The shard and place of a draw, and the shard this rank reads after it (None at a pass's end)."""
+        epoch, offset = divmod(draw, self.length)
+        shard_order, ends = self._pass(epoch)
+        place = self.start + offset
+        at = int(np.searchsorted(ends, place, side="right"))
+        shard = int(shard_order[at])
+        in_shard = place - (int(ends[at - 1]) if at else 0)
+        following = None
+        if ends[at] < self.start + self.length:  # the share goes on in the shard holding place ends[at]
+            following = int(shard_order[np.searchsorted(ends, ends[at], side="right")])
+        return shard, int(self._record_order(epoch, shard)[in_shard]), following
+
+    def _pass(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shards in this pass's order, and the cumulative record counts at their ends."""
+        if epoch not in self._passes:
+            if len(self._passes) >= 2:
+                self._passes.popitem(last=False)
+            order = np.random.default_rng([self.seed, 1, self.dataset, epoch]).permutation(len(self.sizes))
+            self._passes[epoch] = (order, np.cumsum(self.sizes[order]))
+        return self._passes[epoch]
+
+    def _record_order(self, epoch: int, shard: int) -> np.ndarray:
+        key = (epoch, shard)
+        if key not in self._record_orders:
+            if len(self._record_orders) >= 4:
+                self._record_orders.popitem(last=False)
+            rng = np.random.default_rng([self.seed, 2, self.dataset, epoch, shard])
+            self._record_orders[key] = rng.permutation(int(self.sizes[shard]))
+        return self._record_orders[key]
+
+
+class ShardCache:
+    """The kept records of the few shards a process reads now, and of the next one, read ahead.
+
+    Holds at most `capacity` shards (least recently used leave first); one background thread reads
+    ahead, so a rank waits for a shard only at the start. Made afresh in each worker process.
+    """
+
+    def __init__(self, sources: list[DatasetSource], tasks: list[frozenset[str]], capacity: int):
+        self.sources, self.tasks, self.capacity = sources, tasks, capacity
+        self._shards: OrderedDict[tuple[int, int], Future] = OrderedDict()
+        self._reader: ThreadPoolExecutor | None = None
+
+    def records(self, dataset: int, shard: int, following: int | None) -> list[RawRecord]:
+        """The kept records of a shard (reading `following` of the same dataset ahead)."""
+        wanted = self._request((dataset, shard))
+        if following is not None:
+            self._request((dataset, following))
+        return wanted.result()
+
+    def _request(self, key: tuple[int, int]) -> Future:
+        if key in self._shards:
+            self._shards.move_to_end(key)
+            return self._shards[key]
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="medmo-shards")
+        dataset, shard = key
+        self._shards[key] = self._reader.submit(self.sources[dataset].read, shard, self.tasks[dataset])
+        while len(self._shards) > self.capacity:
+            self._shards.popitem(last=False)
+        return self._shards[key]
+
+    def __getstate__(self) -> dict:  # worker processes start with no shard and their own thread
+        return {"sources": self.sources, "tasks": self.tasks, "capacity": self.capacity}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["sources"], state["tasks"], state["capacity"])
 
 
 @dataclass
@@ -153,14 +236,17 @@ class PreparedBatch:
 class BatchSource(Dataset):
     """Batch index -> PreparedBatch for one rank; picklable, so DataLoader workers can run it."""
 
-    def __init__(self, specs: list[DatasetSpec], records: list[list[RawRecord]], processor: VLProcessor,
+    def __init__(self, specs: list[DatasetSpec], sources: list[DatasetSource], processor: VLProcessor,
                  hp: Hyperparameters, *, rank: int, world_size: int, seed: int):
         self.specs = specs
-        self.records = records
         self.processor = processor
         self.hp = hp
-        self.rank, self.world_size = rank, world_size
-        self.stream = MixtureStream([len(r) for r in records], [s.weight for s in specs], seed)
+        tasks = [frozenset(spec.tasks or ALL_TASKS) for spec in specs]
+        self.sizes = [[shard.kept(keep) for shard in source.shards] for source, keep in zip(sources, tasks)]
+        self.stream = MixtureStream([s.weight for s in specs], seed, rank)
+        self.orders = [ShareOrder(sizes, seed, d, rank, world_size) for d, sizes in enumerate(self.sizes)]
+        # the shard in use and the one read ahead per dataset, and one more for a batch at a shard's edge
+        self.shards = ShardCache(sources, tasks, capacity=2 * len(specs) + 1)
 
     def __getitem__(self, index: int) -> PreparedBatch:
         size = self.hp.per_device_batch_size
@@ -168,10 +254,11 @@ class BatchSource(Dataset):
         samples: list[EncodedSample] = []
         ids: list[str] = []
         for slot in range(index * size, (index + 1) * size):
-            dataset, record_index = self.stream.locate(slot * self.world_size + self.rank)
+            dataset, draw = self.stream.locate(slot)
+            shard, place, following = self.orders[dataset].locate(draw)
             stats.records_read += 1
             try:
-                sample, record_id = self._encode(self.records[dataset][record_index])
+                sample, record_id = self._encode(self.shards.records(dataset, shard, following)[place])
             except MalformedRecordError as error:
                 stats.skipped[error.reason] += 1
                 continue
@@ -218,13 +305,11 @@ class TrainLoader:
             raise ValueError("a training loader needs at least one dataset")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        records = []
-        for spec in datasets:
-            raw = read_raw_records(spec.uri, spec.tasks)
-            if not raw:
+        sources = [open_dataset(spec.uri, spec.columns, spec.tasks) for spec in datasets]
+        for spec, source in zip(datasets, sources):
+            if not sum(shard.kept(frozenset(spec.tasks or ALL_TASKS)) for shard in source.shards):
                 raise DatasetUnavailableError(spec.uri, f"no record of tasks {spec.tasks or 'any'}")
-            records.append(raw)
-        self.source = BatchSource(datasets, records, processor, hp, rank=rank, world_size=world_size, seed=seed)
+        self.source = BatchSource(datasets, sources, processor, hp, rank=rank, world_size=world_size, seed=seed)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers = num_workers
         self.stats = LoaderStats()
@@ -236,7 +321,7 @@ class TrainLoader:
     @property
     def samples_per_epoch(self) -> int:
         """Records in all datasets (after task filters): one epoch's worth of samples over all ranks."""
-        return sum(len(r) for r in self.source.records)
+        return sum(sum(sizes) for sizes in self.source.sizes)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:

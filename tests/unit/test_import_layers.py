@@ -48,8 +48,8 @@ def _where(path: Path, line: int) -> str:
 
 
 def test_the_import_reader_sees_imports_inside_functions():
-    records = PACKAGE / "data" / "records.py"
-    assert "medmo_trainer.data.synthetic" in {name for name, _ in _imports(records)}  # inside list_shards
+    shards = PACKAGE / "data" / "shards.py"
+    assert "medmo_trainer.data.synthetic" in {name for name, _ in _imports(shards)}  # inside open_dataset
 
 
 def test_nothing_imports_an_entry_point():
