@@ -7,9 +7,12 @@ kept as a (sum, count) pair so that shards combine exactly.
 Metrics (a benchmark reports those of the tasks it holds):
 
     vqaClosedAcc   closed VQA (yes/no, choice among options) accuracy
+    vqaChoiceAcc   multiple-choice accuracy (answerType `choice`: the option letter read from the answer,
+                   e.g. "C", "(C)", "C. Edema", "The answer is (C)", or the one option it names)
     vqaOpenAcc     open VQA normalised exact match
     reportRougeL    ROUGE-L F-measure of generated reports
-    reportF1        finding-set F1 of generated reports (negations kept apart)
+    reportF1        finding-level F1 of generated reports (`medmo_trainer.answers.findings`: one finding
+                    per clause, negated or not; a negated finding never matches a positive one)
     captionRougeL   ROUGE-L F-measure of generated captions
     groundingMiou   mean matched IoU per ground-truth box (see `metrics`)
     groundingAcc50  fraction of ground-truth boxes found with IoU >= 0.5
@@ -18,13 +21,19 @@ Metrics (a benchmark reports those of the tasks it holds):
 Counts: `samples`, `unparseable` (outputs from which no answer could be read; they score 0 on the
 metrics read from text) and `unparseable<Task>` (e.g. `unparseableVqa`). Retrieval is a ranking metric: an answer whose
 letter cannot be read is ranked by the model's letter scores alone.
+
+`add` also returns what it read from one completion and that record's own scores (`ScoredAnswer`),
+which the eval stage writes out as the benchmark's predictions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from medmo_trainer.answers import extract_answer, vqa_accuracy
+from medmo_trainer.answers import extract_answer, findings, normalize_text, read_vqa_answer, vqa_accuracy
+from medmo_trainer.boxes import parse_boxes
 from medmo_trainer.config import ALL_TASKS
 from medmo_trainer.data.schema import OPTION_LETTERS, Record
 from medmo_trainer.eval import metrics
@@ -34,6 +43,7 @@ RECALL_AT = (1, 2)
 
 METRIC_NAMES: tuple[str, ...] = (
     "vqaClosedAcc",
+    "vqaChoiceAcc",
     "vqaOpenAcc",
     "reportRougeL",
     "reportF1",
@@ -57,6 +67,20 @@ def retrieval_ranking(prediction: str, options: Sequence[str], letter_scores: Ma
     return picked + rest
 
 
+@dataclass
+class ScoredAnswer:
+    """One completion as scored: what was read from it and the record's own score per metric."""
+
+    parsed: Any
+    """What the metrics read (JSON-able): the yes/no word, option letter or normalised text of VQA; the
+    text of captions; `[finding, negated]` pairs of reports; `{"label", "box"}` boxes of grounding; the
+    ranked option letters of retrieval. None when nothing could be read."""
+    scores: dict[str, float | None]
+    """The record's value of each metric it counts in (grounding: the mean over its ground-truth boxes);
+    None when the completion could not be read."""
+    readable: bool
+
+
 class BenchmarkScorer:
     """Sums of metric observations and counts of one benchmark on one rank."""
 
@@ -65,45 +89,52 @@ class BenchmarkScorer:
         self.observations = dict.fromkeys(METRIC_NAMES, 0.0)
         self.counts = dict.fromkeys(COUNT_NAMES, 0.0)
 
-    def add(self, record: Record, completion: str, letter_scores: Mapping[str, float] | None = None) -> None:
+    def add(self, record: Record, completion: str, letter_scores: Mapping[str, float] | None = None) -> ScoredAnswer:
         """Scores one generated completion against its record."""
         self.counts["samples"] += 1
-        readable = getattr(self, f"_score_{record.task}")(record, completion, letter_scores)
+        parsed, observations, readable = getattr(self, f"_score_{record.task}")(record, completion, letter_scores)
+        per_metric: dict[str, list[float | None]] = {}
+        for name, value in observations:
+            self.sums[name] += 0.0 if value is None else value  # an unreadable answer scores 0
+            self.observations[name] += 1
+            per_metric.setdefault(name, []).append(value)
         if not readable:
             self.counts["unparseable"] += 1
             self.counts[f"unparseable{record.task.capitalize()}"] += 1
+        scores = {name: None if None in values else sum(values) / len(values) for name, values in per_metric.items()}
+        return ScoredAnswer(parsed if readable else None, scores, readable)
 
-    def _observe(self, name: str, value: float | None) -> bool:
-        """Adds one observation (None scores 0); returns whether the value was readable."""
-        self.sums[name] += 0.0 if value is None else value
-        self.observations[name] += 1
-        return value is not None
+    # Each _score_<task> returns (what was read, [(metric, value or None)], whether the answer was readable).
 
-    def _score_vqa(self, record: Record, completion: str, _scores) -> bool:
-        if record.answer_type == "closed":
-            return self._observe("vqaClosedAcc", metrics.closed_vqa_accuracy(completion, record.answer, record.options))
-        return self._observe("vqaOpenAcc", metrics.open_vqa_accuracy(completion, record.answer))
+    def _score_vqa(self, record: Record, completion: str, _scores):
+        answer = extract_answer(completion)
+        if record.answer_type == "open":
+            value = metrics.open_vqa_accuracy(completion, record.answer)
+            return normalize_text(answer), [("vqaOpenAcc", value)], value is not None
+        metric = "vqaChoiceAcc" if record.answer_type == "choice" else "vqaClosedAcc"
+        value = metrics.closed_vqa_accuracy(completion, record.answer, record.options)
+        return read_vqa_answer(answer, record.answer, record.options), [(metric, value)], value is not None
 
-    def _score_report(self, record: Record, completion: str, _scores) -> bool:
-        self._observe("reportRougeL", metrics.rouge_l(completion, record.answer))
-        return self._observe("reportF1", metrics.report_finding_f1(completion, record.answer))
+    def _score_report(self, record: Record, completion: str, _scores):
+        f1 = metrics.report_finding_f1(completion, record.answer)
+        stated = sorted([finding, negated] for finding, negated in findings(extract_answer(completion)))
+        return stated, [("reportRougeL", metrics.rouge_l(completion, record.answer)), ("reportF1", f1)], f1 is not None
 
-    def _score_caption(self, record: Record, completion: str, _scores) -> bool:
-        self._observe("captionRougeL", metrics.rouge_l(completion, record.answer))
-        return bool(extract_answer(completion))
+    def _score_caption(self, record: Record, completion: str, _scores):
+        answer = extract_answer(completion)
+        return answer, [("captionRougeL", metrics.rouge_l(completion, record.answer))], bool(answer)
 
-    def _score_grounding(self, record: Record, completion: str, _scores) -> bool:
+    def _score_grounding(self, record: Record, completion: str, _scores):
         score = metrics.score_grounding(completion, [box.box for box in record.boxes])
-        for iou in score.ious:
-            self._observe("groundingMiou", iou)
-            self._observe("groundingAcc50", float(iou >= metrics.IOU_THRESHOLD))
-        return score.readable
+        boxes = [{"label": group.label, "box": list(box)} for group in parse_boxes(completion).groups for box in group.boxes]
+        observations = [(name, value) for iou in score.ious
+                        for name, value in (("groundingMiou", iou), ("groundingAcc50", float(iou >= metrics.IOU_THRESHOLD)))]
+        return boxes, observations, score.readable
 
-    def _score_retrieval(self, record: Record, completion: str, letter_scores) -> bool:
+    def _score_retrieval(self, record: Record, completion: str, letter_scores):
         ranking = retrieval_ranking(completion, record.options, letter_scores)
-        for k in RECALL_AT:
-            self._observe(f"retrievalR{k}", metrics.recall_at_k([ranking], [record.answer], k))
-        return vqa_accuracy(extract_answer(completion), record.answer, record.options) is not None
+        observations = [(f"retrievalR{k}", metrics.recall_at_k([ranking], [record.answer], k)) for k in RECALL_AT]
+        return ranking, observations, vqa_accuracy(extract_answer(completion), record.answer, record.options) is not None
 
     def totals(self) -> list[float]:
         """Sums, observation counts and counts as one flat vector (fixed order) for an all-reduce."""

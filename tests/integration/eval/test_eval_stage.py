@@ -13,6 +13,7 @@ import pytest
 import yaml
 from medmo_cases import progress_lines
 
+from medmo_trainer.data.schema import multiple_choice_prompt
 from medmo_trainer.data.synthetic import generate
 from medmo_trainer.eval.scoring import METRIC_NAMES
 from medmo_trainer.exit_codes import ExitCode
@@ -23,13 +24,21 @@ COUNT_KEYS = ("samples", "unparseable", "skipped")
 
 @pytest.fixture(scope="module")
 def benchmark(tmp_path_factory) -> tuple[str, int]:
-    """A held-out benchmark with two malformed records added; returns (URI, valid record count)."""
+    """A held-out benchmark with a text-only multiple-choice question, a two-image question and two
+    malformed records added; returns (URI, valid record count)."""
     folder = tmp_path_factory.mktemp("heldout")
     summary = generate(f"file://{folder}", SCANS, seed=11, split="heldout")
     good = json.loads((folder / "heldout-00000.jsonl").read_text().splitlines()[0])
     missing_image = {**good, "id": "lost-image", "image": "images/absent.png"}
-    (folder / "heldout-00001.jsonl").write_text("{not json\n" + json.dumps(missing_image) + "\n")
-    return f"file://{folder}", summary["records"]
+    options = ["Pneumothorax", "Effusion", "Nodule", "Fracture", "Normal"]
+    text_only = {"id": "medqa-1", "task": "vqa", "answerType": "choice", "options": options, "answer": "C",
+                 "prompt": multiple_choice_prompt("Which finding is a small round opacity?", options)}
+    two_images = {"id": "compare-1", "task": "vqa", "answerType": "closed", "options": ["yes", "no"], "answer": "no",
+                  "images": [good["image"], good["image"]], "prompt": "Did the finding change between the scans?"}
+    lines = ["{not json", *(json.dumps(r) for r in (missing_image, text_only, two_images))]
+    (folder / "heldout-00001.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "medmo-index.json").unlink(missing_ok=True)  # the generator's index lists its own shard only
+    return f"file://{folder}", summary["records"] + 2
 
 
 def write_config(tmp_path: Path, benchmark_uri: str, **evaluation) -> Path:
@@ -82,6 +91,27 @@ def test_eval_stage_scores_models_and_reports_metrics(tmp_path, benchmark):
         assert counters[prefix + "skipped"] == 2  # the bad JSON line and the record whose image is absent
         assert 0 <= counters[prefix + "unparseable"] <= records
 
+    # every answer of every model, with what was read from it, beside the metrics
+    for model in document["models"]:
+        rows = [json.loads(line) for line in (tmp_path / "storage" / "bench" / "predictions" / f"{model['name']}.jsonl")
+                .read_text().splitlines()]
+        assert model["predictions"].endswith(f"/bench/predictions/{model['name']}.jsonl")
+        assert len(rows) == records and len({row["id"] for row in rows}) == records
+        by_id = {row["id"]: row for row in rows}
+        assert by_id["medqa-1"]["images"] == [] and len(by_id["compare-1"]["images"]) == 2
+        assert set(by_id["medqa-1"]["scores"]) == {"vqaChoiceAcc"} and by_id["medqa-1"]["reference"] == "C"
+        for row in rows:
+            assert row["generated"] is not None and row["prompt"] and row["reference"]
+            assert row["readable"] == (row["parsed"] is not None)
+        grounding = [row for row in rows if row["task"] == "grounding"]
+        assert grounding and all(row["referenceBoxes"] and isinstance(row["parsed"], (list, type(None))) for row in grounding)
+        # the per-record scores average to the benchmark's metric
+        ious = [row["scores"]["groundingMiou"] * len(row["referenceBoxes"]) for row in grounding]
+        boxes = sum(len(row["referenceBoxes"]) for row in grounding)
+        assert sum(ious) / boxes == pytest.approx(model["benchmarks"]["heldout"]["groundingMiou"])
+    examples = document["examples"]
+    assert examples and all(Path(e["image"].removeprefix("file://")).is_file() for e in examples)
+
     final = progress_lines(result.stdout)[-1]
     assert final["phase"] == "Succeeded" and final["step"] == final["totalSteps"] > 0
     # what the operator folds into status.stages[].metrics and .counters
@@ -100,6 +130,9 @@ def test_two_ranks_give_the_one_rank_metrics(tmp_path, benchmark):
     one, two = read_metrics(single), read_metrics(double)
     assert two["counters"]["heldout/samples"] == records
     assert two["metrics"] == pytest.approx(one["metrics"]) and two["counters"] == one["counters"]
+    # rank 0 writes every rank's answers, in the same order
+    predictions = [(folder / "storage" / "bench" / "predictions" / "final.jsonl").read_text() for folder in (single, double)]
+    assert predictions[0] == predictions[1]
 
 
 def test_unreadable_benchmark_fails_with_a_data_error_naming_it(tmp_path):
