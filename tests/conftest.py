@@ -36,6 +36,8 @@ S3 (SeaweedFS ``weed mini`` on 127.0.0.1; requests must be signed with the crede
 
 Tests that use these fixtures get the markers ``controlplane`` / ``s3`` automatically. To run
 without any server: ``pytest -m "not controlplane and not s3"``, or ``pytest --no-servers``.
+Tests marked ``gpu`` are skipped, with the reason in the summary, unless a CUDA GPU and vLLM are
+present (scripts/gpu-check.sh runs them on a GPU machine).
 At the end of the session, any process the fixtures started that is still running is killed and
 the session fails.
 """
@@ -72,10 +74,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if fixture in fixtures:
                 item.add_marker(marker)
                 needs_servers.append(item)
+    if not gpu_and_vllm_present():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU and vLLM (the rollout-vllm image; scripts/gpu-check.sh runs it)")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
     if config.getoption("--no-servers"):
         deselected = set(needs_servers)
         config.hook.pytest_deselected(items=[i for i in items if i in deselected])
         items[:] = [i for i in items if i not in deselected]
+
+
+def gpu_and_vllm_present() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:  # checked first: importing torch costs seconds
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @pytest.hookimpl(trylast=True)

@@ -1,8 +1,11 @@
-"""Built-in tiny presets: real Qwen-VL classes with random weights, small enough for CPU tests.
+"""Built-in presets: real Qwen-VL classes with random weights, written `preset:<name>` in `ModelSource.base`.
 
-Written `preset:<name>` in `ModelSource.base`. Two layers in both towers and hidden sizes of 32/64,
-so a training step on a few synthetic samples takes milliseconds on CPU. Weights are deterministic
-by seed; the tokenizer is `medmo_trainer.model.tokenizer.tiny_tokenizer`.
+The tiny ones have two layers in both towers and hidden sizes of 32/64, so a training step on a few
+synthetic samples takes milliseconds on CPU. The `qwen3-vl-<size>-random` ones have the shapes of the
+released Qwen3-VL models (dimensions from their config.json, built with transformers' Qwen3VLConfig)
+and measure speed and memory on GPUs without downloading weights (scripts/gpu-check.sh); they are built
+on the GPU when there is one. Weights are deterministic by seed (and device); the tokenizer is
+`medmo_trainer.model.tokenizer.tiny_tokenizer` (its few ids sit inside the real vocabulary).
 """
 
 from __future__ import annotations
@@ -107,9 +110,50 @@ def tiny_qwen2_5_vl_config(tokenizer) -> Qwen2_5_VLConfig:
     )
 
 
+QWEN3_VL_SHAPES: dict[str, tuple[dict, dict]] = {
+    # (text, vision) dimensions of Qwen/Qwen3-VL-{2B,4B,8B}-Instruct
+    "2b": ({"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
+            "tie_word_embeddings": True},
+           {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "deepstack_visual_indexes": [5, 11, 17]}),
+    "4b": ({"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "tie_word_embeddings": True},
+           {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "deepstack_visual_indexes": [5, 11, 17]}),
+    "8b": ({"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "tie_word_embeddings": False},
+           {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "deepstack_visual_indexes": [8, 16, 24]}),
+}
+
+
+def released_qwen3_vl_config(size: str) -> Callable[..., Qwen3VLConfig]:
+    """A config builder of the released Qwen3-VL `size` (vocabulary, heads, RoPE as released)."""
+    text, vision = QWEN3_VL_SHAPES[size]
+
+    def make(tokenizer) -> Qwen3VLConfig:
+        ids = _token_ids(tokenizer)
+        tie = text["tie_word_embeddings"]
+        return Qwen3VLConfig(
+            text_config={
+                **{k: v for k, v in text.items() if k != "tie_word_embeddings"},
+                "vocab_size": 151936, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
+                                    "mrope_interleaved": True},
+                "pad_token_id": ids["pad"], "tie_word_embeddings": tie,
+            },
+            vision_config={
+                **vision, "num_heads": 16, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                "out_hidden_size": text["hidden_size"], "num_position_embeddings": 2304,
+            },
+            image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["start"],
+            vision_end_token_id=ids["end"], tie_word_embeddings=tie,
+        )
+
+    return make
+
+
 PRESETS: dict[str, tuple[str, Callable[..., PretrainedConfig]]] = {
     "tiny-qwen3-vl": ("qwen3_vl", tiny_qwen3_vl_config),
     "tiny-qwen2.5-vl": ("qwen2_5_vl", tiny_qwen2_5_vl_config),
+    **{f"qwen3-vl-{size}-random": ("qwen3_vl", released_qwen3_vl_config(size)) for size in QWEN3_VL_SHAPES},
 }
 
 
@@ -127,9 +171,12 @@ def build_preset(name: str, *, seed: int = 0, dtype: torch.dtype | None = None):
     family_name, make_config = PRESETS[name]
     processor = tiny_processor(family_name)
     config = make_config(processor.tokenizer)
-    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
+    # Released shapes are built where they will run, in their dtype: on CPU in fp32 an 8B model takes minutes.
+    on_gpu = name.endswith("-random") and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    with torch.random.fork_rng(devices=[device] if on_gpu else []), device:  # leave the caller's random stream untouched
         torch.manual_seed(seed)
-        model = FAMILIES[family_name].model_class(config)
+        model = FAMILIES[family_name].model_class._from_config(config, dtype=dtype or torch.float32)
     ids = _token_ids(processor.tokenizer)
     # generation stops at the end of the assistant turn, as Qwen-VL checkpoints' generation configs say
     model.generation_config.eos_token_id = [ids["eos"], ids["pad"]]

@@ -4,8 +4,10 @@
         [--token-file F] [--storage-uri URI] [--host 0.0.0.0] [--backend transformers] [--seed 0]
         [--max-request-bytes N] [--threads N]
 
-`--config` takes the model source, the seed, the run's storage and the backend (`rl.rolloutBackend`)
-from an rl stage's config (what the operator mounts). Requests need the run's token (`--token-file`, default
+`--config` takes the model source, the run's storage and the backend (`rl.rolloutBackend`) from an
+rl stage's config (what the operator mounts). A preset's random weights use seed 0 unless `--seed`
+says otherwise, as the learner builds them: the learner publishes only the tensors that train, so
+the frozen rest must already be the same on both sides. Requests need the run's token (`--token-file`, default
 `$MEDMO_PROGRESS_TOKEN_FILE`; see `medmo_trainer.rl.http`), and weights are read only from under
 the run's storage (`--storage-uri`, default the config's `storage.uri`; without either, only pushed
 weights are taken): a worker never reads what its run did not write. `<source>` is anything
@@ -250,7 +252,7 @@ def build_app(model_source: str, token: str, storage: str = "", backend_name: st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model source: preset:<name>, path, s3:// URI or HF id")
-    parser.add_argument("--config", help="an rl stage config (file or URI): its model, seed and storage settings")
+    parser.add_argument("--config", help="an rl stage config (file or URI): its model, storage and backend")
     parser.add_argument("--token-file", help="file holding the run's token (default: $MEDMO_PROGRESS_TOKEN_FILE)")
     parser.add_argument("--storage-uri", help="the run's storage: weights are read only from under it "
                         "(default: the config's storage.uri)")
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.config:
         config = load_stage_config(args.config)
         export_storage_environment(config.storage)
-        model, seed = model or config.model.base, config.hyperparameters.seed if args.seed is None else args.seed
+        model = model or config.model.base
         storage = storage or config.storage.uri
         if config.rl is not None:
             backend, algorithm = backend or config.rl.rollout_backend, config.rl.algorithm

@@ -242,6 +242,7 @@ def model_folder_of(model_source: str, seed: int) -> Path:
         return resolve_model_folder(model_source)
     folder = _cache_root() / "models" / f"{model_source.removeprefix(PRESET_PREFIX)}-seed-{seed}"
     if not (folder / "config.json").is_file():
-        loaded = load_model(model_source, seed=seed)
+        # as the learner and the transformers backend build it on a GPU: there, in bf16
+        loaded = load_model(model_source, seed=seed, dtype=torch.bfloat16 if torch.cuda.is_available() else None)
         export_hf(loaded.model, loaded.processor, str(folder))
     return folder

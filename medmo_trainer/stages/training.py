@@ -166,7 +166,7 @@ class Trainer(StageLoop):
         self.metrics_log = MetricsLog.for_stage(
             self.config.storage.uri, self.config.stage, self.context.is_main, start_step=self.step
         )
-        batches = self._micro_batches()
+        batches = self.micro_batches()
         metrics = None
         while self.step < self.total_steps:
             with self.telemetry.span("medmo.step", step=self.step + 1):
@@ -227,7 +227,7 @@ class Trainer(StageLoop):
         self.checkpoints.close()
         super().close()
 
-    def _micro_batches(self) -> Iterator[dict[str, Any]]:
+    def micro_batches(self) -> Iterator[dict[str, Any]]:
         """Batches on this rank's device, pass after pass over the mixture."""
         while True:
             for batch in self.loader:

@@ -263,7 +263,9 @@ def test_hostile_requests_get_a_4xx_with_a_message_and_change_nothing(start_work
             assert code == status and message in body["error"], (case, code, body)
 
         assert handle.proc.poll() is None, "".join(handle.output)
-        assert call(f"{url}/v1/policy")[1] == {"policyVersion": 3, "model": "preset:tiny-qwen3-vl"}
+        held = call(f"{url}/v1/policy")[1]
+        assert (held["policyVersion"], held["model"]) == (3, "preset:tiny-qwen3-vl")
+        assert held["weightFetches"] == 1, "a refused request read weights from storage"
         status, after = call(f"{url}/v1/generate", valid)
         assert status == 200 and (after["policyVersion"], after["results"]) == (3, before["results"])
         assert call(f"{url}/readyz", token="") == (200, {"status": "ready"})
