@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -72,6 +73,32 @@ def _print_results(training: api.MedMOTraining, status: api.MedMOTrainingStatus,
     print(f"report: {report}")
 
 
+def _data_convert(args: argparse.Namespace) -> int:
+    from medmo_trainer.data.convert import convert_file
+
+    try:
+        result = convert_file(args.layout, args.source, args.output, images=args.images)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"medmo data convert: {error}") from error
+    for problem in result.problems:
+        print(f"{args.source}: {problem} (left out)", file=sys.stderr)
+    tasks = ", ".join(f"{task} {n}" for task, n in sorted(Counter(r.task for r in result.records).items()))
+    print(f"{args.output}: {len(result.records)} records ({tasks or 'none'}); {len(result.problems)} rows left out")
+    return 0 if result.records else 1
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from medmo_trainer.data.check import check_dataset, format_check
+    from medmo_trainer.data.records import DatasetUnavailableError
+
+    try:
+        result = check_dataset(args.uri, images=not args.no_images)
+    except DatasetUnavailableError as error:
+        raise SystemExit(f"medmo data check: {error}") from error
+    print(format_check(args.uri, result, shown=args.show))
+    return 0 if not result.skipped and result.usable else 1
+
+
 def _operator(args: argparse.Namespace) -> int:
     import kopf
 
@@ -97,6 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("file", type=Path)
     run.add_argument("--workdir", type=Path, default=Path(".medmo"), help="state, pod logs and the report (default: .medmo)")
     run.set_defaults(handler=_run)
+    data = commands.add_parser("data", help="bring your own data: convert public layouts to MedMO records, check a dataset")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    convert = data_commands.add_parser(
+        "convert", help="convert a public dataset layout into MedMO JSONL records",
+        description="Layouts: vqa-json (VQA-RAD/SLAKE question-answer JSON), mcq-csv (PMC-VQA-style "
+                    "multiple-choice CSV), report-csv (MIMIC-CXR-style report CSV), coco (COCO detection JSON "
+                    "to grounding records). Rows that cannot be converted are listed with their line number "
+                    "and left out.")
+    convert.add_argument("layout", help="vqa-json, mcq-csv, report-csv or coco")
+    convert.add_argument("source", help="the file to convert (path or fsspec URI)")
+    convert.add_argument("output", help="the JSONL file to write (path or fsspec URI)")
+    convert.add_argument("--images", default=None,
+                         help="folder the source's image paths are relative to (default: the source's folder)")
+    convert.set_defaults(handler=_data_convert)
+    check = data_commands.add_parser(
+        "check", help="validate a dataset: records per task, and the lines a stage would skip and why",
+        description="Exits 0 when every record is usable, 1 when some line would be skipped (or none is usable).")
+    check.add_argument("uri", help="a .jsonl/.parquet/.arrow file or a folder of them (path or fsspec URI)")
+    check.add_argument("--no-images", action="store_true", help="do not open the records' images")
+    check.add_argument("--show", type=int, default=20, help="skipped lines to list (default: 20)")
+    check.set_defaults(handler=_data_check)
     operator = commands.add_parser("operator", help="run the operator against the cluster of $KUBECONFIG (or in-cluster)")
     operator.add_argument("--namespace", action="append", help="watch only this namespace (repeatable); default: all")
     operator.add_argument("--liveness", default=None, help="serve kopf's liveness probe, e.g. http://0.0.0.0:8081/healthz")
