@@ -120,8 +120,8 @@ def test_retrieval_ranking_puts_the_answered_letter_first_then_scores():
 # --- one benchmark ------------------------------------------------------------------------------
 
 
-def _record(task, answer, **fields):
-    return Record(id=f"r-{task}-{answer[:5]}", task=task, image="x.png", prompt="q", answer=answer, **fields)
+def _record(task, answer, prompt="q", **fields):
+    return Record(id=f"r-{task}-{answer[:5]}", task=task, image="x.png", prompt=prompt, answer=answer, **fields)
 
 
 def test_scorer_means_counts_and_shards_combine():
@@ -158,3 +158,54 @@ def test_scorer_means_counts_and_shards_combine():
     assert counts["samples"] == 6
     assert counts["unparseable"] == 2
     assert counts["unparseableVqa"] == 1 and counts["unparseableGrounding"] == 1
+
+
+# --- multiple choice and the per-record view --------------------------------------------------
+
+CHOICES = ["Pneumonia", "Edema", "Effusion", "Atelectasis", "Normal"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "letter"),
+    [
+        ("C", "C"), ("C.", "C"), ("(C)", "C"), ("c) Effusion", "C"), ("C: Effusion", "C"),
+        ("The answer is (C)", "C"), ("The correct answer is C because the angle is blunted.", "C"),
+        ("Answer: **C**", "C"), ("**C. Effusion**", "C"), ("option c.", "C"), ("ANSWER IS C", "C"),
+        ("<think>fluid</think><answer>C</answer>", "C"), ("Effusion.", "C"), ("It is an effusion", "C"),
+        ("The answer is B", "B"), ("E", "E"),
+        # unreadable: no letter, a letter past the last option, an article, two options named
+        ("I am not sure", None), ("Answer: F", None), ("The answer is a nodule", None),
+        ("Edema or effusion", None),
+    ],
+)
+def test_multiple_choice_letters_are_read_from_the_ways_models_write_them(answer, letter):
+    record = _record("vqa", "C", answer_type="choice", options=CHOICES,
+                     prompt="Which?\n" + "\n".join(f"{l}. {o}" for l, o in zip("ABCDE", CHOICES)))
+    scored = BenchmarkScorer().add(record, answer)
+    assert scored.parsed == letter
+    assert scored.scores == {"vqaChoiceAcc": None if letter is None else float(letter == "C")}
+
+
+def test_choice_questions_are_scored_apart_from_yes_no_ones():
+    scorer = BenchmarkScorer()
+    options = ["Aspirin", "Alteplase"]
+    text_only = Record(id="medqa", task="vqa", answer_type="choice", options=options, answer="B",
+                       prompt="Which dissolves a clot?\nA. Aspirin\nB. Alteplase")
+    scorer.add(text_only, "B")
+    scorer.add(_record("vqa", "yes", answer_type="closed", options=["yes", "no"]), "no")
+    means, counts = BenchmarkScorer.summary(scorer.totals())
+    assert means == {"vqaChoiceAcc": 1.0, "vqaClosedAcc": 0.0} and counts["samples"] == 2
+
+
+def test_each_answer_keeps_what_was_read_and_its_own_scores():
+    grounding = _record("grounding", "nodule <box>[[0, 0, 100, 100], [200, 200, 300, 300]]</box>",
+                        boxes=[Box(label="nodule", box=(0, 0, 100, 100)), Box(label="nodule", box=(200, 200, 300, 300))])
+    scored = BenchmarkScorer().add(grounding, "nodule <box>[[0, 0, 100, 100]]</box>")
+    assert scored.parsed == [{"label": "nodule", "box": [0.0, 0.0, 100.0, 100.0]}]
+    assert scored.scores == {"groundingMiou": 0.5, "groundingAcc50": 0.5}  # (1 + 0) / 2 boxes
+    report = _record("report", "Small nodule. No effusion.")
+    scored = BenchmarkScorer().add(report, "No effusion. Large mass.")
+    assert scored.parsed == [["effusion", True], ["large mass", False]]
+    assert scored.scores["reportF1"] == pytest.approx(0.5)  # 1 shared of 2 + 2 findings
+    unreadable = BenchmarkScorer().add(_record("vqa", "yes", answer_type="closed", options=["yes", "no"]), "hmm")
+    assert (unreadable.parsed, unreadable.scores, unreadable.readable) == (None, {"vqaClosedAcc": None}, False)
