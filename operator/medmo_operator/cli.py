@@ -102,14 +102,23 @@ def _data_check(args: argparse.Namespace) -> int:
 def _operator(args: argparse.Namespace) -> int:
     import kopf
 
-    from medmo_operator import handlers  # noqa: F401  (registers the handlers)
+    from medmo_operator import handlers  # (importing it registers the handlers)
+    from medmo_operator.peering import Peering
 
     kopf.configure(verbose=args.verbose)
+    peering: dict = {}
+    if args.peering:
+        handlers.SETTINGS.peering = Peering.start(args.peering, args.peering_lifetime)
+        settings = kopf.OperatorSettings()
+        settings.peering.lifetime = args.peering_lifetime
+        peering = dict(peering_name=args.peering, identity=handlers.SETTINGS.peering.identity,
+                       priority=handlers.SETTINGS.peering.priority, settings=settings)
     kopf.run(
-        standalone=True,
+        standalone=not args.peering,
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
         liveness_endpoint=args.liveness,
+        **peering,
     )
     return 0
 
@@ -148,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator = commands.add_parser("operator", help="run the operator against the cluster of $KUBECONFIG (or in-cluster)")
     operator.add_argument("--namespace", action="append", help="watch only this namespace (repeatable); default: all")
     operator.add_argument("--liveness", default=None, help="serve kopf's liveness probe, e.g. http://0.0.0.0:8081/healthz")
+    operator.add_argument("--peering", metavar="NAME", help="run as one of several replicas: only the oldest live one "
+                          "acts (kopf peering through the ClusterKopfPeering NAME; its CRD must be installed)")
+    operator.add_argument("--peering-lifetime", type=int, default=30, metavar="SECONDS",
+                          help="a replica silent this long is taken for dead and the next one acts (default: 30)")
     operator.add_argument("--verbose", action="store_true")
     operator.set_defaults(handler=_operator)
     return parser

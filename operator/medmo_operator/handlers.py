@@ -25,6 +25,7 @@ from aiohttp import web
 from kubernetes.client.rest import ApiException
 
 from medmo_operator import api, execute, observe, plan, render, telemetry
+from medmo_operator.peering import Peering
 from medmo_operator.progress import ProgressEndpoint, ProgressStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class OperatorSettings:
     )
     namespace: str = field(default_factory=lambda: os.environ.get("MEDMO_OPERATOR_NAMESPACE", "medmo-system"))
     """The operator's own namespace, holding the Secret its progress tokens are derived from."""
+    peering: Peering | None = None
+    """Set by `medmo operator --peering`: one of several replicas."""
 
 
 SETTINGS = OperatorSettings()
@@ -64,6 +67,7 @@ class OperatorState:
     """kopf's index of runs, (namespace, name) -> uids; filled by the watch after startup."""
     store: ProgressStore = field(default_factory=ProgressStore)
     server: web.AppRunner | None = None
+    acting_label: asyncio.Task | None = None
 
     @classmethod
     async def start(cls, settings: OperatorSettings, run_uids: Mapping[tuple[str, str], Collection[str]]) -> OperatorState:
@@ -73,9 +77,14 @@ class OperatorState:
         endpoint = ProgressEndpoint(store=state.store, token_key=token_key, run_uid=state.run_uid)
         state.server = await endpoint.serve(settings.progress_bind_host, settings.progress_port)
         log.info("progress endpoint on %s:%d", settings.progress_bind_host, settings.progress_port)
+        if settings.peering is not None:
+            await asyncio.to_thread(settings.peering.ensure_object)
+            state.acting_label = asyncio.create_task(settings.peering.label_while_acting(settings.namespace))
         return state
 
     async def stop(self) -> None:
+        if self.acting_label is not None:
+            self.acting_label.cancel()
         if self.server is not None:
             await self.server.cleanup()
 

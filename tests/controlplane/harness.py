@@ -34,6 +34,14 @@ BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler
 # Nothing connects to ClusterIPs here; the range only has to be valid.
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+AUDITED_USERS = ("system:serviceaccount:medmo-system:medmo-operator",)
+"""Whose requests the API server's audit log records (at Metadata level: who, verb, resource, answer)."""
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [{"level": "Metadata", "users": list(AUDITED_USERS)}, {"level": "None"}],
+}
 
 
 class KubectlError(subprocess.CalledProcessError):
@@ -76,6 +84,8 @@ class ControlPlane:
         self.bin_dir = Path(bin_dir)
         self.startup_timeout_s = startup_timeout_s
         self.kubeconfig = self.workdir / "kubeconfig"
+        self.audit_log = self.workdir / "logs" / "audit.log"
+        """JSON lines, one per request of AUDITED_USERS (a watch's also when its response starts)."""
         self.server = ""
         self.processes: list[ManagedProcess] = []
         missing = [b for b in BINARIES if not os.access(self.bin_dir / b, os.X_OK)]
@@ -120,7 +130,9 @@ class ControlPlane:
         etcd = self._spawn("etcd", self._etcd_args(etcd_port, etcd_peer_port))
         wait_until(lambda: self._etcd_healthy(etcd_port), self.startup_timeout_s, "etcd to be healthy", [etcd])
 
-        apiserver = self._spawn("kube-apiserver", self._apiserver_args(api_port, etcd_port, certs))
+        audit_policy = self.workdir / "audit-policy.yaml"
+        audit_policy.write_text(yaml.safe_dump(AUDIT_POLICY))
+        apiserver = self._spawn("kube-apiserver", self._apiserver_args(api_port, etcd_port, certs, audit_policy))
         wait_until(lambda: self._get_ok(self.server + "/readyz", certs, client=certs.admin),
                    self.startup_timeout_s, "kube-apiserver /readyz", [etcd, apiserver])
 
@@ -156,7 +168,7 @@ class ControlPlane:
             "--unsafe-no-fsync",
         ]
 
-    def _apiserver_args(self, port: int, etcd_port: int, certs: pki.ControlPlanePKI) -> list[str]:
+    def _apiserver_args(self, port: int, etcd_port: int, certs: pki.ControlPlanePKI, audit_policy: Path) -> list[str]:
         return [
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
@@ -172,6 +184,7 @@ class ControlPlane:
             "--endpoint-reconciler-type=none",
             "--allow-privileged=true",
             "--profiling=false",
+            f"--audit-policy-file={audit_policy}", f"--audit-log-path={self.audit_log}", "--audit-log-maxsize=0",
             *self.extra_apiserver_args,
         ]
 

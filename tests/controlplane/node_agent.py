@@ -132,9 +132,14 @@ class ApiObjects:
         return None if secret is None else {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
 
     def service_account_token(self, namespace: str, service_account: str, audience: str | None,
-                              expiration_seconds: int) -> str | None:
+                              expiration_seconds: int, pod: tuple[str, str] | None = None) -> str | None:
+        # Bound to the pod, as a kubelet binds it: the token dies with the pod, and the API server
+        # names the pod in the requests it authenticates (user.extra in the audit log).
+        bound = None if pod is None else client.V1BoundObjectReference(
+            api_version="v1", kind="Pod", name=pod[0], uid=pod[1])
         request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
-            audiences=[audience] if audience else [], expiration_seconds=expiration_seconds))
+            audiences=[audience] if audience else [], expiration_seconds=expiration_seconds,
+            bound_object_ref=bound))
         try:
             return self.core.create_namespaced_service_account_token(service_account, namespace, request).status.token
         except ApiException as error:

@@ -35,8 +35,9 @@ class ObjectSource(Protocol):
         """The Secret's decoded data, or None when it does not exist."""
 
     def service_account_token(self, namespace: str, service_account: str, audience: str | None,
-                              expiration_seconds: int) -> str | None:
-        """A token for the service account, or None where no API server issues tokens."""
+                              expiration_seconds: int, pod: tuple[str, str] | None = None) -> str | None:
+        """A token for the service account (bound to ``pod``, its name and uid, as a kubelet binds
+        it), or None where no API server issues tokens."""
 
 
 @dataclass
@@ -67,7 +68,7 @@ class StaticObjects:
         return self.secrets.get((namespace, name))
 
     def service_account_token(self, namespace: str, service_account: str, audience: str | None,
-                              expiration_seconds: int) -> str | None:
+                              expiration_seconds: int, pod: tuple[str, str] | None = None) -> str | None:
         return None
 
 
@@ -251,10 +252,11 @@ def volume_files(pod: Mapping, volume: Mapping, source: ObjectSource, pod_ip: st
 
 
 def _token_file(pod: Mapping, projection: Mapping, source: ObjectSource) -> dict[str, bytes]:
-    namespace = (pod.get("metadata") or {}).get("namespace", "default")
+    metadata = pod.get("metadata") or {}
     account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
-    token = source.service_account_token(namespace, account, projection.get("audience"),
-                                         int(projection.get("expirationSeconds", 3600)))
+    bound = (metadata["name"], metadata["uid"]) if metadata.get("uid") else None
+    token = source.service_account_token(metadata.get("namespace", "default"), account, projection.get("audience"),
+                                         int(projection.get("expirationSeconds", 3600)), pod=bound)
     return {} if token is None else {projection["path"]: token.encode()}
 
 
