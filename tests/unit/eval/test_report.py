@@ -7,7 +7,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from medmo_operator.report import write_report
+from medmo_operator.report import rolling_mean, write_report
 from medmo_trainer.metrics_log import MetricsLog, stage_log_uri
 
 STATUS = {
@@ -105,3 +105,57 @@ def test_report_module_does_not_import_torch():
     # The operator image renders reports without the trainer's heavy dependencies.
     code = "import sys, medmo_operator.report; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def _write_predictions(storage, shift=0):
+    """Predictions of both models on two held-out grounding images, and the images, as the eval stage writes them."""
+    examples, rows = [], {"final": [], "before-rl": []}
+    for n in range(2):
+        image = storage / "bench" / "examples" / "heldout" / f"{n}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((96, 128), 40 + 60 * n, dtype=np.uint8)).convert("RGB").save(image)
+        examples.append({"benchmark": "heldout", "id": f"scan-{n}-grounding", "image": str(image)})
+        truth = [{"label": "nodule", "box": [100, 200, 400, 500]}]
+        for name, box in (("final", [120 + shift, 210, 420 + shift, 520]), ("before-rl", [600, 600, 900, 900])):
+            rows[name].append({"benchmark": "heldout", "id": f"scan-{n}-grounding", "task": "grounding",
+                               "referenceBoxes": truth, "parsed": [{"label": "nodule", "box": box}],
+                               "scores": {"groundingMiou": 0.8 if name == "final" else 0.0}})
+    evaluation = json.loads(json.dumps(EVAL))
+    evaluation["examples"] = examples
+    for model in evaluation["models"]:
+        path = storage / "bench" / "predictions" / f"{model['name']}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows[model["name"]]))
+        model["predictions"] = str(path)
+    (storage / "bench" / "metrics.json").write_text(json.dumps(evaluation))
+
+
+def test_report_draws_true_and_predicted_boxes_of_each_model_on_held_out_images(tmp_path):
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    _write_run(storage)
+    _write_predictions(storage)
+    report = write_report(STATUS, str(storage), tmp_path / "report")
+    text = report.read_text()
+    assert "](boxes.png)" in text and "green: true boxes" in text
+    assert "predictions/final.jsonl" in text and "predictions/before-rl.jsonl" in text
+    # before and after RL side by side, with the change
+    assert "| metric | final | before-rl | change |" in text and "| groundingMiou | 0.4375 | 0.1875 | +0.25 |" in text
+    pixels = np.asarray(Image.open(report.parent / "boxes.png").convert("RGB")).astype(int)
+    red, green = (pixels[..., 0] > 200) & (pixels[..., 1] < 80), (pixels[..., 1] > 150) & (pixels[..., 0] < 80)
+    assert red.sum() > 50 and green.sum() > 50  # the predicted and the true boxes are drawn
+    # the boxes are drawn where the predictions put them
+    _write_predictions(storage, shift=300)
+    write_report(STATUS, str(storage), tmp_path / "moved")
+    assert not np.array_equal(pixels, np.asarray(Image.open(tmp_path / "moved" / "boxes.png").convert("RGB")))
+
+
+def test_reward_curves_have_a_rolling_mean_and_the_rl_stage_a_before_after_table(tmp_path):
+    assert rolling_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert rolling_mean([4.0, 0.0], 8) == [4.0, 2.0]
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    _write_run(storage)
+    text = write_report(STATUS, str(storage), tmp_path / "report").read_text()
+    # three steps of reward/bbox 0.2, 0.3, 0.45: the first and last step, and the mean of (up to) 8 steps
+    assert "| reward/bbox | 0.2 | 0.3167 | 0.3167 | 0.45 |" in text
