@@ -344,9 +344,12 @@ def _hand_to_trainer(path: Path, recursive: bool = False) -> None:
 
 
 class ProgressDisplay:
-    """One line per stage: a bar with step/total, loss or reward, and an ETA."""
+    """One line per stage: a bar with step/total, the loss and (RL) the mean reward, and an ETA."""
 
     WIDTH = 24
+    SHOWN_METRICS = (("loss", "loss"), ("reward/total", "reward"))
+    """(status metric, label) shown after the bar when the stage reports it: an RL stage's loss alone
+    says little (it can fall while rewards collapse), its mean reward says whether it is learning."""
 
     def __init__(self, out: TextIO):
         self.out = out
@@ -383,7 +386,7 @@ class ProgressDisplay:
         first = self.started.setdefault(record.name, (time.monotonic(), record.step))
         filled = int(self.WIDTH * record.step / total) if total else 0
         bar = "#" * filled + "-" * (self.WIDTH - filled)
-        metric = next((f"{k} {record.metrics[k]:.4g}" for k in ("loss", "reward/total", "reward") if k in record.metrics), "")
+        metric = " ".join(f"{label} {record.metrics[key]:.4g}" for key, label in self.SHOWN_METRICS if key in record.metrics)
         eta = ""
         done = record.step - first[1]
         if total and done > 0:
