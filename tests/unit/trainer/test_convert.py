@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -176,3 +177,14 @@ def test_check_counts_records_per_task_and_lists_the_lines_it_would_skip(tmp_pat
     assert main(["data", "check", str(tmp_path / "clean.jsonl")]) == 0
     with pytest.raises(SystemExit, match="no such file or folder"):
         main(["data", "check", str(tmp_path / "absent")])
+
+
+def test_the_readme_example_of_each_task_is_a_valid_record(tmp_path):
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    section = readme.split("## Your own data", 1)[1]
+    block = section.split("```json\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "examples.jsonl").write_text(block)
+    result = check_dataset(str(tmp_path / "examples.jsonl"), images=False)
+    assert result.skipped == []
+    assert set(result.usable) == {"caption", "vqa", "report", "retrieval", "grounding"}
+    assert {"vqa closed", "vqa open", "vqa choice", "text-only", "several images"} <= set(result.kinds)
