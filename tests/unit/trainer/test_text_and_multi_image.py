@@ -91,3 +91,19 @@ def test_generation_prompts_show_every_image_of_a_record_or_none(mixed_dataset, 
     assert two.images[0].getpixel((0, 0))[0] < two.images[1].getpixel((0, 0))[0]
     out = tiny_qwen3.model.generate(**two.inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > two.inputs["input_ids"].shape[1]
+
+
+def test_rl_prompts_of_text_only_and_multi_image_records_carry_their_images(mixed_dataset, tiny_qwen3):
+    from medmo_trainer.rl.prompts import Prompt, encode_prompts, portable_record
+
+    processor = tiny_qwen3.processor
+    wire = {r.id: portable_record(r.model_dump(mode="json", by_alias=True, exclude_none=True))
+            for r in iter_records(mixed_dataset)}
+    # what a rollout worker on another node receives: local images inline, in order
+    assert [image[:22] for image in wire["compare-1"]["images"]] == ["data:image/png;base64,"] * 2
+    both = encode_prompts(processor, [Prompt(record=wire["compare-1"]), Prompt(record=wire["medqa-1"])], image_size=64)
+    assert both["image_grid_thw"].shape[0] == 2  # the comparison's two images; the text-only prompt has none
+    image_tokens = (both["input_ids"] == processor.image_token_id).sum(dim=1)
+    assert image_tokens[0] == sum(processor.image_token_count(g) for g in both["image_grid_thw"]) and image_tokens[1] == 0
+    alone = encode_prompts(processor, [Prompt(record=wire["medqa-1"])], image_size=64)
+    assert "pixel_values" not in alone
