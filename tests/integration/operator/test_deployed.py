@@ -28,6 +28,8 @@ OPERATOR_NAMESPACE = "medmo-system"
 OPERATOR_USER = AUDITED_USERS[0]
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 """The API server names the pod a bound token was issued for, in the requests it authenticates."""
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+"""Where in-cluster clients (the operator's) read the token, the cluster's CA and their namespace."""
 RUN_TIMEOUT_S = 900
 UNUSED_BY_A_SUCCESSFUL_RUN = {
     ("batch", "jobs", "patch"): "suspending and resuming a stage (tests/integration/operator/test_rl_suspend.py)",
@@ -122,6 +124,8 @@ def test_sample_run_through_the_deployed_operator_uses_exactly_its_rbac(control_
     projected = next(v for v in pod["spec"]["volumes"] if "projected" in v)
     account_dir = mounted.path(projected["name"])
     assert sorted(p.name for p in account_dir.iterdir()) == ["ca.crt", "namespace", "token"]
+    assert {"name": projected["name"], "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True} in [
+        {k: m.get(k) for k in ("name", "mountPath", "readOnly")} for m in pod["spec"]["containers"][0]["volumeMounts"]]
     assert not [e for e in pod["spec"]["containers"][0].get("env", []) if e["name"] == "KUBECONFIG"]
 
     started = time.monotonic()
