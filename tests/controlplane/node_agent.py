@@ -13,7 +13,9 @@ What it does, as a kubelet would: Node objects with capacity and allocatable cpu
 ``nvidia.com/gpu``; their Leases in ``kube-node-lease`` and the Ready condition kept fresh; pods bound
 to its nodes (``spec.nodeName``) run by :class:`PodRunner`, with their status (phase, conditions,
 container states, pod IP) written back; deletion honoured gracefully, then the pod object removed;
-each pod's hosts file kept in step with the pods and Services of the cluster.
+each pod's hosts file kept in step with the pods and Services of the cluster; projected
+ServiceAccount tokens requested from the TokenRequest API bound to the pod, and renewed once 80 % of
+their lifetime has passed.
 """
 
 from __future__ import annotations
@@ -295,6 +297,10 @@ class NodeAgent:
                     self._patch_node_status(spec)
                 except Exception as error:  # the next beat retries; a missed one is harmless
                     log.warning("heartbeat of node %s: %s", spec.name, error)
+            try:
+                self.runner.refresh_tokens()
+            except Exception as error:  # the API server unreachable: the next beat retries
+                log.warning("renewing pods' tokens: %s", error)
 
     # --- watching ------------------------------------------------------------------------------
     def _spawn(self, target: Callable[[], None], name: str) -> None:

@@ -245,13 +245,20 @@ def volume_files(pod: Mapping, volume: Mapping, source: ObjectSource, pod_ip: st
         elif "downwardAPI" in projection:
             files.update(_downward_files(pod, projection["downwardAPI"].get("items"), pod_ip))
         elif "serviceAccountToken" in projection:
-            files.update(_token_file(pod, projection["serviceAccountToken"], source))
+            files.update(token_file(pod, projection["serviceAccountToken"], source))
         else:
             raise PodConfigError(f"projected volume {volume['name']}: unsupported source {sorted(projection)}")
     return files
 
 
-def _token_file(pod: Mapping, projection: Mapping, source: ObjectSource) -> dict[str, bytes]:
+def token_projections(volume: Mapping) -> list[Mapping]:
+    """The ``serviceAccountToken`` sources of a projected volume (none for other volumes)."""
+    return [p["serviceAccountToken"] for p in (volume.get("projected") or {}).get("sources") or []
+            if "serviceAccountToken" in p]
+
+
+def token_file(pod: Mapping, projection: Mapping, source: ObjectSource) -> dict[str, bytes]:
+    """A ``serviceAccountToken`` projection's file: a token bound to the pod, freshly requested."""
     metadata = pod.get("metadata") or {}
     account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
     bound = (metadata["name"], metadata["uid"]) if metadata.get("uid") else None

@@ -394,6 +394,15 @@ class PodRunner:
             thread.join()
         self._addresses.close()
 
+    def refresh_tokens(self) -> None:
+        """Renews the pods' projected service-account tokens that are due, as the kubelet does
+        (call it every few seconds); a token that cannot be had now is retried on the next call."""
+        for pod in self.pods():
+            try:
+                pod.volumes.refresh_tokens()
+            except PodConfigError as error:
+                log.warning("renewing the tokens of pod %s/%s: %s", pod.namespace, pod.name, error)
+
     def notify(self, pod: RunningPod) -> None:
         """A pod's status changed: tell ``on_change``, and republish names (readiness gates them)."""
         if self.on_change is not None:

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from .podspec import ObjectSource, PodConfigError, volume_files
+from .podspec import ObjectSource, PodConfigError, token_file, token_projections, volume_files
 from .sandbox import Mount
 
 EMPTY_DIR_MODE = 0o777  # the kubelet's: any user of the pod may write an emptyDir
 DEFAULT_FILE_MODE = 0o644  # configMap, secret, downwardAPI and projected files without defaultMode
+TOKEN_REFRESH_FRACTION = 0.8
+"""The kubelet's rule: a projected token is requested anew once 80 % of its lifetime has passed."""
+DEFAULT_TOKEN_SECONDS = 3600
 _HOST_PATH_DIRECTORY = ("", "DirectoryOrCreate", "Directory")
 _HOST_PATH_FILE = ("FileOrCreate", "File")
 
@@ -33,6 +37,7 @@ class PodVolumes:
         self.volumes = {v["name"]: v for v in (pod.get("spec") or {}).get("volumes") or []}
         fs_group = ((pod.get("spec") or {}).get("securityContext") or {}).get("fsGroup")
         self.fs_group = None if fs_group is None else int(fs_group)
+        self.tokens_issued: dict[str, float] = {}  # projected volume with tokens -> when they were requested (monotonic)
 
     def path(self, name: str) -> Path:
         """Where volume ``name`` lives on this machine."""
@@ -49,9 +54,29 @@ class PodVolumes:
             elif "emptyDir" in volume:
                 self._directory(self.path(name), EMPTY_DIR_MODE)
             else:
-                kind = next(k for k in volume if k != "name")
-                mode = int((volume[kind] or {}).get("defaultMode", DEFAULT_FILE_MODE))
-                self._write(self.path(name), volume_files(self.pod, volume, self.objects, self.pod_ip), mode)
+                self._write(self.path(name), volume_files(self.pod, volume, self.objects, self.pod_ip), self._mode(volume))
+                if token_projections(volume):
+                    self.tokens_issued[name] = time.monotonic()
+
+    def refresh_tokens(self, now: float | None = None) -> None:
+        """Requests the projected service-account tokens past 80 % of their lifetime again and
+        replaces their files (atomically: a reader sees the old token or the new one)."""
+        now = time.monotonic() if now is None else now
+        for name, issued in list(self.tokens_issued.items()):
+            projections = token_projections(self.volumes[name])
+            lifetime = min(int(p.get("expirationSeconds", DEFAULT_TOKEN_SECONDS)) for p in projections)
+            if now - issued < TOKEN_REFRESH_FRACTION * lifetime:
+                continue
+            files: dict[str, bytes] = {}
+            for projection in projections:
+                files.update(token_file(self.pod, projection, self.objects))
+            self._write(self.path(name), files, self._mode(self.volumes[name]))
+            self.tokens_issued[name] = now
+
+    @staticmethod
+    def _mode(volume: Mapping) -> int:
+        kind = next(k for k in volume if k != "name")
+        return int((volume[kind] or {}).get("defaultMode", DEFAULT_FILE_MODE))
 
     def mounts(self, container: Mapping) -> list[Mount]:
         mounts = []
@@ -83,11 +108,13 @@ class PodVolumes:
             if not path.resolve().is_relative_to(directory.resolve()):
                 raise PodConfigError(f"volume item path {relative!r} leaves the volume")
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content)
+            staged = path.with_name(f".{path.name}.new")
+            staged.write_bytes(content)
             if self.fs_group is not None:
-                os.chown(path, -1, self.fs_group)
+                os.chown(staged, -1, self.fs_group)
                 mode |= (mode & 0o400) >> 3  # the group may read what the owner may
-            path.chmod(mode)
+            staged.chmod(mode)
+            os.replace(staged, path)  # tokens are rewritten while the pod runs
 
     @staticmethod
     def _host_path(source: Mapping) -> None:
