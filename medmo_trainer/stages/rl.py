@@ -32,7 +32,7 @@ from medmo_trainer.dist import DistContext
 from medmo_trainer.exit_codes import ConfigError, StorageError
 from medmo_trainer.fsio import join, url_to_fs
 from medmo_trainer.metrics_log import MetricsLog
-from medmo_trainer.progress import GRAD_NORM, LEARNING_RATE, LOSS, Progress, data_counters
+from medmo_trainer.progress import GRAD_NORM, LEARNING_RATE, LOSS, PEAK_GPU_MEMORY_GIB, Progress, data_counters
 from medmo_trainer.rl.controller import PolicyRef, PromptSampler, RolloutBatch, RolloutController, Sample
 from medmo_trainer.rl.grpo import clipped_policy_loss, completion_mask
 from medmo_trainer.rl.policy import completion_logprobs
@@ -58,6 +58,8 @@ class UpdateMetrics:
     clip_fraction: float
     kl: float
     tokens: int
+    peak_memory_bytes: int | None = None
+    """Most GPU memory rank 0's allocator held during the step; None on CPU."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ def rl_progress(config: StageConfig, step: int, total_steps: int, batch: Rollout
     if update is not None:
         metrics.update({LOSS: update.loss, LEARNING_RATE: update.learning_rate, GRAD_NORM: update.grad_norm,
                         "kl": update.kl, "clipFraction": update.clip_fraction})
+        if update.peak_memory_bytes is not None:
+            metrics[PEAK_GPU_MEMORY_GIB] = update.peak_memory_bytes / 2**30
     if sync is not None:
         metrics.update(sync.as_metrics())
     counters = {**data_counters(None, skipped), **(batch.counters if batch is not None else {})}
@@ -248,6 +252,9 @@ class GRPOLearner(StageLoop):
         normalizer = max(count, 1) / self.context.world_size
         micro = self.config.hyperparameters.per_device_batch_size
         chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)]
+        on_gpu = self.context.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.context.device)
         learning_rate = self.strategy.learning_rate()
         loss = clipped = kl = tokens = 0.0
         for index, chunk in enumerate(chunks):
@@ -267,6 +274,7 @@ class GRPOLearner(StageLoop):
             clip_fraction=self.context.sum(clipped) / max(total_tokens, 1.0),
             kl=self.context.sum(kl) / max(total_tokens, 1.0),
             tokens=int(total_tokens),
+            peak_memory_bytes=torch.cuda.max_memory_allocated(self.context.device) if on_gpu else None,
         )
 
     def loss_of(self, samples: list[Sample], normalizer: float):
