@@ -21,7 +21,7 @@ from transformers import BatchFeature
 from medmo_trainer.data.records import MalformedRecordError, load_images
 from medmo_trainer.data.schema import Record
 from medmo_trainer.model.processor import VLProcessor
-from medmo_trainer.model.tokenizer import IM_END
+from medmo_trainer.model.tokenizer import IM_END, IMAGE_PAD, VISION_END, VISION_START
 
 IGNORE_INDEX = -100
 
@@ -99,6 +99,31 @@ def encode_sample(processor: VLProcessor, record: Record, images: list[Image.Ima
     text = torch.arange(len(input_ids)).unsqueeze(0)
     return EncodedSample(input_ids, labels, torch.cat([text, mrope]), vision["pixel_values"],
                          vision["image_grid_thw"] if images else None, truncated)
+
+
+def keep_vision_in_graph(samples: list[EncodedSample], processor: VLProcessor, image_size: int) -> list[EncodedSample]:
+    """The samples, plus one image-only sample without labels when none of them shows an image.
+
+    Under DDP, FSDP or DeepSpeed every rank must run the vision tower in every micro-batch: a rank
+    whose batch happened to be all text-only (MedQA-style questions) would otherwise leave its vision
+    parameters without a gradient and the ranks' gradient reductions (or FSDP's gathers) out of step,
+    which hangs or fails the stage. The extra sample is a smallest image and its placeholders, a
+    sample of its own in a packed row (positions restart, so nothing attends to it) or a row of its
+    own when padded; with no labels it adds nothing to the loss and zeros to the gradients.
+    """
+    if any(s.pixel_values is not None for s in samples):
+        return samples
+    side = processor.patch_factor
+    vision = processor.encode_images([Image.new("RGB", (side, side))], image_size)
+    tokenizer = processor.tokenizer
+    text = VISION_START + processor.expand_image_tokens(IMAGE_PAD, vision["image_grid_thw"]) + VISION_END
+    input_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    mrope = rope_positions((input_ids == processor.image_token_id).long(), vision["image_grid_thw"],
+                           processor.image_processor.merge_size)
+    keepalive = EncodedSample(input_ids, torch.full_like(input_ids, IGNORE_INDEX),
+                              torch.cat([torch.arange(len(input_ids)).unsqueeze(0), mrope]),
+                              vision["pixel_values"], vision["image_grid_thw"], truncated=False)
+    return [*samples, keepalive]
 
 
 def _vision_inputs(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:

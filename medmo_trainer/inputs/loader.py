@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medmo_trainer.config import ALL_TASKS, DatasetSpec, Hyperparameters
-from medmo_trainer.inputs.encode import EncodedSample, encode_sample, num_tokens, pack, pad
+from medmo_trainer.inputs.encode import EncodedSample, encode_sample, keep_vision_in_graph, num_tokens, pack, pad
 from medmo_trainer.data.records import (
     DatasetUnavailableError,
     MalformedRecordError,
@@ -269,6 +269,7 @@ class BatchSource(Dataset):
             stats.per_dataset[self.specs[dataset].name] += 1
         if not samples:
             return PreparedBatch(None, stats, ids)
+        samples = keep_vision_in_graph(samples, self.processor, self.hp.image_size)
         if self.hp.packing:
             batch = pack(samples, self.processor.image_token_id)
         else:

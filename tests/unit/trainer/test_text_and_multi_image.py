@@ -65,18 +65,40 @@ def test_a_batch_of_text_only_multi_image_and_single_image_records_trains(mixed_
     assert packed_loss.item() == pytest.approx(padded_loss.item(), rel=1e-4)
 
 
-def test_a_batch_of_text_only_records_has_no_image_inputs_and_a_gradient(tmp_path, tiny_qwen3):
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_batch_of_text_only_records_still_runs_the_vision_tower_and_adds_nothing_to_the_loss(
+        tmp_path, tiny_qwen3, packing):
+    """Every rank of a data-parallel stage must run the vision tower, even on a batch of text-only questions."""
     lines = [{"id": f"q{i}", "task": "vqa", "answerType": "choice", "options": OPTIONS, "answer": "ABCDE"[i],
-              "prompt": multiple_choice_prompt(f"Question {i}?", OPTIONS)} for i in range(2)]
+              "prompt": multiple_choice_prompt(f"Question {i}?", OPTIONS)} for i in range(3)]
     (tmp_path / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    batch, _ = _first_batch(str(tmp_path), tiny_qwen3.processor, packing=True)
-    assert "pixel_values" not in batch and "image_grid_thw" not in batch
+    batch, ids = _first_batch(str(tmp_path), tiny_qwen3.processor, packing=packing)
+    assert sorted(ids) == ["q0", "q1", "q2"]
+    assert batch["image_grid_thw"].shape[0] == 1  # one smallest image, in no record's prompt
+    image = batch["input_ids"] == tiny_qwen3.processor.image_token_id
+    assert (batch["labels"][image] == IGNORE_INDEX).all()
+
     model = tiny_qwen3.model
     loss = model(**batch).loss
     loss.backward()
-    embeddings = model.get_input_embeddings().weight
-    assert torch.isfinite(loss) and embeddings.grad is not None and embeddings.grad.abs().sum() > 0
-    model.zero_grad(set_to_none=True)
+    try:
+        vision = [p.grad for p in model.model.visual.parameters()]
+        assert all(grad is not None for grad in vision)  # what DDP's reduction waits for on every rank
+        assert all(float(grad.abs().sum()) == 0.0 for grad in vision)  # and nothing the image could teach
+        assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+    finally:
+        model.zero_grad(set_to_none=True)
+    # the same loss as the text alone
+    if packing:
+        text_only = {"input_ids": batch["input_ids"][:, ~image[0]], "labels": batch["labels"][:, ~image[0]],
+                     "position_ids": batch["position_ids"][:, :, ~image[0]]}
+        keep = text_only["labels"].shape[1] - 2  # the image's start and end markers close the row
+        text_only = {k: v[..., :keep] for k, v in text_only.items()}
+    else:
+        rows = ~image.any(dim=1)
+        text_only = {k: batch[k][rows] for k in ("input_ids", "labels", "attention_mask")}
+    with torch.no_grad():
+        assert model(**text_only).loss.item() == pytest.approx(loss.item(), rel=1e-5)
 
 
 def test_generation_prompts_show_every_image_of_a_record_or_none(mixed_dataset, tiny_qwen3):
