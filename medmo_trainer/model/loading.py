@@ -66,13 +66,14 @@ def load_model(source: ModelSource | str, *, dtype: torch.dtype | None = None, s
 
 
 def use_fastest_attention(model: PreTrainedModel) -> None:
-    """FlashAttention-2 where it can run (a GPU, the `flash_attn` package installed), else PyTorch's SDPA
-    (transformers' default, which picks its own flash or memory-efficient kernel on GPU).
-
-    Both take packed rows: flash attention reads the samples' bounds from the restarting position ids."""
+    """FlashAttention-2 where it can run (a GPU, the `flash_attn` package installed, weights in bf16 or
+    fp16), else PyTorch's SDPA (transformers' default, which picks its own flash or memory-efficient
+    kernel on GPU). Both take packed rows: flash attention reads the samples' bounds from the restarting
+    position ids."""
     import importlib.util
 
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    half = model.dtype in (torch.bfloat16, torch.float16)
+    if half and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         model.set_attn_implementation("flash_attention_2")
 
 
