@@ -116,6 +116,8 @@ INVALID_CASES: list[InvalidCase] = [
     InvalidCase("bad-clean-pod-policy", _set("spec.runPolicy.cleanPodPolicy", "Sometimes"), "cleanPodPolicy"),
     InvalidCase("run-name-too-long", _set("metadata.name", "a" * 40), "name"),
     InvalidCase("init-from-later-stage", _set("spec.stage:align.initFrom", "instruct"), "initFrom", server=False),
+    InvalidCase("hub-token-for-a-preset", _set("spec.model.tokenSecretRef", {"name": "hf-token"}), "tokenSecretRef"),
+    InvalidCase("malformed-hub-id", _set("spec.model.base", "org/name/extra"), "base"),
 ]
 
 
