@@ -1,10 +1,13 @@
-"""OpenTelemetry spans (one per step, one per checkpoint) and metrics of rank 0.
+"""OpenTelemetry spans and metrics of rank 0: one trace per stage (a `medmo.stage` span with a
+`medmo.step` span per step and a `medmo.checkpoint` span per save under it), for every stage type.
 
 Configured only through the standard variables: `OTEL_TRACES_EXPORTER` (`otlp` when the OTLP
 exporter package is installed, `console`, `none`), `OTEL_METRICS_EXPORTER` (`prometheus`, served on
 `OTEL_EXPORTER_PROMETHEUS_HOST`:`OTEL_EXPORTER_PROMETHEUS_PORT`, default port 9464; `otlp`; `console`;
-`none`), `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`. With none of them set nothing is
-exported and the API's no-op tracer and meter cost next to nothing.
+`none`), `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`, and the OTLP exporter's own
+(`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_HEADERS`) and the sampler's (`OTEL_TRACES_SAMPLER`):
+the operator sets them from `spec.telemetry`. With none of them set nothing is exported and the API's
+no-op tracer and meter cost next to nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class Telemetry:
 
     def __init__(self, run: str, stage: str, enabled: bool) -> None:
         self.attributes = {"medmo.run": run, "medmo.stage": stage}
-        tracer_provider = _tracer_provider() if enabled else None
+        tracer_provider = tracer_provider_from_env() if enabled else None
         meter_provider, self._metrics_server = _meter_provider() if enabled else (None, None)
         self._providers = [p for p in (tracer_provider, meter_provider) if p is not None]
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("medmo_trainer")
@@ -42,6 +45,10 @@ class Telemetry:
     def record_step(self, loss: float, tokens: int, samples: int, seconds: float) -> None:
         self.loss.set(loss, self.attributes)
         self.tokens.add(tokens, self.attributes)
+        self.record_batch(samples, seconds)
+
+    def record_batch(self, samples: int, seconds: float) -> None:
+        """A step without a loss (an eval batch): its samples and its time."""
         self.samples.add(samples, self.attributes)
         self.step_seconds.record(seconds, self.attributes)
 
@@ -57,7 +64,8 @@ def _exporter_name(variable: str) -> str:
     return os.environ.get(variable, "none").split(",")[0].strip().lower()
 
 
-def _tracer_provider():
+def tracer_provider_from_env():
+    """A tracer provider exporting as `OTEL_TRACES_EXPORTER` says (None for `none`); the operator's too."""
     name = _exporter_name("OTEL_TRACES_EXPORTER")
     if name == "none":
         return None

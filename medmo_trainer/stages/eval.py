@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -151,9 +152,11 @@ class Evaluator(StageLoop):
             scorer = BenchmarkScorer()
             skipped = Counter(benchmark.skipped)
             for start in range(0, len(benchmark.records), batch_size):
+                started = time.perf_counter()
                 with self.telemetry.span("medmo.step", step=self.step + 1):
                     scored = self.eval_step(model, processor, benchmark.records[start : start + batch_size],
                                             scorer, skipped)
+                self.telemetry.record_batch(len(scored), time.perf_counter() - started)
                 rows += [prediction_row(benchmark.spec.name, *answer) for answer in scored]
                 self.step += 1
                 self._report("Running", message=f"model {name}, benchmark {benchmark.spec.name}")

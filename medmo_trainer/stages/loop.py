@@ -2,8 +2,9 @@
 
 Each stage type is one class built the same way: `build(config, context)` makes its components in
 dependency order, a loop method runs its steps (one `medmo.step` span each, `medmo.checkpoint` around
-saves), and `run_reporting_failures` runs it so that a failure is reported to the operator (a
-`Failed` progress report with the error) before the process exits with the failure's code.
+saves), and `run_reporting_failures` runs it under one `medmo.stage` span (so a stage is one trace),
+reporting a failure to the operator (a `Failed` progress report with the error) before the process
+exits with the failure's code.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ Loop = TypeVar("Loop", bound=StageLoop)
 def run_reporting_failures(loop: Loop, run: Callable[[Loop], StageResult]) -> StageResult:
     """`run(loop)`; a failure is reported before it propagates, and the loop is closed either way."""
     try:
-        return run(loop)
+        # The stage's root span: its steps and checkpoints are children, so a stage is one trace.
+        with loop.telemetry.span("medmo.stage", **{"medmo.stage.type": loop.config.type}):
+            return run(loop)
     except Exception as error:  # not an interrupt: a pod stopped from outside has not failed
         loop.report_failure(error)
         raise

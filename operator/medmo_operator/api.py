@@ -235,6 +235,29 @@ CEL_NOT_HUB_ID = ("self.base.startsWith('preset:') || self.base.startsWith('/') 
 """`medmo_trainer.config.is_hub_model`, negated, in CEL."""
 
 
+class HeadersSecretReference(ConfigModel):
+    """A key of a Secret in the run's namespace holding the OTLP exporter's headers."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253)]
+    """Name of the Secret."""
+    key: Annotated[str, Field(min_length=1, max_length=253)] = "headers"
+    """Key whose value is the headers in OTLP's `name=value,name2=value2` form (values
+    percent-encoded), e.g. `authorization=Bearer%20<token>`."""
+
+
+class TelemetrySpec(ConfigModel):
+    """Where the learner pods send OpenTelemetry traces (one per stage) and metrics, over OTLP/HTTP."""
+
+    endpoint: Annotated[str, Field(min_length=8, max_length=1024, pattern=r"^https?://")]
+    """Base URL of an OTLP/HTTP receiver (an OpenTelemetry Collector), e.g.
+    `http://otel-collector.observability:4318`; pods post to `/v1/traces` and `/v1/metrics` under it."""
+    headers_secret_ref: HeadersSecretReference | None = None
+    """Headers the exporter sends (a collector's credentials), passed to the pods by secretKeyRef:
+    their values never appear in the resource, its status or the operator's logs."""
+    sampling_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    """Fraction of stage traces kept (a parent-based trace-id ratio sampler); 1 keeps all."""
+
+
 class ModelSpec(ConfigModel):
     """The base model the first stage starts from. A Hugging Face Hub id is downloaded once, by the
     run's model initializer Job, into `<storage.uri>/base_model/`, and every pod loads it from there."""
@@ -528,6 +551,8 @@ class MedMOTrainingSpec(ConfigModel):
     """Queueing, priority and gang scheduling."""
     cache: CacheSpec | None = None
     """The volume pods keep caches on (mounted at /var/cache/medmo); unset: an emptyDir per pod."""
+    telemetry: TelemetrySpec | None = None
+    """OpenTelemetry export of the learners' traces and metrics; unset: nothing is exported."""
 
     @model_validator(mode="after")
     def _check_recipe(self) -> MedMOTrainingSpec:

@@ -131,6 +131,7 @@ async def on_operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, 
 async def on_operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
     if "operator" in memo:
         await memo.operator.stop()
+    telemetry.shutdown()
 
 
 def _token_key(namespace: str) -> bytes:
@@ -204,26 +205,27 @@ def reconcile_training(
     if meta.get("deletionTimestamp"):
         return  # the garbage collector removes the children; writing status now is wasted work
     state: OperatorState = memo.operator
-    started = time.monotonic()
-    run = render.RunRef(name=name, namespace=namespace, uid=uid)
-    training_spec = api.MedMOTrainingSpec.model_validate(copy.deepcopy(dict(spec)))
-    current = {k: v for k, v in dict(status).items() if k != "kopf"}
-    current_status = api.MedMOTrainingStatus.model_validate(copy.deepcopy(current)) if current else None
-    jobs = list(jobs_by_run.get((namespace, name), []))
-    observed = plan.Observed(
-        jobs=observe.latest_jobs(jobs, list(learner_pods_by_run.get((namespace, name), []))),
-        progress=state.store.latest(namespace, name),
-        initializer=observe.model_initializer_job(jobs, list(initializer_pods_by_run.get((namespace, name), []))),
-    )
-    result = plan.plan(training_spec, current_status, observed, datetime.now(UTC), generation=meta.get("generation"))
-    execute.carry_out(result.actions, run, training_spec, state.endpoints, KubernetesExecutor(run, body))
-    new_status = plan.status_patch(result.status)
-    if new_status != current:
-        patch.status.update(new_status)
-    telemetry.record_actions(result.actions, _finished_stage_durations(result, training_spec))
-    telemetry.record_reconcile(time.monotonic() - started)
-    if any(isinstance(a, plan.DeleteRun) for a in result.actions):
-        state.store.forget(namespace, name)
+    with telemetry.reconcile_span(namespace, name):
+        started = time.monotonic()
+        run = render.RunRef(name=name, namespace=namespace, uid=uid)
+        training_spec = api.MedMOTrainingSpec.model_validate(copy.deepcopy(dict(spec)))
+        current = {k: v for k, v in dict(status).items() if k != "kopf"}
+        current_status = api.MedMOTrainingStatus.model_validate(copy.deepcopy(current)) if current else None
+        jobs = list(jobs_by_run.get((namespace, name), []))
+        observed = plan.Observed(
+            jobs=observe.latest_jobs(jobs, list(learner_pods_by_run.get((namespace, name), []))),
+            progress=state.store.latest(namespace, name),
+            initializer=observe.model_initializer_job(jobs, list(initializer_pods_by_run.get((namespace, name), []))),
+        )
+        result = plan.plan(training_spec, current_status, observed, datetime.now(UTC), generation=meta.get("generation"))
+        execute.carry_out(result.actions, run, training_spec, state.endpoints, KubernetesExecutor(run, body))
+        new_status = plan.status_patch(result.status)
+        if new_status != current:
+            patch.status.update(new_status)
+        telemetry.record_actions(result.actions, _finished_stage_durations(result, training_spec))
+        telemetry.record_reconcile(time.monotonic() - started)
+        if any(isinstance(a, plan.DeleteRun) for a in result.actions):
+            state.store.forget(namespace, name)
 
 
 def _finished_stage_durations(result: plan.Plan, spec: api.MedMOTrainingSpec) -> dict[str, float]:

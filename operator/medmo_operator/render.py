@@ -407,6 +407,30 @@ def _pod_failure_policy(container: str) -> dict:
     }
 
 
+def _telemetry_env(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stage) -> list[dict]:
+    """The standard OTEL_* variables the trainer's OpenTelemetry SDK reads (medmo_trainer.telemetry):
+    OTLP/HTTP to the run's endpoint, the run and stage as resource attributes, headers by secretKeyRef."""
+    telemetry = spec.telemetry
+    if telemetry is None:
+        return []
+    attributes = {"medmo.run": run.name, "medmo.namespace": run.namespace, "medmo.stage": stage.name, "medmo.stage.type": stage.type}
+    env = [
+        {"name": "OTEL_SERVICE_NAME", "value": "medmo-trainer"},
+        {"name": "OTEL_RESOURCE_ATTRIBUTES", "value": ",".join(f"{k}={v}" for k, v in attributes.items())},
+        {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": telemetry.endpoint},
+        {"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": "http/protobuf"},
+        {"name": "OTEL_TRACES_EXPORTER", "value": "otlp"},
+        {"name": "OTEL_METRICS_EXPORTER", "value": "otlp"},
+        {"name": "OTEL_LOGS_EXPORTER", "value": "none"},
+        {"name": "OTEL_TRACES_SAMPLER", "value": "parentbased_traceidratio"},
+        {"name": "OTEL_TRACES_SAMPLER_ARG", "value": str(telemetry.sampling_ratio)},
+    ]
+    ref = telemetry.headers_secret_ref
+    if ref is not None:
+        env.append({"name": "OTEL_EXPORTER_OTLP_HEADERS", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return env
+
+
 def _progress_env(run: RunRef, endpoints: OperatorEndpoints) -> list[dict]:
     return [
         {"name": "MEDMO_PROGRESS_URL", "value": progress_url(run, endpoints)},
@@ -439,6 +463,7 @@ def build_learner_job(
         *_storage_env(spec),
         *_cache_env(),
         *_hub_env(spec),
+        *_telemetry_env(run, spec, stage),
     ]
     labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.name, LABEL_ROLE: "learner", LABEL_ATTEMPT: str(attempt)}
     if spec.scheduling.gang:

@@ -1,19 +1,31 @@
-"""The operator's metrics, through OpenTelemetry, served for Prometheus to scrape."""
+"""The operator's metrics, through OpenTelemetry, served for Prometheus to scrape, and a span per
+reconcile, exported as the standard OTEL_* variables say (`OTEL_TRACES_EXPORTER=otlp` and
+`OTEL_EXPORTER_OTLP_ENDPOINT` on the operator's Deployment; unset, nothing is traced)."""
 
 from __future__ import annotations
 
-from opentelemetry import metrics
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 
 from medmo_operator.plan import Action, Event
+from medmo_trainer.telemetry import tracer_provider_from_env
 
 _meter = None
+_tracer: trace.Tracer = trace.NoOpTracer()
 _instruments: dict = {}
 
 
 def setup(prometheus_port: int | None, host: str = "0.0.0.0") -> None:
-    """Installs a meter provider; with a port, also a Prometheus endpoint at `/metrics`."""
-    global _meter
+    """Installs a meter provider; with a port, also a Prometheus endpoint at `/metrics`; and a tracer
+    provider when OTEL_TRACES_EXPORTER asks for one."""
+    global _meter, _tracer
+    tracer_provider = tracer_provider_from_env()
+    if tracer_provider is not None:
+        trace.set_tracer_provider(tracer_provider)
+        _tracer = tracer_provider.get_tracer("medmo_operator")
     readers = []
     if prometheus_port is not None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -52,3 +64,17 @@ def record_actions(actions: list[Action], stage_durations: dict[str, float]) -> 
 def record_reconcile(seconds: float) -> None:
     if _instruments:
         _instruments["reconcile"].record(seconds)
+
+
+@contextmanager
+def reconcile_span(namespace: str, name: str) -> Iterator[None]:
+    """The span of one reconcile of one run (a trace of its own: reconciles are timer ticks)."""
+    with _tracer.start_as_current_span("medmo.reconcile", attributes={"medmo.run": name, "medmo.namespace": namespace}):
+        yield
+
+
+def shutdown() -> None:
+    """Exports the spans still buffered (the operator is stopping)."""
+    provider = trace.get_tracer_provider()
+    if hasattr(provider, "shutdown"):
+        provider.shutdown()
