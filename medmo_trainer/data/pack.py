@@ -1,7 +1,7 @@
 """Prepares datasets for streaming: writes a folder's shard index, or converts a dataset to Parquet shards.
 
-    python -m medmo_trainer.data.pack index URI [--column FIELD=COLUMN ...] [--task TASK]
-    python -m medmo_trainer.data.pack pack SOURCE DEST [--records-per-shard 10000] [--column ...] [--task ...]
+    medmo data index URI [--column FIELD=COLUMN ...]
+    medmo data pack SOURCE DEST [--records-per-shard 10000] [--column FIELD=COLUMN ...] [--task TASK]
 
 `index` counts the records of every shard of URI once and writes `medmo-index.json` beside them, so
 that every later loader starts without reading any shard (`medmo_trainer.data.shards`). `pack` reads
@@ -9,12 +9,11 @@ SOURCE (JSONL, Parquet or Arrow, one shard at a time), keeps the records that va
 schema (the others are counted by reason and left out, once, instead of at every pass), makes their
 image references absolute (images stay where they are and are fetched when a sample is used), and
 writes Parquet shards of `--records-per-shard` records under DEST with their index: the format that
-Hugging Face `datasets`, pandas and DuckDB read too. Prints a JSON summary.
+Hugging Face `datasets`, pandas and DuckDB read too.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -95,40 +94,12 @@ def _schema():
     return pa.schema([(field, types.get(field, text)) for field in RECORD_FIELDS])
 
 
-def _columns(pairs: list[str]) -> dict[str, str]:
+def parse_columns(pairs: list[str]) -> dict[str, str]:
+    """`FIELD=COLUMN` arguments as a column mapping; raises ValueError naming a malformed one."""
     columns = {}
     for pair in pairs:
         field, sep, column = pair.partition("=")
         if not sep or field not in RECORD_FIELDS:
-            raise SystemExit(f"--column {pair!r}: expected FIELD=COLUMN with FIELD one of {list(RECORD_FIELDS)}")
+            raise ValueError(f"--column {pair!r}: expected FIELD=COLUMN with FIELD one of {list(RECORD_FIELDS)}")
         columns[field] = column
     return columns
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m medmo_trainer.data.pack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("index", "write medmo-index.json for a folder of shards"),
-                            ("pack", "convert a dataset to Parquet shards with an index")):
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("source", help="fsspec URI of the dataset")
-        if name == "pack":
-            command.add_argument("dest", help="fsspec URI of the folder to write")
-            command.add_argument("--records-per-shard", type=int, default=10_000)
-        command.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
-                             help="tabular column holding a record field (repeatable)")
-        command.add_argument("--task", choices=ALL_TASKS, help="the task of records without a task column")
-    args = parser.parse_args(argv)
-    columns = _columns(args.column)
-    if args.command == "index":
-        summary = index(args.source, columns)
-    else:
-        if args.records_per_shard < 1:
-            parser.error("--records-per-shard must be at least 1")
-        summary = pack(args.source, args.dest, args.records_per_shard, columns, args.task)
-    print(json.dumps(summary))
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@ A dataset URI names one shard or a folder of shards, in one of three formats:
 
 - `*.jsonl`: one `Record` per line (the schema's camelCase keys);
 - `*.parquet`: Apache Parquet, as Hugging Face `datasets` publishes (`to_parquet`, the Hub) and
-  `python -m medmo_trainer.data.pack` writes;
+  `medmo data pack` writes;
 - `*.arrow`: Arrow IPC streams, as `datasets.Dataset.save_to_disk` writes.
 
 Columns of Parquet and Arrow shards map onto record fields (`DatasetSpec.columns`; a column named like
@@ -72,13 +72,13 @@ class DatasetSource:
         Raises DatasetUnavailableError if the shard cannot be read or no longer holds what the index says.
         """
         shard = self.shards[index]
-        records = [r for r in read_shard(shard.uri, self.columns, self.default_task)
+        records = [r for r in read_shard(shard.uri, self.columns, self.default_task, not tasks >= set(ALL_TASKS))
                    if r.task in tasks or r.task not in ALL_TASKS]
         if len(records) != shard.kept(tasks):
             raise DatasetUnavailableError(
                 self.uri, f"shard {shard.uri} holds {len(records)} records of tasks {sorted(tasks)}, its index "
                 f"says {shard.kept(tasks)}: the data changed after {INDEX_NAME} was written; write it again with "
-                f"`python -m medmo_trainer.data.pack index {self.uri}`")
+                f"`medmo data index {self.uri}`")
         return records
 
 
@@ -103,7 +103,7 @@ def open_dataset(uri: str, columns: Mapping[str, str] | None = None,
             uris = list_shards(source, uri)
             if len(uris) > 1:
                 logger.warning("dataset %s has no %s: counting the records of its %d shards once (write the index "
-                               "with `python -m medmo_trainer.data.pack index %s` to start at once)",
+                               "with `medmo data index %s` to start at once)",
                                uri, INDEX_NAME, len(uris), uri)
             shards = tuple(count_shard(shard, columns) for shard in uris)
     except DatasetUnavailableError:
@@ -165,8 +165,10 @@ def write_index(uri: str, shards: list[Shard] | tuple[Shard, ...]) -> str:
     return fs.unstrip_protocol(target)
 
 
-def read_shard(uri: str, columns: Mapping[str, str], default_task: str | None) -> list[RawRecord]:
-    """Every record of one shard, in file order (blank JSONL lines left out)."""
+def read_shard(uri: str, columns: Mapping[str, str], default_task: str | None,
+               with_tasks: bool = True) -> list[RawRecord]:
+    """Every record of one shard, in file order (blank JSONL lines left out); `with_tasks=False` leaves
+    JSONL records' task unread (None) when no filter needs it, which halves the work of reading."""
     base = uri.rsplit("/", 1)[0]
     try:
         fs, path = url_to_fs(uri)
@@ -176,7 +178,7 @@ def read_shard(uri: str, columns: Mapping[str, str], default_task: str | None) -
     if uri.endswith((".parquet", ".arrow")):
         return list(_tabular_records(uri, data, base, columns, default_task))
     lines = data.decode("utf-8", errors="replace").splitlines()
-    return [RawRecord(line, base, task_of(line)) for line in lines if line.strip()]
+    return [RawRecord(line, base, task_of(line) if with_tasks else None) for line in lines if line.strip()]
 
 
 def _tabular_records(uri: str, data: bytes, base: str, columns: Mapping[str, str],

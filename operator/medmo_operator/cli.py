@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from medmo_operator import api
+from medmo_trainer.config import ALL_TASKS
 
 
 def load_training_file(path: Path) -> api.MedMOTraining:
@@ -99,6 +101,30 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0 if not result.skipped and result.usable else 1
 
 
+def _data_index(args: argparse.Namespace) -> int:
+    from medmo_trainer.data.pack import index, parse_columns
+    from medmo_trainer.data.records import DatasetUnavailableError
+
+    try:
+        print(json.dumps(index(args.uri, parse_columns(args.column))))
+    except (DatasetUnavailableError, ValueError) as error:
+        raise SystemExit(f"medmo data index: {error}") from error
+    return 0
+
+
+def _data_pack(args: argparse.Namespace) -> int:
+    from medmo_trainer.data.pack import pack, parse_columns
+    from medmo_trainer.data.records import DatasetUnavailableError
+
+    if args.records_per_shard < 1:
+        raise SystemExit("medmo data pack: --records-per-shard must be at least 1")
+    try:
+        print(json.dumps(pack(args.source, args.dest, args.records_per_shard, parse_columns(args.column), args.task)))
+    except (DatasetUnavailableError, ValueError) as error:
+        raise SystemExit(f"medmo data pack: {error}") from error
+    return 0
+
+
 def _operator(args: argparse.Namespace) -> int:
     import kopf
 
@@ -154,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-images", action="store_true", help="do not open the records' images")
     check.add_argument("--show", type=int, default=20, help="skipped lines to list (default: 20)")
     check.set_defaults(handler=_data_check)
+    column_help = "the tabular (Parquet, Arrow) column holding a record field, e.g. prompt=question (repeatable)"
+    index = data_commands.add_parser(
+        "index", help="write medmo-index.json: every shard's records per task, so loaders start without reading shards",
+        description="Counts the records of every shard of a folder once. Write it again after changing the shards.")
+    index.add_argument("uri", help="a folder of .jsonl/.parquet/.arrow shards (path or fsspec URI)")
+    index.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN", help=column_help)
+    index.set_defaults(handler=_data_index)
+    pack = data_commands.add_parser(
+        "pack", help="convert a dataset to Parquet shards with their index, for streaming",
+        description="Keeps the records that validate (the others are counted by reason and left out), makes "
+                    "image references absolute (images stay where they are) and writes Parquet shards under DEST.")
+    pack.add_argument("source", help="a .jsonl/.parquet/.arrow file or a folder of them (path or fsspec URI)")
+    pack.add_argument("dest", help="the folder to write (path or fsspec URI)")
+    pack.add_argument("--records-per-shard", type=int, default=10_000, help="records per Parquet shard (default: 10000)")
+    pack.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN", help=column_help)
+    pack.add_argument("--task", choices=ALL_TASKS, help="the task of every record, for a source without a task column")
+    pack.set_defaults(handler=_data_pack)
     operator = commands.add_parser("operator", help="run the operator against the cluster of $KUBECONFIG (or in-cluster)")
     operator.add_argument("--namespace", action="append", help="watch only this namespace (repeatable); default: all")
     operator.add_argument("--liveness", default=None, help="serve kopf's liveness probe, e.g. http://0.0.0.0:8081/healthz")
