@@ -1,7 +1,10 @@
 """The tiny presets' tokenizer: a byte-level BPE trained offline with `tokenizers` on the synthetic data's texts.
 
 Byte-level, so any text round-trips; trained on the synthetic vocabulary, so those texts take few
-tokens. Cached under `${MEDMO_CACHE:-~/.cache/medmo}/tokenizers/<hash of the recipe>/`.
+tokens. Numbers are split into single digits before BPE, as Qwen's own tokenizers split them: a
+box coordinate is then always its digits, most significant first (`265` is `2 6 5`), instead of
+whichever merges BPE learned (`26 5` here, ` 2 25` there), which a tiny model cannot learn to
+write consistently. Cached under `${MEDMO_CACHE:-~/.cache/medmo}/tokenizers/<hash of the recipe>/`.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def _recipe_hash(corpus: list[str]) -> str:
     recipe = {
         "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
         "vocab": VOCAB_SIZE,
+        "digits": "individual",
         "special": SPECIAL_TOKENS,
         "text": TEXT_TOKENS,
         "template": CHAT_TEMPLATE,
@@ -63,7 +67,9 @@ def _recipe_hash(corpus: list[str]) -> str:
 def train_tokenizer(corpus: list[str]) -> Tokenizer:
     """A byte-level BPE of at most VOCAB_SIZE tokens; control tokens get the first ids."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,

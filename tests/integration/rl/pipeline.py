@@ -18,7 +18,8 @@ from medmo_cases import progress_lines as reports_in
 from medmo_trainer.rl.rewards import BoxReward
 
 IMAGE_SIZE = 112
-MAX_COMPLETION_TOKENS = 40
+MAX_COMPLETION_TOKENS = 72
+"""A three-box grounding answer is 65 tokens (numbers are written digit by digit) and its end of turn."""
 
 
 def run(cmd: list[str], log: Path, timeout: float = 900, env: dict | None = None) -> None:

@@ -54,6 +54,13 @@ def test_tokenizer_round_trips_synthetic_texts_compactly(tiny_qwen3):
         assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1, token
 
 
+def test_tokenizer_writes_numbers_digit_by_digit_as_qwen_does(tiny_qwen3):
+    tokenizer = tiny_qwen3.processor.tokenizer
+    ids = tokenizer("nodule <box>[[265, 25, 1000, 7]]</box>", add_special_tokens=False)["input_ids"]
+    numeric = [tokenizer.decode([i]) for i in ids if any(c.isdigit() for c in tokenizer.decode([i]))]
+    assert numeric == list("2652510007")
+
+
 def test_chat_template_puts_image_before_the_question(tiny_qwen3):
     processor = tiny_qwen3.processor
     text = processor.apply_chat_template(
