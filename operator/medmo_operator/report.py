@@ -317,7 +317,8 @@ def plot_boxes(evals: Mapping[str, Mapping], path: Path) -> Path | None:
             _draw_boxes(axes, answer.get("referenceBoxes", []), image.size, TRUE_BOX_COLOR, "-")
             _draw_boxes(axes, answer.get("parsed") or [], image.size, PREDICTED_BOX_COLOR, "--")
             iou = (answer.get("scores") or {}).get("groundingMiou")
-            axes.set_title(f"{model['name']}: IoU {format_value(iou) if iou is not None else 'unreadable'}", fontsize=9)
+            shown = f"IoU {format_value(iou)}" if answer.get("readable", True) and iou is not None else "no box read"
+            axes.set_title(f"{model['name']}: {shown}", fontsize=9)
             axes.set_xticks([])
             axes.set_yticks([])
         row_panels[0].set_ylabel(example["id"], fontsize=7)

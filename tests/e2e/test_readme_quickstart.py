@@ -7,6 +7,7 @@ from a plain `git clone` of HEAD with the default (relative) work directory, as 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -130,10 +131,18 @@ def test_the_readme_quickstart_command_succeeds_from_a_fresh_clone_and_again_pri
     # The README says where the report is, relative to the folder the command ran in.
     report = Path(first.stdout.split("report: ", 1)[1].split()[0])
     assert (clone / report).resolve() == (clone / ".medmo/medmo-tiny/report/report.md").resolve()
-    assert "groundingMiou" in (clone / report).read_text()
-    for plot in ("loss.png", "rewards.png", "grounding_iou.png"):
+    assert "groundingMiou" in (clone / report).read_text() and "](boxes.png)" in (clone / report).read_text()
+    for plot in ("loss.png", "rewards.png", "grounding_iou.png", "boxes.png"):
         image = Image.open(clone / report.parent / plot).convert("L")
         assert image.size[0] >= 400 and len(set(image.getdata())) > 2, plot
+    # Every held-out answer of every model the eval stage scored, beside its metrics.
+    for stage in eval_stages:
+        document = json.loads((storage / stage / "metrics.json").read_text())
+        assert len(document["models"]) == 2  # after RL, and before it
+        for model in document["models"]:
+            lines = (storage / stage / "predictions" / f"{model['name']}.jsonl").read_text().splitlines()
+            assert len(lines) == sum(counts["samples"] for counts in model["counts"].values())
+            assert {"id", "prompt", "reference", "generated", "parsed", "scores"} <= json.loads(lines[0]).keys()
     # What the README says the demo shows: GRPO raises held-out grounding IoU over the SFT model.
     bench = status["stages"][-1]["metrics"]
     assert bench["heldout/groundingMiou"] > bench["instruct/heldout/groundingMiou"], bench
