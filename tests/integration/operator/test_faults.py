@@ -4,7 +4,7 @@ storage on SeaweedFS S3, the operator and node agent on the real control plane).
 Each test breaks one thing mid-stage, then checks that the run still reaches Succeeded, that
 `status.stages[].restarts` counts what happened, and that at most one checkpoint interval of steps
 was computed twice. It prints the steps recomputed and the time from the fault to recovery (the
-first step trained after it); the README's "Faults" table quotes these figures.
+first step trained beyond what was reached before it); the README's "Faults" table quotes them.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -33,11 +33,13 @@ TIMEOUT_S = 420
 EVERY = 2
 """Checkpoint interval of every faulted stage: the most steps a fault may cost."""
 RESUMED = "resumed from "
+OUTAGE_S = 30
 
 
-def _stage(name: str, steps: int, nodes: int = 1, kind: str = "pretrain") -> dict:
+def _stage(name: str, steps: int, nodes: int = 1) -> dict:
+    """An alignment stage of the tiny preset (the projector trains: the fastest real steps)."""
     return {
-        "name": name, "type": kind, "nodes": nodes, "trainable": ["projector"],
+        "name": name, "type": "pretrain", "nodes": nodes, "trainable": ["projector"],
         "datasets": [{"name": "synth", "uri": "synthetic://train?n=64&seed=1", "tasks": ["caption"]}],
         "hyperparameters": {"learningRate": 1e-3, "maxSteps": steps, "imageSize": 80, "perDeviceBatchSize": 2},
         "strategy": {"name": "ddp"},
@@ -151,6 +153,7 @@ def _recovery(fault_at: float, attempts: list[list[PodLog]], fault: str) -> tupl
 
 
 def _children(pid: int) -> list[int]:
+    """The processes `pid` started (torchrun's are its ranks)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         found += [int(p) for p in (task / "children").read_text().split()]
@@ -317,8 +320,6 @@ def storage_link(s3_server):
     link.close()
 
 
-OUTAGE_S = 30
-
 
 def test_storage_unreachable_for_30_s_during_a_checkpoint_save_is_ridden_out_with_retries(
         control_plane, operator, node_agent, namespace, s3_server, s3_bucket, storage_link):
@@ -334,7 +335,7 @@ def test_storage_unreachable_for_30_s_during_a_checkpoint_save_is_ridden_out_wit
     assert storage_link.cut_at is not None, "the checkpoint save never went through the link"
     record = status["stages"][0]
     assert (record["phase"], record["step"], record["restarts"]) == ("Succeeded", steps, 0), record
-    # The pod kept trying through the outage (each attempt was reset), and stopped once it was over.
+    # The pod kept trying through the outage, each attempt reset, and its save went through after.
     during = [t for t in storage_link.refused if storage_link.cut_at <= t <= storage_link.restored_at]
     assert len(during) >= 2, storage_link.refused
     logs = _pod_logs(node_agent, namespace, f"{run}-align-0-")
