@@ -18,19 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import torch
 
 from medmo_trainer.config import StageConfig
+from medmo_trainer.gpu_check import worker
 from medmo_trainer.model import apply_trainable, load_model
 from medmo_trainer.stages.rl import PolicyPublisher
 
@@ -38,7 +37,7 @@ CASES = [
     ("whole model, fp32 (before)", ["vision", "projector", "language"], torch.float32),
     ("whole model, bf16", ["vision", "projector", "language"], torch.bfloat16),
     ("projector only (alignment), bf16", ["projector"], torch.bfloat16),
-    ("language model (sft), bf16", ["projector", "language"], torch.bfloat16),
+    ("projector + language model (sft), bf16", ["projector", "language"], torch.bfloat16),
 ]
 
 
@@ -49,15 +48,16 @@ def call(url: str, token: str, body: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
-def start_worker(model: str, storage: Path, token_file: Path) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, "-m", "medmo_trainer.rl.rollout_server", "--model", model,
-                                "--host", "127.0.0.1", "--port", "0", "--storage-uri", str(storage)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "MEDMO_PROGRESS_TOKEN_FILE": str(token_file)})
-    for line in process.stdout:
-        if match := re.search(r"listening on (http://\S+)", line):
-            return process, match.group(1)
-    raise RuntimeError("the rollout worker did not start")
+def wait_ready(url: str, token: str) -> None:
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            call(f"{url}/readyz", token)
+            return
+        except urllib.error.HTTPError:  # 503 while the model loads
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def main() -> None:
@@ -77,11 +77,12 @@ def main() -> None:
             "rl": {"rolloutUrls": ["http://unused"], "rewardUrls": ["http://unused"]},
         })
         model = load_model(args.model).model
-        worker, url = start_worker(args.model, storage, token_file)
-        call(f"{url}/readyz", token)
-        version = 0
+        env = {**os.environ, "MEDMO_PROGRESS_TOKEN_FILE": str(token_file)}
         rows = []
-        try:
+        with worker("medmo_trainer.rl.rollout_server", ["--model", args.model, "--storage-uri", scratch], env,
+                    storage / "worker.log") as url:
+            wait_ready(url, token)
+            version = 0
             for label, groups, dtype in CASES:
                 trained = set(apply_trainable(model, groups))
                 state = {n: p.detach() for n, p in model.named_parameters() if n in trained}
@@ -98,9 +99,6 @@ def main() -> None:
                 size = publisher.last_bytes
                 rows.append((label, sum(state[n].numel() for n in state), size, statistics.median(publish),
                              statistics.median(load)))
-        finally:
-            worker.terminate()
-            worker.wait()
     baseline = rows[0][2]
     print(f"model {args.model}, {args.workers} rollout workers, median of {args.repeats}\n")
     print("| published | trained parameters | file | bytes moved per step | vs before | publish s | worker load s |")
