@@ -20,6 +20,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -266,13 +267,18 @@ def run_part(part: str, args: list[str], profile_name: str, work: Path, timeout:
     command = [sys.executable, "-m", "medmo_trainer.gpu_check", "--part", part, "--profile", profile_name,
                "--work", str(work), *args]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
+    # A session of its own: a part that overruns is stopped with the workers it started.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         raise RuntimeError(f"took longer than {timeout:.0f} s") from None
-    result = next((line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)), None)
+    result = next((line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)), None)
     if result is None:
-        raise RuntimeError(f"exit code {done.returncode}: {(done.stdout + done.stderr)[-600:]}".replace("\n", " "))
+        raise RuntimeError(f"exit code {process.returncode}: {(stdout + stderr)[-600:]}".replace("\n", " "))
     return Row(**json.loads(result.removeprefix(RESULT_PREFIX)))
 
 
