@@ -23,6 +23,7 @@ pytestmark = pytest.mark.controlplane
 
 OVERLAYS = REPO / "manifests" / "overlays"
 OPERATOR_NAMESPACE = "medmo-system"
+DEV_NAMESPACE = "medmo-dev"
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 TIMEOUT_S = 240
 
@@ -46,8 +47,8 @@ def test_overlay_builds_and_the_api_server_accepts_it(control_plane, overlay):
     assert {"deployment.apps", "customresourcedefinition.apiextensions.k8s.io", "clusterrole.rbac.authorization.k8s.io"} <= kinds
 
 
-def _operator_pods(cp) -> list[dict]:
-    return json.loads(cp.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-l", "app.kubernetes.io/name=medmo-operator",
+def _operator_pods(cp, namespace: str = OPERATOR_NAMESPACE) -> list[dict]:
+    return json.loads(cp.kubectl("get", "pods", "-n", namespace, "-l", "app.kubernetes.io/name=medmo-operator",
                                  "-o", "json").stdout)["items"]
 
 
@@ -67,7 +68,33 @@ def production_operator(control_plane, node_agent, operator_ns):
         wait_for(lambda: not _operator_pods(control_plane), 60, "the operator's pods to be gone")
 
 
-def _run(storage) -> dict:
+def _status(cp, namespace: str, name: str) -> dict:
+    return json.loads(cp.kubectl("get", "mmt", name, "-n", namespace, "-o", "json").stdout).get("status", {})
+
+
+def test_dev_overlay_operator_runs_the_runs_of_its_namespace_only(control_plane, node_agent, operator_ns, namespace, tmp_path):
+    control_plane.kubectl("apply", "-k", str(OVERLAYS / "dev"))
+    try:
+        control_plane.kubectl("rollout", "status", "deployment/medmo-operator", "-n", DEV_NAMESPACE, "--timeout=180s", timeout_s=200)
+        # The stand-in trainer stores to file:// (a hostPath, which Pod Security "restricted" refuses;
+        # dev runs store to the overlay's SeaweedFS): the namespace lets it, for this test only.
+        control_plane.kubectl("label", "namespace", DEV_NAMESPACE, "pod-security.kubernetes.io/enforce=privileged", "--overwrite")
+        for where in (DEV_NAMESPACE, namespace):
+            control_plane.kubectl("apply", "-n", where, "-f", "-", input=json.dumps(_run(tmp_path, steps=(4, 2))))
+        finished = wait_for(lambda: (s := _status(control_plane, DEV_NAMESPACE, "ha")).get("phase") in ("Succeeded", "Failed") and s,
+                            TIMEOUT_S, "the run in medmo-dev to finish")
+        assert finished["phase"] == "Succeeded"
+        assert _status(control_plane, namespace, "ha") == {}, "the dev operator touched a run outside medmo-dev"
+        log = node_agent.pod(DEV_NAMESPACE, _operator_pods(control_plane, DEV_NAMESPACE)[0]["metadata"]["name"]).log_path("operator")
+        assert "forbidden" not in log.read_text().lower()
+    finally:
+        # Runs first, while their operator can still take its finalizer off them.
+        control_plane.kubectl("delete", "mmt", "--all", "-n", DEV_NAMESPACE, "--timeout=60s", check=False)
+        control_plane.kubectl("delete", "namespace", DEV_NAMESPACE, "--wait=true", timeout_s=180)
+        control_plane.kubectl("delete", "clusterrolebinding,clusterrole", "medmo-operator-dev-cluster")
+
+
+def _run(storage, steps: tuple[int, int] = (40, 4)) -> dict:
     def stage(name: str, steps: int) -> dict:
         return {"name": name, "type": "sft", "datasets": [{"name": "d", "uri": "standin://x?stepSeconds=0.25"}],
                 "hyperparameters": {"maxSteps": steps}, "strategy": {"name": "ddp"}, "checkpoint": {"everySteps": 5}}
@@ -75,7 +102,7 @@ def _run(storage) -> dict:
     return {"apiVersion": "medmo.io/v1alpha1", "kind": "MedMOTraining", "metadata": {"name": "ha"},
             "spec": {"image": STANDIN_IMAGE, "model": {"base": "preset:tiny-qwen3-vl"}, "storage": {"uri": f"file://{storage}"},
                      "nodePool": {"gpusPerNode": 0, "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}},
-                     "stages": [stage("first", 40), stage("second", 4)]}}
+                     "stages": [stage("first", steps[0]), stage("second", steps[1])]}}
 
 
 def _writes_by_pod(cp, namespace: str) -> list[tuple[str, str, int]]:
