@@ -14,9 +14,11 @@ command -v go >/dev/null || {
   echo "otelcol/build.sh: Go is needed to build the OpenTelemetry Collector: install Go >= 1.26" >&2
   exit 1
 }
-# The version of the collector's core module as go.mod pins it: a new pin builds a new binary.
+# The version of the collector's core module as go.mod pins it, and a digest of the sources: a new
+# pin or a changed main.go builds a new binary.
 version="$(cd "$here" && go list -m -f '{{.Version}}' go.opentelemetry.io/collector/otelcol)"
-cache_dir="${MEDMO_CACHE:-$HOME/.cache/medmo}/otelcol-$version"
+digest="$(cat "$here/main.go" "$here/go.mod" "$here/go.sum" | sha256sum | cut -c1-12)"
+cache_dir="${MEDMO_CACHE:-$HOME/.cache/medmo}/otelcol-$version-$digest"
 binary="$cache_dir/otelcol-medmo"
 
 if [ -x "$binary" ]; then
