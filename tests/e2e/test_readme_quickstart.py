@@ -146,6 +146,10 @@ def test_the_readme_quickstart_command_succeeds_from_a_fresh_clone_and_again_pri
     # What the README says the demo shows: GRPO raises held-out grounding IoU over the SFT model.
     bench = status["stages"][-1]["metrics"]
     assert bench["heldout/groundingMiou"] > bench["instruct/heldout/groundingMiou"], bench
+    # Both models write answers the scorer reads: boxes digit by digit, a word for a question.
+    counts = status["stages"][-1]["counters"]
+    for model in ("", "instruct/"):
+        assert counts[f"{model}heldout/unparseable"] < 0.05 * counts[f"{model}heldout/samples"], counts
 
     again = _run_as_a_user(command, clone, storage)
 
