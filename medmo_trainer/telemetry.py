@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from opentelemetry import metrics, trace
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,20 @@ def _exporter_name(variable: str) -> str:
     return os.environ.get(variable, "none").split(",")[0].strip().lower()
 
 
+class _SystemRandomIds(RandomIdGenerator):
+    """Trace and span ids from the OS's randomness. The SDK's default draws them from Python's
+    `random`, which every stage seeds with its hyperparameters' seed: stages with one seed then got
+    one trace id, and a stage's trace merged with another's."""
+
+    _random = random.SystemRandom()
+
+    def generate_span_id(self) -> int:
+        return self._random.getrandbits(63) + 1  # never 0, the invalid id
+
+    def generate_trace_id(self) -> int:
+        return self._random.getrandbits(127) + 1
+
+
 def tracer_provider_from_env():
     """A tracer provider exporting as `OTEL_TRACES_EXPORTER` says (None for `none`); the operator's too."""
     name = _exporter_name("OTEL_TRACES_EXPORTER")
@@ -84,7 +100,7 @@ def tracer_provider_from_env():
     else:
         logger.warning("OTEL_TRACES_EXPORTER=%s is not supported (otlp, console, none); no traces", name)
         return None
-    provider = TracerProvider()
+    provider = TracerProvider(id_generator=_SystemRandomIds())
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import socket
 import urllib.request
 
@@ -50,3 +51,16 @@ def test_without_otel_variables_nothing_is_exported(monkeypatch, capsys):
         telemetry.record_step(loss=1.0, tokens=1, samples=1, seconds=0.1)
     telemetry.shutdown()
     assert telemetry._providers == [] and capsys.readouterr().out == ""
+
+
+def test_stages_seeded_alike_are_traces_of_their_own(monkeypatch):
+    """Every stage seeds Python's `random` with its seed; trace ids must not follow it."""
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    trace_ids = set()
+    for stage in ("align", "ground"):
+        random.seed(42)
+        telemetry = Telemetry("run-a", stage, enabled=True)
+        with telemetry.tracer.start_as_current_span("medmo.stage") as span:
+            trace_ids.add(span.get_span_context().trace_id)
+        telemetry.shutdown()
+    assert len(trace_ids) == 2
