@@ -277,14 +277,18 @@ class CheckpointManager:
 
 def config_sections(config: StageConfig) -> dict[str, str]:
     """A short hash of each of the config's `TRAINED_SECTIONS`, to tell which one changed."""
-    rl = config.rl.model_dump(mode="json", include={"algorithm", "rewards"}) if config.rl is not None else None
+    # Only what differs from the defaults: a field that a later trainer adds with a default (that
+    # keeps today's behaviour) must not make every checkpoint written before the upgrade unreadable.
+    def trained(section, **only) -> dict:
+        return section.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True, **only)
+
     sections = {
         "type": config.type,
-        "model": config.model.to_wire(),
-        "datasets": [dataset.to_wire() for dataset in config.datasets],
-        "hyperparameters": config.hyperparameters.to_wire(),
-        "strategy": config.strategy.to_wire(),
-        "rl": rl,
+        "model": trained(config.model),
+        "datasets": [trained(dataset) for dataset in config.datasets],
+        "hyperparameters": trained(config.hyperparameters),
+        "strategy": trained(config.strategy),
+        "rl": trained(config.rl, include={"algorithm", "rewards"}) if config.rl is not None else None,
     }
     return {
         name: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]

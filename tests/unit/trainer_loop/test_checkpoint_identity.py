@@ -57,6 +57,21 @@ def test_where_and_how_often_do_not_change_the_recorded_config():
     }) == []
 
 
+def test_a_field_added_later_with_a_default_leaves_older_checkpoints_resumable():
+    """A trainer upgrade that adds a defaulted field (here to every dataset) hashes as before it;
+    setting the new field to anything else is a change."""
+
+    class UpgradedDataset(type(rl_config().datasets[0])):
+        shuffleBuffer: int = 1000
+
+    before = config_sections(rl_config())
+    upgraded = rl_config()
+    upgraded.datasets = [UpgradedDataset(**upgraded.datasets[0].model_dump())]
+    assert config_sections(upgraded) == before
+    upgraded.datasets = [UpgradedDataset(**{**upgraded.datasets[0].model_dump(), "shuffleBuffer": 10})]
+    assert config_sections(upgraded)["datasets"] != before["datasets"]
+
+
 def test_a_mismatch_names_missing_unexpected_and_reshaped_tensors():
     model = {"merger.fc1.weight": [128, 128], "merger.fc2.weight": [64, 128], "merger.norm.weight": [32]}
     checkpoint = {"merger.fc1.weight": [192, 192], "merger.fc2.weight": [64, 128], "lm_head.weight": [512, 64]}
