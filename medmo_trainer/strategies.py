@@ -374,7 +374,12 @@ def prepare_deepspeed_environment() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        import hashlib
         from importlib.metadata import version
+        from importlib.util import find_spec
 
+        # Keyed by where DeepSpeed is installed too: the build files name its sources and torch's
+        # headers by path, so two virtualenvs sharing one folder would rebuild (minutes) in turn.
+        installed = hashlib.sha256(str(find_spec("deepspeed").origin).encode()).hexdigest()[:8]
         cache = Path(os.environ.get("MEDMO_CACHE", Path.home() / ".cache" / "medmo"))
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(cache / f"torch-extensions-{version('deepspeed')}")
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(cache / f"torch-extensions-{version('deepspeed')}-{installed}")
