@@ -4,11 +4,12 @@ For each seed, the demo's stages (manifests/samples/medmo-tiny.yaml: its learnin
 batch sizes and GRPO settings), shortened, run as the real trainer (`python -m medmo_trainer`, one
 process per stage, separate rollout and reward worker processes):
 
-    align  (projector only, captions)  -> its caption loss falls
-    sft    (all tasks)                 -> held-out closed VQA accuracy and grounding IoU rise over `align`
-    grpo   (grounding and VQA prompts) -> held-out grounding mean IoU rises over `sft`
+    align     (projector only, captions)  -> its caption loss falls
+    ground    (grounding)
+    instruct  (all tasks)                 -> held-out closed VQA accuracy and grounding IoU rise over `align`
+    grpo      (grounding and VQA prompts) -> held-out grounding mean IoU rises over `instruct`
 
-One eval stage then scores the 9 models on the same held-out records. GRPO's mean gain in mean IoU
+One eval stage then scores the 12 models on the same held-out records. GRPO's mean gain in mean IoU
 must exceed the spread (max - min) of the SFT models' mean IoU across seeds, and no seed may lose IoU.
 """
 
@@ -28,7 +29,7 @@ from medmo_trainer.data.synthetic import materialize
 from medmo_trainer.metrics_log import read_metrics_log, stage_log_uri
 
 SEEDS = (0, 1, 2)
-STEPS = {"align": 10, "instruct": 150, "grpo": 12}
+STEPS = {"align": 10, "ground": 60, "instruct": 150, "grpo": 12}
 """Each stage shortened from the demo's (a few hundred SFT steps there)."""
 HELDOUT_SAMPLES = 48
 
@@ -53,10 +54,10 @@ def stage_config(root: Path, name: str, stage_type: str, model: dict, seed: int,
 
 
 def run_seed(root: Path, seed: int, rollout_url: str, reward_url: str) -> dict[str, str]:
-    """The align, sft and grpo models of one seed (the demo's settings, fewer steps)."""
+    """The align, ground, instruct and grpo models of one seed (the demo's settings, fewer steps)."""
     models = {}
     base = load_sample("medmo-tiny.yaml")["spec"]["model"]["base"]
-    for name, stage_type in (("align", "pretrain"), ("instruct", "sft"), ("grpo", "rl")):
+    for name, stage_type in (("align", "pretrain"), ("ground", "sft"), ("instruct", "sft"), ("grpo", "rl")):
         demo = demo_stage(name)
         datasets = [{**d, "uri": materialize(d["uri"])} for d in demo["datasets"]]
         if name == "align":  # captions alone, so that its training loss is the caption loss
