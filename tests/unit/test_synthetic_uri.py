@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medmo_trainer.data.records import DatasetUnavailableError, iter_records, list_shards
+from medmo_trainer.data.records import DatasetUnavailableError, iter_records
+from medmo_trainer.data.shards import open_dataset
 
 
 def test_synthetic_uri_is_generated_once_and_deterministic(tmp_path, monkeypatch):
@@ -12,7 +13,7 @@ def test_synthetic_uri_is_generated_once_and_deterministic(tmp_path, monkeypatch
     uri = "synthetic://heldout?n=6&seed=5"
 
     first = [r.model_dump() for r in iter_records(uri)]
-    shards = list_shards(uri)
+    shards = [shard.uri for shard in open_dataset(uri).shards]
     second = [r.model_dump() for r in iter_records(uri)]
 
     assert first == second and len(first) >= 6
@@ -25,6 +26,6 @@ def test_bad_synthetic_uri_is_a_dataset_error_naming_the_uri(uri, tmp_path, monk
     monkeypatch.setenv("MEDMO_CACHE", str(tmp_path))
 
     with pytest.raises(DatasetUnavailableError) as error:
-        list_shards(uri)
+        open_dataset(uri)
 
     assert uri in str(error.value)
