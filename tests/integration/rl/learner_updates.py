@@ -38,7 +38,9 @@ def made_up_batch(learner: GRPOLearner, step: int) -> RolloutBatch:
     length budget) and the advantages of random rewards."""
     algorithm = learner.algorithm
     generator = torch.Generator().manual_seed(step)
-    vocabulary = learner.loaded.processor.tokenizer.vocab_size  # ordinary tokens: no image placeholder
+    tokenizer = learner.loaded.processor.tokenizer
+    # ordinary tokens only: an image placeholder or chat marker would change what the prompt means
+    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in tokenizer.added_tokens_decoder])
     records = learner.sampler.sample(step, algorithm.prompts_per_step)
     count = len(records) * algorithm.group_size
     rewards = torch.rand(count, generator=generator)
@@ -46,7 +48,7 @@ def made_up_batch(learner: GRPOLearner, step: int) -> RolloutBatch:
     samples = []
     for index in range(count):
         length = int(torch.randint(2, 13, (1,), generator=generator))
-        tokens = torch.randint(0, vocabulary, (length,), generator=generator).tolist()
+        tokens = ordinary[torch.randint(0, len(ordinary), (length,), generator=generator)].tolist()
         prompt = {"id": str(index // algorithm.group_size),
                   "record": portable_record(records[index // algorithm.group_size])}
         samples.append(Sample(prompt, tokens, [0.0] * length, truncated=index == 1, advantage=float(advantages[index])))
