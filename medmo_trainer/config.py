@@ -99,6 +99,11 @@ class Hyperparameters(ConfigModel):
     """Samples per rank per micro-step."""
     gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
     """Micro-steps per optimizer step."""
+    loss_averaging: Literal["token", "sample"] = "token"
+    """How `pretrain` and `sft` average the cross-entropy of a micro-batch: `token` over all its answer
+    tokens (transformers' default, and the paper's), so a record weighs as much as its answer is long;
+    `sample` over each record's answer tokens first, then over records, so a one-word VQA answer
+    counts as much as a 60-token list of boxes. `rl` stages have `rl.algorithm.lossAggregation`."""
     max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
     """Gradient clipping threshold; 0 disables clipping."""
     image_size: Annotated[int, Field(ge=28, le=4096)] = 768

@@ -25,7 +25,7 @@ from medmo_trainer.data import SKIP_REASONS
 from medmo_trainer.dist import DistContext
 from medmo_trainer.exit_codes import ModelError, StorageError
 from medmo_trainer.flops import BatchShape, device_peak_flops, mfu, training_flops
-from medmo_trainer.inputs import TrainLoader, build_train_loader
+from medmo_trainer.inputs import IGNORE_INDEX, TrainLoader, build_train_loader
 from medmo_trainer.model import (
     LoadedModel,
     ModelUnavailableError,
@@ -95,6 +95,41 @@ class StepMetrics:
         if self.peak_memory_bytes is not None:
             metrics[PEAK_GPU_MEMORY_GIB] = self.peak_memory_bytes / 2**30
         return metrics
+
+
+def supervised_loss(model: torch.nn.Module, batch: dict[str, Any], averaging: str) -> torch.Tensor:
+    """The micro-batch's cross-entropy on its answer tokens, averaged as `hyperparameters.lossAveraging` says."""
+    if averaging == "token":
+        return model(**batch).loss
+    logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+    return sample_mean_loss(logits, batch["labels"], sample_ids(batch))
+
+
+def sample_ids(batch: dict[str, Any]) -> torch.Tensor:
+    """(rows, seq) index of the sample each token belongs to: one sample a row when padded; when packed,
+    a new sample wherever the text positions (row 0 of `position_ids`, shape (4, 1, seq)) restart at 0."""
+    if "attention_mask" in batch:
+        rows, seq = batch["input_ids"].shape
+        return torch.arange(rows, device=batch["input_ids"].device).unsqueeze(1).expand(rows, seq)
+    return torch.cumsum(batch["position_ids"][0] == 0, dim=-1) - 1
+
+
+def sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor, sample_of: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over each sample's labelled tokens, then over the samples that have any.
+
+    logits (rows, seq, vocab); labels and sample_of (rows, seq). Token t predicts label t+1, as in
+    transformers' causal LM loss; samples without labels (the image-only keepalive) count for nothing.
+    """
+    targets = labels[:, 1:].flatten()
+    owners = sample_of[:, 1:].flatten()
+    labelled = targets != IGNORE_INDEX
+    token_losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1)[labelled].float(), targets[labelled], reduction="none")
+    owners = owners[labelled]
+    samples = int(sample_of.max()) + 1
+    sums = token_losses.new_zeros(samples).index_add(0, owners, token_losses)
+    counts = token_losses.new_zeros(samples).index_add(0, owners, torch.ones_like(token_losses))
+    return (sums[counts > 0] / counts[counts > 0]).mean()
 
 
 def training_progress(config: StageConfig, step: int, total_steps: int, metrics: StepMetrics | None, data: DataCounts,
@@ -195,7 +230,7 @@ class Trainer(StageLoop):
             batch = next(batches)
             flops += training_flops(self.loaded.model.config, BatchShape.of(batch))
             with self.strategy.autocast():
-                loss = self.strategy.model(**batch).loss
+                loss = supervised_loss(self.strategy.model, batch, self.config.hyperparameters.loss_averaging)
             # The step's loss is the mean over its micro-batches.
             self.strategy.backward(loss / accumulation, last_micro_step=micro_step == accumulation - 1)
             losses.append(loss.detach().float())
