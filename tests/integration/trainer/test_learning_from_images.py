@@ -26,7 +26,7 @@ def test_tiny_qwen3_learns_nodule_presence_from_pixels(tmp_path):
     (tmp_path / "presence.jsonl").write_text("\n".join(json.dumps(r) for r in chosen) + "\n")
 
     loaded = load_model("preset:tiny-qwen3-vl")
-    hp = Hyperparameters(per_device_batch_size=16, image_size=64)
+    hp = Hyperparameters(per_device_batch_size=16, image_size=128)
     loader = build_train_loader([DatasetSpec(name="presence", uri=str(tmp_path / "presence.jsonl"))],
                                 loaded.processor, hp, rank=0, world_size=1, seed=0)
     optimizer = torch.optim.AdamW(loaded.model.parameters(), lr=1e-3)
