@@ -23,4 +23,5 @@ def test_an_eval_stage_that_cannot_load_a_compared_model_reports_why_it_failed(t
     assert [r["step"] for r in running] == [1], "the stage's own model was scored (4 records per rank, one batch)"
     assert run.final["phase"] == "Failed" and run.final["step"] == 1 and run.final["totalSteps"] == 2
     assert str(missing) in run.final["message"]
-    assert re.findall(r'"name": "(medmo\.[a-z]+)"', run.output) == ["medmo.step"]
+    # one batch's span, then the stage's root span, ended (and exported) by the failure
+    assert re.findall(r'"name": "(medmo\.[a-z]+)"', run.output) == ["medmo.step", "medmo.stage"]

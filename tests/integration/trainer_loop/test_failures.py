@@ -10,6 +10,7 @@ import sys
 import yaml
 
 from integration.trainer_loop.trainer_loop_runs import assert_succeeded, run_stage, stage_config
+from medmo_trainer.data.pack import index
 from medmo_trainer.exit_codes import ExitCode
 
 MALFORMED = [
@@ -44,6 +45,7 @@ def test_malformed_records_are_skipped_and_counted_in_progress(tmp_path, synthet
     for offset, bad in enumerate(MALFORMED):
         lines.insert(offset * len(lines) // len(MALFORMED), bad)
     shard.write_text("\n".join(lines) + "\n")
+    index(str(data))  # the shard changed: count it again (`medmo data index`), as its loader demands
 
     config = stage_config(tmp_path, str(data))
     config["hyperparameters"].pop("maxSteps")  # one epoch: every record is read at least once
