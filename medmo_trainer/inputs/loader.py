@@ -350,12 +350,9 @@ class TrainLoader:
             if self.num_workers == 0:
                 self._prepared = map(self.source.__getitem__, count(self._next_index))
             else:
-                # Workers start from a fork server, not a fork of this process: this process runs
-                # threads (fsspec's I/O loop, the shard reader), and while workers forked from it
-                # lived, its own S3 uploads (checkpoints) stalled with the request body never sent.
                 self._prepared = iter(DataLoader(
                     self.source, batch_size=None, sampler=count(self._next_index), num_workers=self.num_workers,
-                    collate_fn=_as_is, prefetch_factor=2, multiprocessing_context="forkserver",
+                    collate_fn=_as_is, prefetch_factor=2,
                 ))
         return self._prepared
 

@@ -4,6 +4,7 @@ column mapping."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 
@@ -91,6 +92,10 @@ def test_a_mixture_streamed_from_s3_resumes_with_the_samples_of_an_uninterrupted
         used = uninterrupted.stats.per_dataset
         assert used["packed"] > used["jsonl"] > 0
         assert all(i.split("-")[2] in ("vqa", "grounding", "caption") for i in before if i.startswith("train-"))
+        # Stop its worker processes now: forked from this process while its S3 I/O thread ran, they
+        # stalled the next test's uploads while they lived.
+        del resumed
+        gc.collect()
 
 
 def _write_vqa_parquet(uri: str, scans: range) -> list[dict]:
