@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,25 @@ class InvalidCase:
         obj = copy.deepcopy(load_sample("medmo-tiny.yaml"))
         self.edit(obj)
         return obj
+
+
+def shrink_stages(spec: dict, steps: int, eval_samples: int) -> None:
+    """Cuts a sample's stages to the fewest steps and records that still run each stage type for
+    real: 16 training records, 2 held-out scans, `steps` steps with one checkpoint, tiny RL groups."""
+    def records(uri: str, n: int) -> str:
+        return re.sub(r"([?&])n=\d+", rf"\g<1>n={n}", uri)
+
+    for stage in spec["stages"]:
+        for dataset in stage.get("datasets", []):
+            dataset["uri"] = records(dataset["uri"], 16)
+        for benchmark in stage.get("benchmarks", []):
+            benchmark.update(uri=records(benchmark["uri"], 2), maxSamples=eval_samples)
+        if stage["type"] == "eval":
+            continue
+        stage["hyperparameters"].update(maxSteps=steps, perDeviceBatchSize=2)
+        stage["checkpoint"] = {"everySteps": steps, "keepLast": 1}
+        if stage["type"] == "rl":
+            stage["rl"]["algorithm"].update(groupSize=2, promptsPerStep=2, maxCompletionLength=8)
 
 
 def _stage(obj: dict, name: str) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import s3fs
 import yaml
-from medmo_cases import load_sample, progress_lines
+from medmo_cases import load_sample, progress_lines, shrink_stages
 from PIL import Image, ImageDraw
 
 from medmo_operator import render
@@ -68,10 +68,6 @@ def _kubectl_wait_succeeded(cp, namespace: str) -> bool:
     return wait.returncode == 0
 
 
-def _shrink_uri(uri: str, records: int) -> str:
-    return re.sub(r"([?&])n=\d+", rf"\g<1>n={records}", uri)
-
-
 def _recipe_on_s3(storage: str, s3_server) -> dict:
     """manifests/samples/medmo-tiny.yaml with S3 storage and the fewest steps and records that
     still run every stage type for real."""
@@ -79,17 +75,7 @@ def _recipe_on_s3(storage: str, s3_server) -> dict:
     spec = obj["spec"]
     spec["storage"] = {"uri": storage, "secretRef": {"name": SECRET},
                        "endpoint": s3_server.endpoint, "region": s3_server.region}
-    for stage in spec["stages"]:
-        for dataset in stage.get("datasets", []):
-            dataset["uri"] = _shrink_uri(dataset["uri"], 16)
-        for benchmark in stage.get("benchmarks", []):
-            benchmark.update(uri=_shrink_uri(benchmark["uri"], 2), maxSamples=EVAL_SAMPLES)
-        if stage["type"] == "eval":
-            continue
-        stage["hyperparameters"].update(maxSteps=STEPS, perDeviceBatchSize=2)
-        stage["checkpoint"] = {"everySteps": STEPS, "keepLast": 1}
-        if stage["type"] == "rl":
-            stage["rl"]["algorithm"].update(groupSize=2, promptsPerStep=2, maxCompletionLength=8)
+    shrink_stages(spec, STEPS, EVAL_SAMPLES)
     return obj
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from medmo_cases import REPO, load_sample
+from medmo_cases import REPO, load_sample, shrink_stages
 from polling import wait_for
 
 from integration.operator.conftest import OperatorProcess, _service_account_kubeconfig
@@ -144,17 +144,7 @@ def _recipe(storage: Path, collector: Collector) -> dict:
     spec = obj["spec"]
     spec["storage"] = {"uri": f"file://{storage}"}
     spec["stages"] = [stage for stage in spec["stages"] if stage["name"] in STAGE_TYPES]
-    for stage in spec["stages"]:
-        for dataset in stage.get("datasets", []):
-            dataset["uri"] = dataset["uri"].replace("n=512", "n=16").replace("n=256", "n=16")
-        for benchmark in stage.get("benchmarks", []):
-            benchmark.update(uri=benchmark["uri"].replace("n=48", "n=2"), maxSamples=4)
-        if stage["type"] == "eval":
-            continue
-        stage["hyperparameters"].update(maxSteps=STEPS, perDeviceBatchSize=2)
-        stage["checkpoint"] = {"everySteps": STEPS, "keepLast": 1}
-        if stage["type"] == "rl":
-            stage["rl"]["algorithm"].update(groupSize=2, promptsPerStep=2, maxCompletionLength=8)
+    shrink_stages(spec, STEPS, eval_samples=4)
     spec["telemetry"] = {"endpoint": collector.endpoint, "headersSecretRef": {"name": SECRET}, "samplingRatio": 1.0}
     return obj
 
