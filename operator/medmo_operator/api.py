@@ -510,15 +510,49 @@ class RunPolicy(ConfigModel):
         return self
 
 
+GangScheduler = Literal["workload-api", "coscheduling"]
+"""The gang schedulers a run can ask for (`scheduling.gangScheduler`)."""
+
+
 class Scheduling(ConfigModel):
     """How the run's pods are queued and placed."""
 
+    model_config = ConfigModel.model_config | {
+        "json_schema_extra": validations(
+            cel("!has(self.workloadPriorityClassName) || has(self.queueName)",
+                "scheduling.workloadPriorityClassName is a Kueue priority: it needs scheduling.queueName",
+                ".workloadPriorityClassName"),
+        )
+    }
+
     queue_name: Annotated[str, Field(min_length=1, max_length=63)] | None = None
-    """Kueue LocalQueue; Jobs are created suspended with the queue label and Kueue admits them."""
+    """Kueue LocalQueue in the run's namespace. Learner Jobs are created suspended with its label and
+    Kueue admits them (the operator never unsuspends them itself); an rl stage's rollout and reward
+    Deployments carry it too, so their pods count against the same quota (Kueue's deployment
+    integration)."""
     priority_class_name: Annotated[str, Field(min_length=1, max_length=253)] | None = None
-    """PriorityClass of every pod."""
+    """PriorityClass of every pod. Kueue also orders and preempts queued stages by it, unless
+    workloadPriorityClassName is set."""
+    workload_priority_class_name: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+    """Kueue WorkloadPriorityClass of the run's queued stages and workers: their priority in the
+    queue and for preemption, without changing the pods' priority (needs queueName)."""
     gang: bool = False
-    """Label learner pods as one pod group so a gang scheduler places all of them or none."""
+    """Schedule each learner attempt's pods all or none (a multi-node stage never holds some nodes'
+    GPUs while waiting for the rest), with the gang scheduler that gangScheduler names."""
+    gang_scheduler: GangScheduler = "workload-api"
+    """Which gang scheduler places a gang: `workload-api`, kube-scheduler's own (Kubernetes 1.36+,
+    feature gates GenericWorkload and GangScheduling, API scheduling.k8s.io/v1alpha2: a Workload and a
+    PodGroup per attempt, minCount = nodes), or `coscheduling`, the scheduler-plugins Coscheduling
+    plugin (a scheduling.x-k8s.io/v1alpha1 PodGroup, minMember = nodes, pods labelled with it)."""
+    scheduler_name: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+    """The scheduler of every pod of the run, e.g. scheduler-plugins' second scheduler for
+    `coscheduling`; unset: the cluster's default scheduler."""
+
+    @model_validator(mode="after")
+    def _workload_priority_needs_a_queue(self) -> Scheduling:
+        if self.workload_priority_class_name and not self.queue_name:
+            raise ValueError("scheduling.workloadPriorityClassName is a Kueue priority: it needs scheduling.queueName")
+        return self
 
 
 class MedMOTrainingSpec(ConfigModel):
@@ -605,6 +639,8 @@ class ConditionType(str, Enum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     WAITING_FOR_RESOURCES = "WaitingForResources"
+    ADMITTED = "Admitted"
+    """With scheduling.queueName: whether Kueue admits the current stage (reason Queued, Preempted or Admitted)."""
 
 
 class Condition(BaseModel):

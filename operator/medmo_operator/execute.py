@@ -24,6 +24,9 @@ class Executor(Protocol):
     def suspend_job(self, name: str, suspend: bool) -> None:
         """Sets a learner Job's `spec.suspend`."""
 
+    def set_workload_active(self, name: str, active: bool) -> None:
+        """Sets a Kueue Workload's `spec.active` (false: Kueue stops its Job; true: Kueue queues it again)."""
+
     def delete_run(self) -> None:
         """Deletes the run itself (its TTL after finishing has passed)."""
 
@@ -51,6 +54,8 @@ def carry_out(
                 executor.delete("Job", job_name)
             case plan.SuspendJob(name=job_name, suspend=suspend):
                 executor.suspend_job(job_name, suspend)
+            case plan.SetWorkloadActive(name=workload, active=active):
+                executor.set_workload_active(workload, active)
             case plan.DeleteWorkers(stage=stage_name):
                 for role in render.WORKER_ROLES:
                     worker = render.worker_name(run, stages[stage_name], role)

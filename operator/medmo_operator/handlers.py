@@ -31,6 +31,7 @@ from medmo_operator.progress import ProgressEndpoint, ProgressStore
 log = logging.getLogger(__name__)
 
 TOKEN_KEY_SECRET = "medmo-operator-token-key"
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
 
 
 @dataclass
@@ -212,8 +213,9 @@ def reconcile_training(
         current = {k: v for k, v in dict(status).items() if k != "kopf"}
         current_status = api.MedMOTrainingStatus.model_validate(copy.deepcopy(current)) if current else None
         jobs = list(jobs_by_run.get((namespace, name), []))
+        workloads = _kueue_workloads(namespace, jobs) if training_spec.scheduling.queue_name else []
         observed = plan.Observed(
-            jobs=observe.latest_jobs(jobs, list(learner_pods_by_run.get((namespace, name), []))),
+            jobs=observe.latest_jobs(jobs, list(learner_pods_by_run.get((namespace, name), [])), workloads),
             progress=state.store.latest(namespace, name),
             initializer=observe.model_initializer_job(jobs, list(initializer_pods_by_run.get((namespace, name), []))),
         )
@@ -226,6 +228,22 @@ def reconcile_training(
         telemetry.record_reconcile(time.monotonic() - started)
         if any(isinstance(a, plan.DeleteRun) for a in result.actions):
             state.store.forget(namespace, name)
+
+
+def _kueue_workloads(namespace: str, jobs: list[dict]) -> list[dict]:
+    """Kueue's Workloads of a queued run's learner Jobs, read by their Jobs' uids (one list call per
+    reconcile, only for runs with scheduling.queueName). Without Kueue's CRD there are none: the
+    Admitted condition then says the stage waits for Kueue."""
+    uids = sorted(job["metadata"]["uid"] for job in jobs
+                  if job["metadata"].get("uid") and job["metadata"].get("labels", {}).get(render.LABEL_ROLE) == "learner")
+    if not uids:
+        return []
+    try:
+        listed = _call(lambda: kubernetes.client.CustomObjectsApi().list_namespaced_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads", label_selector=f"{observe.KUEUE_JOB_UID_LABEL} in ({','.join(uids)})"))
+    except _NotFound:
+        return []
+    return listed.get("items", [])
 
 
 def _finished_stage_durations(result: plan.Plan, spec: api.MedMOTrainingSpec) -> dict[str, float]:
@@ -281,6 +299,10 @@ class KubernetesExecutor:
 
     def suspend_job(self, name: str, suspend: bool) -> None:
         _call(lambda: kubernetes.client.BatchV1Api().patch_namespaced_job(name, self.run.namespace, {"spec": {"suspend": suspend}}))
+
+    def set_workload_active(self, name: str, active: bool) -> None:
+        _call(lambda: kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, self.run.namespace, "workloads", name, {"spec": {"active": active}}))
 
     def delete_run(self) -> None:
         _call(

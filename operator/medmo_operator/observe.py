@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from medmo_operator import render
-from medmo_operator.plan import JobObservation
+from medmo_operator.plan import JobObservation, WorkloadObservation
 
 Obj = Mapping[str, Any]
 
@@ -38,9 +39,14 @@ def model_initializer_job(jobs: Iterable[Obj], pods: Iterable[Obj]) -> JobObserv
     return None
 
 
-def latest_jobs(jobs: Iterable[Obj], pods: Iterable[Obj]) -> dict[str, JobObservation]:
-    """The latest-attempt learner Job of each stage, with what its pods say."""
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+"""Kueue labels the Workload it makes for a Job with the Job's uid."""
+
+
+def latest_jobs(jobs: Iterable[Obj], pods: Iterable[Obj], workloads: Iterable[Obj] = ()) -> dict[str, JobObservation]:
+    """The latest-attempt learner Job of each stage, with what its pods and its Kueue Workload say."""
     pods_by_job = _pods_by_job(pods)
+    workload_by_job_uid = {_get(w, "metadata", "labels", KUEUE_JOB_UID_LABEL): w for w in workloads}
     latest: dict[str, JobObservation] = {}
     for job in jobs:
         labels = _get(job, "metadata", "labels", default={}) or {}
@@ -49,6 +55,9 @@ def latest_jobs(jobs: Iterable[Obj], pods: Iterable[Obj]) -> dict[str, JobObserv
         if _get(job, "metadata", "deletionTimestamp"):
             continue
         observation = observe_job(job, pods_by_job.get(_get(job, "metadata", "name"), []))
+        workload = workload_by_job_uid.get(_get(job, "metadata", "uid"))
+        if workload is not None:
+            observation = dataclasses.replace(observation, workload=observe_workload(workload))
         stage = labels[render.LABEL_STAGE]
         if stage not in latest or observation.attempt > latest[stage].attempt:
             latest[stage] = observation
@@ -73,6 +82,21 @@ def observe_job(job: Obj, pods: list[Obj]) -> JobObservation:
         termination_message=message,
         suspended=bool(_get(job, "spec", "suspend", default=False)),
         unschedulable_message=_unschedulable(pods),
+    )
+
+
+def observe_workload(workload: Obj) -> WorkloadObservation:
+    """Kueue's Workload (kueue.x-k8s.io/v1beta2) of a learner Job."""
+    conditions = {c.get("type"): c for c in _get(workload, "status", "conditions", default=[]) or []}
+    evictions = _get(workload, "status", "schedulingStats", "evictions", default=[]) or []
+    pending = conditions.get("QuotaReserved", {})
+    return WorkloadObservation(
+        name=_get(workload, "metadata", "name"),
+        admitted=conditions.get("Admitted", {}).get("status") == "True",
+        active=_get(workload, "spec", "active", default=True) is not False,
+        cluster_queue=_get(workload, "status", "admission", "clusterQueue"),
+        pending_message=pending.get("message") if pending.get("status") == "False" else None,
+        preemptions=sum(int(e.get("count", 0)) for e in evictions if e.get("reason") == "Preempted"),
     )
 
 

@@ -21,6 +21,23 @@ from medmo_trainer.progress import Progress
 
 
 @dataclass(frozen=True)
+class WorkloadObservation:
+    """Kueue's Workload of a queued learner Job (scheduling.queueName), reduced to what the plan decides on."""
+
+    name: str
+    admitted: bool = False
+    """Kueue admitted the Job: it unsuspends it (or has) and its pods may run."""
+    active: bool = True
+    """`spec.active`: false while the run is suspended (a deactivated Workload is never admitted)."""
+    cluster_queue: str | None = None
+    """The ClusterQueue whose quota it holds, once admitted."""
+    pending_message: str | None = None
+    """Why it waits, in Kueue's words (e.g. insufficient unused quota for nvidia.com/gpu)."""
+    preemptions: int = 0
+    """Times Kueue evicted it to make room for a higher-priority workload."""
+
+
+@dataclass(frozen=True)
 class JobObservation:
     """The learner Job of a stage's latest attempt, reduced to what the plan decides on."""
 
@@ -41,6 +58,8 @@ class JobObservation:
     suspended: bool = False
     unschedulable_message: str | None = None
     """Set while a pod of the Job cannot be scheduled (e.g. not enough GPUs)."""
+    workload: WorkloadObservation | None = None
+    """Kueue's Workload of the Job, for a queued run once Kueue has made it."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,15 @@ class SuspendJob:
 
 
 @dataclass(frozen=True)
+class SetWorkloadActive:
+    """Deactivate (suspend) or reactivate (resume) a queued Job's Kueue Workload: Kueue, not the
+    operator, suspends and unsuspends the Jobs it manages."""
+
+    name: str
+    active: bool
+
+
+@dataclass(frozen=True)
 class DeleteWorkers:
     """Delete an RL stage's rollout and reward Deployments (and their Services)."""
 
@@ -108,7 +136,7 @@ class Event:
     """The stage the event is about; None for events about the whole run."""
 
 
-Action = EnsureStage | EnsureModelInitializer | DeleteJob | SuspendJob | DeleteWorkers | DeleteRun | Event
+Action = EnsureStage | EnsureModelInitializer | DeleteJob | SuspendJob | SetWorkloadActive | DeleteWorkers | DeleteRun | Event
 
 
 @dataclass
@@ -197,8 +225,10 @@ def plan(
                 return _after_finish(spec, status, now, actions)
             break
         if resuming:
-            _resume_attempt(stage, job, actions)
+            _resume_attempt(spec, stage, job, actions)
         _stage_running(status, record, stage, job, now, actions)
+        if spec.scheduling.queue_name:
+            _stage_queue(spec, status, stage, job, now, actions)
         break
 
     return Plan(actions, status)
@@ -282,13 +312,39 @@ def _start_attempt(spec, status, record, stage, now, actions) -> None:
     _set_condition(status, ConditionType.RUNNING, True, "StageRunning", f"stage {stage.name} is running", now)
 
 
-def _resume_attempt(stage, job: JobObservation, actions) -> None:
+def _resume_attempt(spec, stage, job: JobObservation, actions) -> None:
     """Suspension stopped the attempt's pods and deleted an rl stage's workers: every child of the
     attempt is ensured again (those still there are left as they are, names being deterministic),
-    workers before the learner, and then the learner Job is let go."""
+    workers before the learner, and then the learner Job is let go: by unsuspending it, or, when
+    Kueue manages it, by reactivating its Workload so that Kueue admits it again."""
     actions.append(EnsureStage(stage.name, job.attempt))
-    if job.suspended:
+    if spec.scheduling.queue_name:
+        if job.workload is not None and not job.workload.active:
+            actions.append(SetWorkloadActive(job.workload.name, True))
+    elif job.suspended:
         actions.append(SuspendJob(job.name, False))
+
+
+def _stage_queue(spec, status, stage, job: JobObservation, now, actions) -> None:
+    """The Admitted condition of a queued run's current stage: Queued (with Kueue's reason),
+    Preempted (evicted for a higher-priority workload: the stage resumes from its last checkpoint
+    when admitted again, and no restart is counted), or Admitted."""
+    queue = spec.scheduling.queue_name
+    workload = job.workload
+    if workload is not None and workload.admitted:
+        where = f" by ClusterQueue {workload.cluster_queue}" if workload.cluster_queue else ""
+        if _set_condition(status, ConditionType.ADMITTED, True, "Admitted", f"stage {stage.name} admitted{where}", now):
+            actions.append(Event("Admitted", f"stage {stage.name} admitted by Kueue{where}", stage=stage.name))
+        return
+    why = (workload.pending_message if workload else None) or "waiting for Kueue to admit it"
+    if workload is not None and workload.preemptions:
+        reason, message = "Preempted", f"stage {stage.name} was preempted; queued in {queue} to resume from its last checkpoint: {why}"
+    else:
+        reason, message = "Queued", f"stage {stage.name} is queued in {queue}: {why}"
+    current = _condition(status, ConditionType.ADMITTED)
+    flipped = _set_condition(status, ConditionType.ADMITTED, False, reason, message, now)
+    if flipped or (current is not None and current.reason != reason):
+        actions.append(Event(reason, message, warning=reason == "Preempted", stage=stage.name))
 
 
 def _stage_running(status, record, stage, job: JobObservation, now, actions) -> None:
@@ -372,7 +428,11 @@ def _suspend(spec, status, observed: Observed, now, actions) -> Plan:
     if stage is not None:
         record = _record(status, stage.name)
         job = observed.jobs.get(stage.name)
-        if job is not None and not job.suspended:
+        if job is not None and spec.scheduling.queue_name:
+            # Kueue would unsuspend an admitted Job: deactivating its Workload makes Kueue stop it.
+            if job.workload is not None and job.workload.active:
+                actions.append(SetWorkloadActive(job.workload.name, False))
+        elif job is not None and not job.suspended:
             actions.append(SuspendJob(job.name, True))
         if stage.type == "rl":
             actions.append(DeleteWorkers(stage.name))

@@ -31,6 +31,7 @@ LABEL_ROLE = "medmo.io/role"
 LABEL_ATTEMPT = "medmo.io/attempt"
 LABEL_TOKEN = "medmo.io/progress-token"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 POD_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
@@ -328,6 +329,17 @@ def _storage_env(spec: api.MedMOTrainingSpec) -> list[dict]:
     return env
 
 
+def kueue_labels(spec: api.MedMOTrainingSpec) -> dict[str, str]:
+    """Kueue's labels for what the run's queue admits: learner Jobs and rl worker Deployments."""
+    scheduling = spec.scheduling
+    if not scheduling.queue_name:
+        return {}
+    labels = {KUEUE_QUEUE_LABEL: scheduling.queue_name}
+    if scheduling.workload_priority_class_name:
+        labels[KUEUE_PRIORITY_LABEL] = scheduling.workload_priority_class_name
+    return labels
+
+
 def _resources(pool: api.NodePool, gpus: int) -> dict:
     resources = pool.resources or api.Resources()
     requests = {k: str(v) for k, v in resources.requests.items()}
@@ -481,8 +493,7 @@ def build_learner_job(
     }
     pod_spec = _pod_spec(spec, container, volumes, pool, gpus, restartPolicy="Never", subdomain=service)
     job_meta = _meta(run, job_name, stage, "learner", **{LABEL_ATTEMPT: attempt})
-    if spec.scheduling.queue_name:
-        job_meta["labels"][KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
+    job_meta["labels"].update(kueue_labels(spec))
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -495,7 +506,7 @@ def build_learner_job(
             # Job itself never retries a pod: one failed rank fails the attempt.
             "backoffLimit": 0,
             "podFailurePolicy": _pod_failure_policy("trainer"),
-            # Kueue admits a queued Job by unsuspending it.
+            # Kueue admits a queued Job by unsuspending it (the operator then never does).
             "suspend": bool(spec.scheduling.queue_name) or spec.run_policy.suspend,
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
@@ -533,10 +544,13 @@ def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": WORKER_PORT}, "periodSeconds": 10, "failureThreshold": 6},
     }
     labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.name, LABEL_ROLE: role}
+    meta = _meta(run, name, stage, role)
+    # Kueue's deployment integration admits each worker pod against the queue's quota.
+    meta["labels"].update(kueue_labels(spec))
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(run, name, stage, role),
+        "metadata": meta,
         "spec": {
             "replicas": group.replicas,
             "selector": {"matchLabels": labels},

@@ -255,6 +255,9 @@ class LocalRun:
     def suspend_job(self, name: str, suspend: bool) -> None:
         """Suspension is a cluster feature: locally a signal stops the run and the same command resumes it."""
 
+    def set_workload_active(self, name: str, active: bool) -> None:
+        """Kueue is a cluster's: a local run has no Workloads (and never observes one to act on)."""
+
     def delete_run(self) -> None:
         """A TTL deletes a resource from a cluster; a local run's state stays for the report and reruns."""
 

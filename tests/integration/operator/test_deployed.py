@@ -33,6 +33,8 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 RUN_TIMEOUT_S = 900
 UNUSED_BY_A_SUCCESSFUL_RUN = {
     ("batch", "jobs", "patch"): "suspending and resuming a stage (tests/integration/operator/test_rl_suspend.py)",
+    ("kueue.x-k8s.io", "workloads", "list"): "runs queued in Kueue (tests/integration/operator/test_kueue.py)",
+    ("kueue.x-k8s.io", "workloads", "patch"): "suspending and resuming a run queued in Kueue (test_kueue.py)",
     ("medmo.io", "medmotrainings", "get"): "a progress report arriving before the operator's watch has listed its run, "
                                            "just after a restart (test_progress_endpoint_at_startup.py)",
 }
