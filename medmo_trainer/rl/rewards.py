@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from medmo_trainer.answers import extract_answer, finding_f1, normalize_text, vqa_accuracy
-from medmo_trainer.boxes import Box, coerce_box, generalized_iou, normalized_l1, parse_boxes
+from medmo_trainer.boxes import L1_NORMALIZER, Box, coerce_box, generalized_iou, normalized_l1, parse_boxes
 from medmo_trainer.config import RewardWeights
 
 RewardFn = Callable[..., list[float | None]]
@@ -52,6 +52,77 @@ def pair_score(pred: Box, truth: Box) -> float:
     return (L1_WEIGHT * (1.0 - l1) + GIOU_WEIGHT * (giou + 1.0) / 2.0) / (L1_WEIGHT + GIOU_WEIGHT)
 
 
+def pair_terms(predicted: np.ndarray, truths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Matching cost C and score s of aligned boxes, row by row: (N, 4) and (N, 4) -> (N,), (N,).
+
+    The same arithmetic, in the same order, as `normalized_l1`, `generalized_iou` and `pair_score`
+    (C = 5*L1 + 2*(1-GIoU)), for all pairs of a batch at once.
+    """
+    px1, py1, px2, py2 = predicted.T
+    tx1, ty1, tx2, ty2 = truths.T
+    distance = np.abs(predicted - truths)
+    l1 = (((distance[:, 0] + distance[:, 1]) + distance[:, 2]) + distance[:, 3]) / L1_NORMALIZER
+    intersection = (np.maximum(0.0, np.minimum(px2, tx2) - np.maximum(px1, tx1))
+                    * np.maximum(0.0, np.minimum(py2, ty2) - np.maximum(py1, ty1)))
+    union = (px2 - px1) * (py2 - py1) + (tx2 - tx1) * (ty2 - ty1) - intersection
+    hull = (np.maximum(px2, tx2) - np.minimum(px1, tx1)) * (np.maximum(py2, ty2) - np.minimum(py1, ty1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        overlap = intersection / union
+        giou = np.where(hull > 0.0, overlap - (hull - union) / hull, overlap)
+    giou = np.where(union > 0.0, giou, np.where((predicted == truths).all(axis=1), 1.0, -1.0))
+    cost = L1_WEIGHT * l1 + GIOU_WEIGHT * (1.0 - giou)
+    score = (L1_WEIGHT * (1.0 - np.clip(l1, 0.0, 1.0)) + GIOU_WEIGHT * (giou + 1.0) / 2.0) / (L1_WEIGHT + GIOU_WEIGHT)
+    return cost, score
+
+
+def box_rewards(
+    predictions: Sequence[tuple[Sequence[Box], int]],
+    truths: Sequence[Sequence[Box]],
+    lambda_fn: float = 0.0,
+    lambda_fp: float = 0.0,
+) -> list[float]:
+    """The paper's R_bbox for a batch: one (predicted boxes, malformed count) and one truth list per completion.
+
+    Hungarian matching on C_ij = 5*L1_ij + 2*(1-GIoU_ij); B = sum of matched s_ij / G;
+    Pen = [lambda_fn*(G-|M|) + lambda_fp*(P-|M|)] / max(1, G); R = clip01(B - Pen).
+    `malformed` boxes count in P but are never matched. Edge cases: no truths and no predictions
+    is a correct abstention (1.0); predictions where there are no truths score 0 (B is 0).
+    Every pair's C and s come from one `pair_terms` call for the whole batch (the per-pair Python
+    arithmetic was most of a scoring's time); a one-row or one-column matching is a plain argmin.
+    """
+    pair_predicted: list[Box] = []
+    pair_truths: list[Box] = []
+    for (predicted, _), true_boxes in zip(predictions, truths):
+        if predicted and true_boxes:  # row r = truth r, column c = prediction c
+            pair_predicted.extend(list(predicted) * len(true_boxes))
+            pair_truths.extend(t for t in true_boxes for _ in predicted)
+    cost_array = score_array = np.empty(0)
+    if pair_predicted:
+        cost_array, score_array = pair_terms(np.array(pair_predicted, dtype=float), np.array(pair_truths, dtype=float))
+    cost, score = cost_array.tolist(), score_array.tolist()
+    rewards = []
+    offset = 0
+    for (predicted, malformed), true_boxes in zip(predictions, truths):
+        g, n, p = len(true_boxes), len(predicted), len(predicted) + malformed
+        if g == 0:
+            rewards.append(1.0 if p == 0 else 0.0)
+            continue
+        matched_scores: list[float] = []
+        if n:
+            pairs = range(offset, offset + g * n)
+            if g == 1 or n == 1:  # argmin of the one row or column (the first of equal costs, as the assignment)
+                matched_scores = [score[min(pairs, key=cost.__getitem__)]]
+            else:
+                rows, cols = linear_sum_assignment(cost_array[offset:offset + g * n].reshape(g, n))
+                matched_scores = [score[offset + r * n + c] for r, c in zip(rows.tolist(), cols.tolist())]
+            offset += g * n
+        matched = len(matched_scores)
+        coverage = sum(matched_scores) / g
+        penalty = (lambda_fn * (g - matched) + lambda_fp * (p - matched)) / max(1, g)
+        rewards.append(min(max(coverage - penalty, 0.0), 1.0))
+    return rewards
+
+
 def box_reward(
     predicted: Sequence[Box],
     truths: Sequence[Box],
@@ -59,30 +130,8 @@ def box_reward(
     lambda_fn: float = 0.0,
     lambda_fp: float = 0.0,
 ) -> float:
-    """The paper's R_bbox for one completion.
-
-    Hungarian matching on C_ij = 5*L1_ij + 2*(1-GIoU_ij); B = sum of matched s_ij / G;
-    Pen = [lambda_fn*(G-|M|) + lambda_fp*(P-|M|)] / max(1, G); R = clip01(B - Pen).
-    `malformed` boxes count in P but are never matched. Edge cases: no truths and no predictions
-    is a correct abstention (1.0); predictions where there are no truths score 0 (B is 0).
-    """
-    g, p = len(truths), len(predicted) + malformed
-    if g == 0:
-        return 1.0 if p == 0 else 0.0
-    matched_scores: list[float] = []
-    if predicted:
-        cost = np.array(
-            [
-                [L1_WEIGHT * normalized_l1(pb, tb) + GIOU_WEIGHT * (1.0 - generalized_iou(pb, tb)) for pb in predicted]
-                for tb in truths
-            ]
-        )
-        rows, cols = linear_sum_assignment(cost)
-        matched_scores = [pair_score(predicted[c], truths[r]) for r, c in zip(rows, cols)]
-    matched = len(matched_scores)
-    coverage = sum(matched_scores) / g
-    penalty = (lambda_fn * (g - matched) + lambda_fp * (p - matched)) / max(1, g)
-    return min(max(coverage - penalty, 0.0), 1.0)
+    """The paper's R_bbox for one completion (`box_rewards` of a batch of one)."""
+    return box_rewards([(predicted, malformed)], [truths], lambda_fn, lambda_fp)[0]
 
 
 class BoxReward:
@@ -98,10 +147,19 @@ class BoxReward:
     def __call__(self, prompts: Sequence, completions: Sequence[str], **columns) -> list[float | None]:
         size = len(completions)
         tasks, answers, boxes = (_column(columns, c, size) for c in ("task", "answer", "boxes"))
-        return [
-            self._score(completion, self._truths(task, answer, reference_boxes))
-            for completion, task, answer, reference_boxes in zip(completions, tasks, answers, boxes)
-        ]
+        scored: list[int] = []  # the completions that have reference boxes, scored together
+        predictions: list[tuple[list[Box], int]] = []
+        references: list[list[Box]] = []
+        for index, (completion, task, answer, reference_boxes) in enumerate(zip(completions, tasks, answers, boxes)):
+            truths = self._truths(task, answer, reference_boxes)
+            if truths is not None:
+                scored.append(index)
+                predictions.append(self._parse(completion, truths))
+                references.append(truths)
+        values: list[float | None] = [None] * size
+        for index, value in zip(scored, box_rewards(predictions, references, self.lambda_fn, self.lambda_fp)):
+            values[index] = value
+        return values
 
     def _truths(self, task: str | None, answer: str | None, reference_boxes: list | None) -> list[Box] | None:
         if reference_boxes is not None:
@@ -112,14 +170,14 @@ class BoxReward:
             return parse_boxes(answer).boxes
         return None
 
-    def _score(self, completion: str, truths: list[Box] | None) -> float | None:
-        if truths is None:
-            return None
+    def _parse(self, completion: str, truths: list[Box]) -> tuple[list[Box], int]:
+        """The completion's valid boxes and its count of malformed ones (both counted in `stats`)."""
         parsed = parse_boxes(completion)
-        self.stats["malformedBoxes"] += parsed.malformed
+        malformed = parsed.malformed
+        self.stats["malformedBoxes"] += malformed
         if truths and not parsed.found_block:
             self.stats["unparseable"] += 1
-        return box_reward(parsed.boxes, truths, parsed.malformed, self.lambda_fn, self.lambda_fp)
+        return parsed.boxes, malformed
 
 
 # ---------------------------------------------------------------------------------------------
