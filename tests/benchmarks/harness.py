@@ -233,21 +233,20 @@ class Benchmark:
 
     def table(self) -> str:
         metrics = self.metrics()
-        baseline = self.results[0]
         lines = [
             f"## {self.name}",
             "",
             f"`{self.command}`",
             "",
             f"{self.started}; {cores()} cores; load average before {_load(self.load_before)}, after "
-            f"{_load(self.load_after)}; {self.repeats} repeats interleaved ({' '.join(s.name[:1] for s in self.sides)} ...), "
+            f"{_load(self.load_after)}; {self.repeats} repeats interleaved ({' '.join('ABCDEFGHIJ'[:len(self.sides)])} ...), "
             f"{self.seconds:.0f} s in all.",
             "",
             "| side | processes (threads each) | started | metric | median | min-max | ratio |",
             "|---|---|---|---|---|---|---|",
         ]
         for metric in metrics:
-            base = baseline.values(metric)
+            base = next((r.values(metric) for r in self.results if r.values(metric)), [])
             for result in self.results:
                 values = result.values(metric)
                 if not values:
@@ -259,8 +258,9 @@ class Benchmark:
                 lines.append(f"| {result.side.name} | {layout} | {started} | {metric} | {_fmt(median)} "
                              f"| {_fmt(low)}-{_fmt(high)} | {ratio} |")
         lines.append("")
-        lines.append("ratio: the side's speed against the first side's (for times, its inverse); started: processes "
-                     "the side started per repeat, counted from /proc.")
+        lines.append("ratio: the side's speed against the first side's with that metric (for times, its inverse); "
+                     "started: processes the side started per repeat, counted from /proc (0: it ran in processes "
+                     "started before).")
         lines.extend(self.notes)
         return "\n".join(lines) + "\n"
 
