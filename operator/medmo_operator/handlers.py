@@ -173,9 +173,26 @@ def jobs_by_run(namespace: str, labels: dict, body: kopf.Body, **_: Any) -> dict
     return {(namespace, labels[render.LABEL_RUN]): _snapshot(body, "metadata", "spec", "status")}
 
 
+def _pod_snapshot(body: kopf.Body) -> dict:
+    """A pod's metadata and status, and of its spec only its containers' requests (for the
+    WaitingForResources condition)."""
+    snapshot = _snapshot(body, "metadata", "status")
+    containers = body.get("spec", {}).get("containers") or []
+    snapshot["spec"] = {"containers": [{"resources": {"requests": copy.deepcopy(dict((c.get("resources") or {}).get("requests") or {}))}}
+                                       for c in containers]}
+    return snapshot
+
+
 @kopf.index("", "v1", "pods", labels={render.LABEL_RUN: kopf.PRESENT, render.LABEL_ROLE: "learner"})
 def learner_pods_by_run(namespace: str, labels: dict, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels[render.LABEL_RUN]): _snapshot(body, "metadata", "status")}
+    return {(namespace, labels[render.LABEL_RUN]): _pod_snapshot(body)}
+
+
+@kopf.index("", "v1", "pods", labels={render.LABEL_RUN: kopf.PRESENT,
+                                      render.LABEL_ROLE: lambda value, **_: value in render.WORKER_ROLES})
+def worker_pods_by_run(namespace: str, labels: dict, body: kopf.Body, **_: Any) -> dict:
+    """rl stages' rollout and reward pods: observed only for the WaitingForResources condition."""
+    return {(namespace, labels[render.LABEL_RUN]): _pod_snapshot(body)}
 
 
 @kopf.index("", "v1", "pods", labels={render.LABEL_RUN: kopf.PRESENT, render.LABEL_ROLE: render.MODEL_INITIALIZER})
@@ -199,6 +216,7 @@ def reconcile_training(
     memo: kopf.Memo,
     jobs_by_run: kopf.Index,
     learner_pods_by_run: kopf.Index,
+    worker_pods_by_run: kopf.Index,
     initializer_pods_by_run: kopf.Index,
     **_: Any,
 ) -> None:
@@ -214,10 +232,12 @@ def reconcile_training(
         current_status = api.MedMOTrainingStatus.model_validate(copy.deepcopy(current)) if current else None
         jobs = list(jobs_by_run.get((namespace, name), []))
         workloads = _kueue_workloads(namespace, jobs) if training_spec.scheduling.queue_name else []
+        learner_pods = list(learner_pods_by_run.get((namespace, name), []))
         observed = plan.Observed(
-            jobs=observe.latest_jobs(jobs, list(learner_pods_by_run.get((namespace, name), [])), workloads),
+            jobs=observe.latest_jobs(jobs, learner_pods, workloads),
             progress=state.store.latest(namespace, name),
             initializer=observe.model_initializer_job(jobs, list(initializer_pods_by_run.get((namespace, name), []))),
+            unschedulable=observe.unschedulable_by_stage([*learner_pods, *worker_pods_by_run.get((namespace, name), [])]),
         )
         result = plan.plan(training_spec, current_status, observed, datetime.now(UTC), generation=meta.get("generation"))
         execute.carry_out(result.actions, run, training_spec, state.endpoints, KubernetesExecutor(run, body))
@@ -266,6 +286,9 @@ _CREATE = {
     "Job": lambda ns, b: kubernetes.client.BatchV1Api().create_namespaced_job(ns, b),
     "Deployment": lambda ns, b: kubernetes.client.AppsV1Api().create_namespaced_deployment(ns, b),
     "NetworkPolicy": lambda ns, b: kubernetes.client.NetworkingV1Api().create_namespaced_network_policy(ns, b),
+    # A gang (scheduling.gang): the Workload API's Workload and PodGroup, or scheduler-plugins' PodGroup.
+    "Workload": lambda ns, b: _create_custom(ns, b, "workloads"),
+    "PodGroup": lambda ns, b: _create_custom(ns, b, "podgroups"),
 }
 _DELETE = {
     "Job": lambda n, ns, o: kubernetes.client.BatchV1Api().delete_namespaced_job(n, ns, body=o),
@@ -274,6 +297,24 @@ _DELETE = {
     "NetworkPolicy": lambda n, ns, o: kubernetes.client.NetworkingV1Api().delete_namespaced_network_policy(
         n, ns, body=o),
 }
+
+
+_GANG_API_NEEDS = {
+    "scheduling.k8s.io": "gangScheduler workload-api needs Kubernetes 1.36+ with the feature gates GenericWorkload and "
+                         "GangScheduling and the API scheduling.k8s.io/v1alpha2 enabled",
+    "scheduling.x-k8s.io": "gangScheduler coscheduling needs scheduler-plugins' Coscheduling (its PodGroup CRD)",
+}
+
+
+def _create_custom(namespace: str, body: dict, plural: str) -> Any:
+    """Creates a gang's object; an API the cluster does not serve is an error no retry fixes."""
+    group, version = body["apiVersion"].split("/")
+    try:
+        return kubernetes.client.CustomObjectsApi().create_namespaced_custom_object(group, version, namespace, plural, body)
+    except ApiException as error:
+        if error.status == 404 and group in _GANG_API_NEEDS:
+            raise kopf.PermanentError(f"the cluster does not serve {body['apiVersion']} {plural}: {_GANG_API_NEEDS[group]}") from error
+        raise
 
 
 @dataclass

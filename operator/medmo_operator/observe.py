@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -81,7 +82,6 @@ def observe_job(job: Obj, pods: list[Obj]) -> JobObservation:
         exit_code=exit_code,
         termination_message=message,
         suspended=bool(_get(job, "spec", "suspend", default=False)),
-        unschedulable_message=_unschedulable(pods),
     )
 
 
@@ -115,11 +115,62 @@ def first_failure(pods: list[Obj]) -> tuple[int | None, str | None]:
     return code, message
 
 
-def _unschedulable(pods: list[Obj]) -> str | None:
+_INSUFFICIENT = re.compile(r"Insufficient ([A-Za-z0-9./_-]*[A-Za-z0-9])")
+"""How kube-scheduler names a resource no node has enough of (`2 Insufficient nvidia.com/gpu`)."""
+_ROLE_ORDER = ("learner", *render.WORKER_ROLES)
+
+
+def unschedulable_by_stage(pods: Iterable[Obj]) -> dict[str, str]:
+    """By stage: how many of its pods (learner, rollout, reward) the scheduler cannot place, what
+    each requests, which resources no node has enough of, and the scheduler's own words."""
+    waiting: dict[str, list[Obj]] = {}
     for pod in pods:
-        if _get(pod, "status", "phase") != "Pending":
-            continue
-        for condition in _get(pod, "status", "conditions", default=[]) or []:
-            if condition.get("type") == "PodScheduled" and condition.get("status") == "False" and condition.get("reason") == "Unschedulable":
-                return f"pod {_get(pod, 'metadata', 'name')} cannot be scheduled: {condition.get('message', '')}".strip()
-    return None
+        labels = _get(pod, "metadata", "labels", default={}) or {}
+        if render.LABEL_STAGE in labels and _is_unschedulable(pod):
+            waiting.setdefault(labels[render.LABEL_STAGE], []).append(pod)
+    return {stage: _waiting_message(stage_pods) for stage, stage_pods in waiting.items()}
+
+
+def _is_unschedulable(pod: Obj) -> bool:
+    if _get(pod, "status", "phase") != "Pending" or _get(pod, "metadata", "deletionTimestamp"):
+        return False
+    return any(c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable"
+               for c in _get(pod, "status", "conditions", default=[]) or [])
+
+
+def _scheduler_message(pod: Obj) -> str:
+    for condition in _get(pod, "status", "conditions", default=[]) or []:
+        if condition.get("type") == "PodScheduled":
+            return (condition.get("message") or "").strip()
+    return ""
+
+
+def pod_requests(pod: Obj) -> dict[str, str]:
+    """What a pod asks the scheduler for: its containers' requests, a resource two containers both
+    request written as `a+b`."""
+    requests: dict[str, list[str]] = {}
+    for container in _get(pod, "spec", "containers", default=[]) or []:
+        for resource, quantity in (_get(container, "resources", "requests", default={}) or {}).items():
+            requests.setdefault(resource, []).append(str(quantity))
+    return {resource: "+".join(quantities) for resource, quantities in sorted(requests.items())}
+
+
+def _waiting_message(pods: list[Obj]) -> str:
+    by_role: dict[str, list[Obj]] = {}
+    for pod in pods:
+        by_role.setdefault(_get(pod, "metadata", "labels", render.LABEL_ROLE, default="other"), []).append(pod)
+    roles = sorted(by_role, key=lambda r: _ROLE_ORDER.index(r) if r in _ROLE_ORDER else len(_ROLE_ORDER))
+    groups = []
+    for role in roles:
+        requests = pod_requests(by_role[role][0])
+        each = f" (each requests {', '.join(f'{k} {v}' for k, v in requests.items())})" if requests else ""
+        groups.append(f"{len(by_role[role])} {role}{each}")
+    messages = [_scheduler_message(pod) for pod in pods]
+    short = sorted({resource for message in messages for resource in _INSUFFICIENT.findall(message)})
+    plural = "s" if len(pods) > 1 else ""
+    text = f"{len(pods)} pod{plural} cannot be scheduled"
+    if short:
+        text += f", short of {', '.join(short)}"
+    text += f": {'; '.join(groups)}"
+    said = next((m for m in messages if m), "")
+    return f"{text}. Scheduler: {said}" if said else text

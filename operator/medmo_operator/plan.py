@@ -56,8 +56,6 @@ class JobObservation:
     termination_message: str | None = None
     """The trainer's one-line termination message, when one was seen."""
     suspended: bool = False
-    unschedulable_message: str | None = None
-    """Set while a pod of the Job cannot be scheduled (e.g. not enough GPUs)."""
     workload: WorkloadObservation | None = None
     """Kueue's Workload of the Job, for a queued run once Kueue has made it."""
 
@@ -72,6 +70,9 @@ class Observed:
     """Latest progress report by stage name."""
     initializer: JobObservation | None = None
     """The run's model initializer Job, when there is one."""
+    unschedulable: dict[str, str] = field(default_factory=dict)
+    """By stage name: what its pods (learner, rollout, reward) that the scheduler cannot place are,
+    and which resources they wait for; stages whose pods are all placed are absent."""
 
 
 # -- what to do -------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def plan(
             break
         if resuming:
             _resume_attempt(spec, stage, job, actions)
-        _stage_running(status, record, stage, job, now, actions)
+        _stage_running(status, record, stage, job, now, actions, observed.unschedulable.get(stage.name))
         if spec.scheduling.queue_name:
             _stage_queue(spec, status, stage, job, now, actions)
         break
@@ -347,16 +348,17 @@ def _stage_queue(spec, status, stage, job: JobObservation, now, actions) -> None
         actions.append(Event(reason, message, warning=reason == "Preempted", stage=stage.name))
 
 
-def _stage_running(status, record, stage, job: JobObservation, now, actions) -> None:
+def _stage_running(status, record, stage, job: JobObservation, now, actions, unschedulable: str | None) -> None:
     status.current_stage = stage.name
     status.current_step = record.step
     if job.active > 0 and record.phase == Phase.RESTARTING:
         record.phase = Phase.RUNNING
         _set_condition(status, ConditionType.RESTARTING, False, "Restarted", f"stage {stage.name} is running again", now)
     status.phase = Phase.RESTARTING if record.phase == Phase.RESTARTING else Phase.RUNNING
-    if job.unschedulable_message:
-        if _set_condition(status, ConditionType.WAITING_FOR_RESOURCES, True, "Unschedulable", job.unschedulable_message, now):
-            actions.append(Event("WaitingForResources", job.unschedulable_message, warning=True, stage=stage.name))
+    if unschedulable:
+        # The message follows what still waits (one of two pods placed); an Event only when waiting starts.
+        if _set_condition(status, ConditionType.WAITING_FOR_RESOURCES, True, "Unschedulable", unschedulable, now):
+            actions.append(Event("WaitingForResources", unschedulable, warning=True, stage=stage.name))
     elif _condition(status, ConditionType.WAITING_FOR_RESOURCES):
         _set_condition(status, ConditionType.WAITING_FOR_RESOURCES, False, "Scheduled", "all pods are scheduled", now)
 

@@ -33,6 +33,12 @@ LABEL_TOKEN = "medmo.io/progress-token"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 POD_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
+"""scheduler-plugins' Coscheduling: the PodGroup (scheduling.x-k8s.io/v1alpha1) a pod belongs to."""
+WORKLOAD_API_VERSION = "scheduling.k8s.io/v1alpha2"
+"""Kubernetes' Workload API (1.36, feature gate GenericWorkload): Workloads and PodGroups."""
+COSCHEDULING_API_VERSION = "scheduling.x-k8s.io/v1alpha1"
+GANG_TEMPLATE = "learner"
+"""The one PodGroupTemplate of a learner attempt's Workload."""
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 CONFIG_DIR = "/etc/medmo"
@@ -110,6 +116,12 @@ def stage_service_name(run: RunRef, stage: api.Stage) -> str:
 def learner_job_name(run: RunRef, stage: api.Stage, attempt: int) -> str:
     """The Indexed Job of one attempt; a gang restart creates the next attempt's Job."""
     return f"{run.name}-{stage.name}-{attempt}"
+
+
+def gang_name(run: RunRef, stage: api.Stage, attempt: int) -> str:
+    """The Workload and PodGroup of one learner attempt (scheduling.gang): the attempt's Job's name,
+    so each attempt's pods form a new gang."""
+    return learner_job_name(run, stage, attempt)
 
 
 def config_map_name(run: RunRef, stage: api.Stage) -> str:
@@ -363,6 +375,8 @@ def _placement(pool: api.NodePool, spec: api.MedMOTrainingSpec) -> dict:
         out["tolerations"] = [t.to_wire() for t in pool.tolerations]
     if spec.scheduling.priority_class_name:
         out["priorityClassName"] = spec.scheduling.priority_class_name
+    if spec.scheduling.scheduler_name:
+        out["schedulerName"] = spec.scheduling.scheduler_name
     return out
 
 
@@ -478,8 +492,11 @@ def build_learner_job(
         *_telemetry_env(run, spec, stage),
     ]
     labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.name, LABEL_ROLE: "learner", LABEL_ATTEMPT: str(attempt)}
-    if spec.scheduling.gang:
-        labels[POD_GROUP_LABEL] = job_name
+    gang: dict = {}
+    if spec.scheduling.gang and spec.scheduling.gang_scheduler == "coscheduling":
+        labels[POD_GROUP_LABEL] = gang_name(run, stage, attempt)
+    elif spec.scheduling.gang:
+        gang["schedulingGroup"] = {"podGroupName": gang_name(run, stage, attempt)}
     container = {
         "name": "trainer",
         "image": spec.image,
@@ -491,7 +508,7 @@ def build_learner_job(
         "securityContext": _container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    pod_spec = _pod_spec(spec, container, volumes, pool, gpus, restartPolicy="Never", subdomain=service)
+    pod_spec = _pod_spec(spec, container, volumes, pool, gpus, restartPolicy="Never", subdomain=service, **gang)
     job_meta = _meta(run, job_name, stage, "learner", **{LABEL_ATTEMPT: attempt})
     job_meta["labels"].update(kueue_labels(spec))
     return {
@@ -511,6 +528,43 @@ def build_learner_job(
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
+
+
+def build_gang(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stage, attempt: int) -> list[dict]:
+    """What makes one learner attempt's pods a gang (scheduling.gang), to create before its Job.
+
+    `workload-api`: a Workload with one gang PodGroupTemplate of minCount = nodes, and its PodGroup,
+    which the attempt's pods name in `spec.schedulingGroup` (the API server admits a PodGroup only
+    once its Workload exists). kube-scheduler binds none of them until all of them fit.
+    `coscheduling`: scheduler-plugins' PodGroup of minMember = nodes, which the pods name by label.
+    """
+    if not spec.scheduling.gang:
+        return []
+    name = gang_name(run, stage, attempt)
+    meta = lambda: _meta(run, name, stage, "learner", **{LABEL_ATTEMPT: attempt})  # noqa: E731
+    if spec.scheduling.gang_scheduler == "coscheduling":
+        return [{"apiVersion": COSCHEDULING_API_VERSION, "kind": "PodGroup", "metadata": meta(),
+                 "spec": {"minMember": stage.nodes}}]
+    policy = {"gang": {"minCount": stage.nodes}}
+    workload = {
+        "apiVersion": WORKLOAD_API_VERSION,
+        "kind": "Workload",
+        "metadata": meta(),
+        "spec": {
+            "controllerRef": {"apiGroup": "batch", "kind": "Job", "name": learner_job_name(run, stage, attempt)},
+            "podGroupTemplates": [{"name": GANG_TEMPLATE, "schedulingPolicy": policy}],
+        },
+    }
+    pod_group = {
+        "apiVersion": WORKLOAD_API_VERSION,
+        "kind": "PodGroup",
+        "metadata": meta(),
+        "spec": {
+            "podGroupTemplateRef": {"workload": {"workloadName": name, "podGroupTemplateName": GANG_TEMPLATE}},
+            "schedulingPolicy": policy,
+        },
+    }
+    return [workload, pod_group]
 
 
 def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stage, role: str) -> dict:
@@ -658,5 +712,6 @@ def build_stage_children(
         children.append(build_worker_network_policy(run, stage))
         for role in WORKER_ROLES:
             children += [build_worker_service(run, stage, role), build_worker_deployment(run, spec, stage, role)]
+    children += build_gang(run, spec, stage, attempt)
     children.append(build_learner_job(run, spec, stage, attempt, endpoints))
     return children

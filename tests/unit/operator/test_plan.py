@@ -294,10 +294,11 @@ def test_a_stage_suspended_during_its_restart_backoff_restarts_when_due_after_re
 def test_unschedulable_pods_show_waiting_for_resources_until_scheduled():
     spec = _spec()
     status = plan(spec, None, Observed(), T0).status
-    waiting = _job("align", unschedulable_message="pod x cannot be scheduled: 0/1 nodes have enough nvidia.com/gpu")
+    waiting = "1 pod cannot be scheduled, short of nvidia.com/gpu: 1 learner (each requests nvidia.com/gpu 8)"
 
-    result = plan(spec, status, Observed(jobs={"align": waiting}), T0)
+    result = plan(spec, status, Observed(jobs={"align": _job("align")}, unschedulable={"align": waiting}), T0)
     assert _condition(result.status, "WaitingForResources").status == "True"
+    assert _condition(result.status, "WaitingForResources").message == waiting
 
     result = plan(spec, result.status, Observed(jobs={"align": _job("align", active=1)}), T0)
     assert _condition(result.status, "WaitingForResources").status == "False"

@@ -52,13 +52,13 @@ def test_job_fails_fast_on_non_retryable_exit_codes_and_never_retries_a_pod_itse
     assert rules[0]["onExitCodes"]["values"] == sorted(NON_RETRYABLE)
 
 
-def test_kueue_queue_label_creates_the_job_suspended_and_gang_labels_pods():
+def test_kueue_queue_label_creates_the_job_suspended_and_gang_puts_pods_in_the_attempts_pod_group():
     spec = _spec()
     job = render.build_learner_job(RUN, spec, spec.stages[0], 0, ENDPOINTS)
 
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-training"
     assert job["spec"]["suspend"] is True
-    assert job["spec"]["template"]["metadata"]["labels"][render.POD_GROUP_LABEL] == "medmo-8b-align-0"
+    assert job["spec"]["template"]["spec"]["schedulingGroup"] == {"podGroupName": "medmo-8b-align-0"}
 
 
 def test_pods_run_as_non_root_and_read_credentials_only_by_reference():
