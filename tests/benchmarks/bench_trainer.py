@@ -7,7 +7,11 @@ strategy, with all its overheads (progress reports, loss all-reduce, skipped-rec
 schedule) except the checkpoint and export at the end: its time is read from the per-step progress
 timestamps between the warm-up step and the last step. Each loop runs in a fresh process.
 
-    $(scripts/bootstrap.sh)/bin/python tests/benchmarks/bench_trainer.py [--steps 40] [--warmup 5]
+    $(scripts/bootstrap.sh)/bin/python tests/benchmarks/bench_trainer.py [--steps 20] [--warmup 4] [--repeats 5]
+        [--loops ddp,fsdp,deepspeed zero-2] [--threads N]
+
+Every loop's process gets the same torch threads (--threads, default all cores), and the loops run
+interleaved (plain, ddp, ..., plain, ddp, ...) through the benchmark harness.
 """
 
 from __future__ import annotations
@@ -15,8 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import statistics
-import subprocess
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import harness
 from medmo_trainer.config import StageConfig
 from medmo_trainer.data.synthetic import generate
 from medmo_trainer.dist import init_distributed
@@ -114,16 +118,22 @@ def measure_one(loop: str, data: Path, steps: int, warmup: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each loop; the median time counts")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each loop, interleaved")
+    parser.add_argument("--loops", default=",".join(STRATEGIES), help=f"strategies beside the plain loop ({', '.join(STRATEGIES)})")
+    parser.add_argument("--threads", type=int, default=harness.cores(), help="torch threads of every loop's process")
+    parser.add_argument("--results", type=Path, default=harness.RESULTS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one loop, in a child process
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        print(harness.thread_settings(), file=sys.stderr)
         print(json.dumps({"seconds": measure_one(args.measure, Path(args.data), args.steps, args.warmup)}))
         return
     measured = args.steps - args.warmup
+    loops = [PLAIN, *(loop.strip() for loop in args.loops.split(",") if loop.strip())]
 
     with tempfile.TemporaryDirectory(prefix="medmo-bench-") as tmp:
         data = Path(tmp) / "data"
@@ -131,28 +141,25 @@ def main() -> None:
         base = stage_config(Path(tmp), data, args.steps, STRATEGIES["ddp"])
         tokens = sum(step_tokens(base, args.steps)[args.warmup:])
         samples = measured * BATCH_SIZE
-        rows = []
-        # Each loop runs in its own process, in turn, so none inherits another's warm caches.
-        times: dict[str, list[float]] = {loop: [] for loop in [PLAIN, *STRATEGIES]}
-        for _ in range(args.repeats):
-            for loop in times:
-                times[loop].append(_measure_in_child(loop, data, args))
-        rows = [(loop if loop == PLAIN else f"medmo trainer, {loop}", statistics.median(t)) for loop, t in times.items()]
 
-    baseline = rows[0][1]
-    print(f"tiny Qwen3-VL, CPU ({torch.get_num_threads()} threads), 1 rank, batch {BATCH_SIZE}, "
-          f"{measured} measured steps after {args.warmup} warm-up, {tokens} tokens, median of {args.repeats}")
-    print(f"| {'loop':<36} | {'samples/s':>9} | {'tokens/s':>9} | {'vs plain':>8} |")
-    print(f"|{'-' * 38}|{'-' * 11}|{'-' * 11}|{'-' * 10}|")
-    for label, seconds in rows:
-        print(f"| {label:<36} | {samples / seconds:>9.1f} | {tokens / seconds:>9.0f} | {baseline / seconds:>8.2f} |")
+        def side(loop: str):
+            command = [sys.executable, __file__, "--measure", loop, "--data", str(data),
+                       "--steps", str(args.steps), "--warmup", str(args.warmup)]
 
+            def measure() -> dict[str, float]:
+                seconds = harness.run_child(command, threads=args.threads)["seconds"]
+                return {"samples/s": samples / seconds, "tokens/s": tokens / seconds}
+            return measure
 
-def _measure_in_child(loop: str, data: Path, args: argparse.Namespace) -> float:
-    command = [sys.executable, __file__, "--measure", loop, "--data", str(data),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
+        # Each loop runs in its own fresh process, so none inherits another's warm caches.
+        bench = harness.Benchmark("Trainer against a plain transformers loop", [
+            harness.Side(loop if loop == PLAIN else f"medmo trainer, {loop}", side(loop),
+                         [harness.Process("trainer", args.threads)]) for loop in loops
+        ], repeats=args.repeats, notes=[
+            f"Tiny Qwen3-VL on CPU, 1 rank, batch {BATCH_SIZE}: {measured} measured steps after {args.warmup} "
+            f"warm-up steps, {tokens} tokens, the same batches on every side. A difference inside the sides' "
+            "min-max ranges is noise, not a speed-up."]).run()
+        bench.report(args.results)
 
 
 if __name__ == "__main__":
