@@ -7,7 +7,10 @@ storage and copied into its model in place. Bytes moved per step = the file, wri
 once per rollout replica (`--workers`).
 
     $(scripts/bootstrap.sh)/bin/python tests/benchmarks/bench_weight_sync.py [--model preset:tiny-qwen3-vl]
-        [--workers 4] [--repeats 3]
+        [--workers 4] [--repeats 5]
+
+The cases run interleaved through the benchmark harness (every case once per repeat); the
+benchmark process and the rollout worker each have one thread.
 
 A larger preset (`preset:qwen3-vl-2b-random`) gives figures closer to a real run; it needs a GPU or
 about 20 GB of memory and minutes to build.
@@ -19,7 +22,6 @@ import argparse
 import json
 import os
 import secrets
-import statistics
 import tempfile
 import time
 import urllib.error
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+import harness
 from medmo_trainer.config import StageConfig
 from medmo_trainer.gpu_check import worker
 from medmo_trainer.model import apply_trainable, load_model
@@ -64,8 +67,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="preset:tiny-qwen3-vl")
     parser.add_argument("--workers", type=int, default=4, help="rollout replicas each reading every version")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--results", type=Path, default=harness.RESULTS)
     args = parser.parse_args()
+    harness.pin_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-weight-sync-") as scratch:
         storage = Path(scratch)
         token_file = storage / "token"
@@ -77,36 +82,46 @@ def main() -> None:
             "rl": {"rolloutUrls": ["http://unused"], "rewardUrls": ["http://unused"]},
         })
         model = load_model(args.model).model
-        env = {**os.environ, "MEDMO_PROGRESS_TOKEN_FILE": str(token_file)}
-        rows = []
-        with worker("medmo_trainer.rl.rollout_server", ["--model", args.model, "--storage-uri", scratch], env,
-                    storage / "worker.log") as url:
+        env = harness.thread_env(1, {**os.environ, "MEDMO_PROGRESS_TOKEN_FILE": str(token_file)})
+        with worker("medmo_trainer.rl.rollout_server", ["--model", args.model, "--storage-uri", scratch, "--threads", "1"],
+                    env, storage / "worker.log") as url:
             wait_ready(url, token)
-            version = 0
-            for label, groups, dtype in CASES:
+            versions = iter(range(1, 1_000_000))
+            sizes: dict[str, tuple[int, int]] = {}
+
+            def case(label: str, groups: list[str], dtype: torch.dtype):
                 trained = set(apply_trainable(model, groups))
-                state = {n: p.detach() for n, p in model.named_parameters() if n in trained}
+                state = {n: p.detach().clone() for n, p in model.named_parameters() if n in trained}
                 publisher = PolicyPublisher(config, dtype)
-                publish, load = [], []
-                for _ in range(args.repeats):
-                    version += 1
+
+                def measure() -> dict[str, float]:
+                    version = next(versions)
                     started = time.perf_counter()
                     policy = publisher.publish(version, state)
-                    publish.append(time.perf_counter() - started)
+                    published = time.perf_counter() - started
                     started = time.perf_counter()
                     call(f"{url}/v1/weights", token, {"version": version, "uri": policy.uri})
-                    load.append(time.perf_counter() - started)
-                size = publisher.last_bytes
-                rows.append((label, sum(state[n].numel() for n in state), size, statistics.median(publish),
-                             statistics.median(load)))
-    baseline = rows[0][2]
-    print(f"model {args.model}, {args.workers} rollout workers, median of {args.repeats}\n")
-    print("| published | trained parameters | file | bytes moved per step | vs before | publish s | worker load s |")
-    print("|---|---|---|---|---|---|---|")
-    for label, params, size, publish, load in rows:
-        moved = size * (1 + args.workers)
-        print(f"| {label} | {params:,} | {size / 2**20:.2f} MiB | {moved / 2**20:.2f} MiB | {size / baseline:.3f} "
-              f"| {publish:.3f} | {load:.3f} |")
+                    loaded = time.perf_counter() - started
+                    sizes[label] = (sum(t.numel() for t in state.values()), publisher.last_bytes)
+                    return {"publish s": published, "worker load s": loaded}
+                return measure
+
+            bench = harness.Benchmark("RL weight sync per step", [
+                harness.Side(label, case(label, groups, dtype),
+                             [harness.Process("learner (publisher)", 1), harness.Process("rollout worker", 1)])
+                for label, groups, dtype in CASES
+            ], repeats=args.repeats, higher_is_better={"publish s": False, "worker load s": False}).run()
+    baseline = sizes[CASES[0][0]][1]
+    bench.notes.append(f"model {args.model}; bytes moved per step = the file written once and read by each of "
+                       f"{args.workers} rollout workers (one real worker is timed):")
+    bench.notes.append("")
+    bench.notes.append("| published | trained parameters | file | bytes moved per step | vs before |")
+    bench.notes.append("|---|---|---|---|---|")
+    for label, _, _ in CASES:
+        params, size = sizes[label]
+        bench.notes.append(f"| {label} | {params:,} | {size / 2**20:.2f} MiB | {size * (1 + args.workers) / 2**20:.2f} MiB "
+                           f"| {size / baseline:.3f} |")
+    bench.report(args.results)
 
 
 if __name__ == "__main__":
