@@ -1,12 +1,16 @@
-"""Samples/s of this project's RL pipeline against TRL's GRPOTrainer, on the same tiny model, data and reward.
+"""Completions/s of this project's RL pipeline against TRL's GRPOTrainer, on the same tiny model, data, reward and cores.
 
-    python tests/benchmarks/bench_rl.py [--steps 12] [--workers 2]
+    python tests/benchmarks/bench_rl.py [--steps 8] [--repeats 5] [--workers 1] [--learner-threads 1] [--trl-threads 2]
 
 Both sides train the tiny Qwen3-VL preset (the same exported weights) on synthetic grounding
 prompts with the paper's box reward, group size 8, 4 prompts per step, 24 completion tokens,
 DAPO loss with clip-higher, no KL, on CPU. Ours: `python -m medmo_trainer` running the `rl` stage
 with N rollout-worker and N reward-worker processes. TRL: `GRPOTrainer` in one process. The rate
-is completions per second over the steps after the first (start-up excluded), printed as a ratio.
+is completions per second over the steps after the first (start-up excluded). The sides run
+interleaved through the benchmark harness, every process with its threads fixed (OMP_NUM_THREADS
+and torch threads, printed by each): by default TRL's one process gets all the cores' threads, and
+ours the same number split between the learner and the rollout worker (the reward worker is a
+third, mostly idle, process), so the layouts differ and the table says how.
 
 TRL is a benchmark-only dependency (requirements/bench.txt): it is installed into its own virtual
 environment under $MEDMO_CACHE (never into the project's), which sees the project's packages
@@ -24,6 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import harness
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, PROMPTS, TOKENS, IMAGE_SIZE, LEARNING_RATE = 8, 4, 24, 112, 1e-3
@@ -71,7 +77,7 @@ def rate_from_reports(reports: list[dict]) -> float:
     return (last["step"] - first["step"]) * GROUP * PROMPTS / (last["timestamp"] - first["timestamp"])
 
 
-def run_ours(data: Path, model: Path, steps: int, workers: int, out: Path) -> float:
+def run_ours(data: Path, model: Path, steps: int, workers: int, learner_threads: int, out: Path) -> float:
     from integration.rl.conftest import worker
     from integration.rl.pipeline import progress_lines, stage_config, train_stage
     from medmo_trainer.rl.http import TOKEN_FILE_ENV
@@ -80,10 +86,11 @@ def run_ours(data: Path, model: Path, steps: int, workers: int, out: Path) -> fl
     (out / "run-token").write_text(secrets.token_hex(32))
     os.environ[TOKEN_FILE_ENV] = str(out / "run-token")
     with contextlib.ExitStack() as stack:
+        one = harness.thread_env(1, {})
         rollouts = [stack.enter_context(worker("medmo_trainer.rl.rollout_server", "--model", str(model), "--threads", "1",
-                                               storage_uri=str(out)))
+                                               storage_uri=str(out), env=one))
                     for _ in range(workers)]
-        rewards = [stack.enter_context(worker("medmo_trainer.rl.reward_server")) for _ in range(workers)]
+        rewards = [stack.enter_context(worker("medmo_trainer.rl.reward_server", env=one)) for _ in range(workers)]
         rl = {
             "algorithm": {"groupSize": GROUP, "promptsPerStep": PROMPTS, "maxCompletionLength": TOKENS},
             "rewards": {"accuracy": 0.0, "bbox": 1.0, "format": 0.0, "overlong": 0.0},
@@ -93,15 +100,15 @@ def run_ours(data: Path, model: Path, steps: int, workers: int, out: Path) -> fl
                               learning_rate=LEARNING_RATE, batch_size=GROUP * PROMPTS, rl=rl)
         config_text = config.read_text().replace("imageSize: 112", f"imageSize: {IMAGE_SIZE}")
         config.write_text(config_text)
-        train_stage(config, out / "grpo.log", timeout=3600)
+        train_stage(config, out / "grpo.log", timeout=3600, env=harness.thread_env(learner_threads, {}))
     return rate_from_reports(progress_lines(out / "grpo.log"))
 
 
-def run_trl(data: Path, model: Path, steps: int, out: Path) -> float:
+def run_trl(data: Path, model: Path, steps: int, threads: int, out: Path) -> float:
     result = out / "trl.json"
     subprocess.run([trl_python(), __file__, "--trl-side", "--data", str(data), "--model", str(model),
                     "--steps", str(steps), "--result", str(result)], check=True, cwd=out,
-                   env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+                   env=harness.thread_env(threads, {**os.environ, "PYTHONPATH": str(REPO / "tests")}))
     return json.loads(result.read_text())["samples_per_second"]
 
 
@@ -122,6 +129,8 @@ def trl_side(data: Path, model_folder: Path, steps: int, result: Path) -> None:
     from medmo_trainer.model import load_model
     from medmo_trainer.rl.rewards import BoxReward
 
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    print(harness.thread_settings(), file=sys.stderr)
     loaded = load_model(str(model_folder))
 
     class TinyProcessor(ProcessorMixin):
@@ -188,8 +197,13 @@ def trl_side(data: Path, model_folder: Path, steps: int, result: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--workers", type=int, default=2, help="rollout and reward worker processes (each)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=1, help="rollout and reward worker processes (each)")
+    parser.add_argument("--learner-threads", type=int, default=max(1, harness.cores() - 1),
+                        help="torch threads of our learner (each worker gets 1)")
+    parser.add_argument("--trl-threads", type=int, default=harness.cores(), help="torch threads of TRL's process")
+    parser.add_argument("--results", type=Path, default=harness.RESULTS)
     parser.add_argument("--trl-side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -200,15 +214,31 @@ def main() -> None:
         return
     sys.path.insert(0, str(REPO / "tests"))
     data, model = prepare()
-    out = cache() / f"run-{int(time.time())}"
-    out.mkdir(parents=True)
-    ours = run_ours(data, model, args.steps, args.workers, out)
-    trl = run_trl(data, model, args.steps, out)
-    print(f"{'pipeline':<40} {'completions/s':>14}")
-    print(f"{f'medmo rl stage ({args.workers}+{args.workers} workers)':<40} {ours:>14.2f}")
-    print(f"{'TRL GRPOTrainer (one process)':<40} {trl:>14.2f}")
-    print(f"ratio medmo / TRL: {ours / trl:.2f}x  ({args.steps} steps, {PROMPTS}x{GROUP} completions of "
-          f"<= {TOKENS} tokens per step, CPU)")
+    trl_python()  # the TRL venv, built before any timing
+
+    def fresh_folder() -> Path:
+        out = cache() / f"run-{time.time_ns()}"
+        out.mkdir(parents=True)
+        return out
+
+    def ours() -> dict[str, float]:
+        return {"completions/s": run_ours(data, model, args.steps, args.workers, args.learner_threads, fresh_folder())}
+
+    def trl() -> dict[str, float]:
+        return {"completions/s": run_trl(data, model, args.steps, args.trl_threads, fresh_folder())}
+
+    w = args.workers
+    bench = harness.Benchmark("RL: medmo rl stage against TRL GRPOTrainer", [
+        harness.Side("TRL GRPOTrainer", trl, [harness.Process("trainer", args.trl_threads)]),
+        harness.Side(f"medmo rl stage ({w}+{w} workers)", ours,
+                     [harness.Process("learner", args.learner_threads), harness.Process("rollout worker", 1, w),
+                      harness.Process("reward worker", 1, w)]),
+    ], repeats=args.repeats, notes=[
+        f"{args.steps} steps of {PROMPTS} prompts x {GROUP} completions of <= {TOKENS} tokens, CPU, rate over the "
+        f"steps after the first. Both sides on the same {harness.cores()} cores; the layouts differ: TRL generates "
+        f"and learns in one process of {args.trl_threads} threads, ours in a learner of {args.learner_threads} and "
+        f"{w} rollout worker(s) of 1 thread (the reward workers score between generations and are otherwise idle)."]).run()
+    bench.report(args.results)
 
 
 if __name__ == "__main__":
