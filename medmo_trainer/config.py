@@ -30,6 +30,13 @@ the image built from images/rollout-vllm/)."""
 ALL_TASKS: tuple[TaskType, ...] = ("caption", "vqa", "report", "retrieval", "grounding")
 ALL_MODULE_GROUPS: tuple[ModuleGroup, ...] = ("vision", "projector", "language")
 
+ENCODER_NAME = r"[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?"
+"""Name of an extra vision encoder (`model.visionEncoders[].name`): a short DNS label."""
+TRAINABLE_GROUP = rf"^(vision|projector|language|(encoder|projector):{ENCODER_NAME})$"
+"""A trainable group: a module group, or one extra vision encoder (`encoder:<name>`) or its projector
+(`projector:<name>`). `vision` covers every vision encoder, `projector` every projector."""
+TrainableGroup = Annotated[str, Field(max_length=48, pattern=TRAINABLE_GROUP)]
+
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 """An RFC 1123 label, Kubernetes' rule for most object names: lowercase letters, digits and `-`,
 a letter or digit at both ends, at most 63 characters. The operator's API uses it too."""
@@ -243,14 +250,52 @@ def is_hub_model(base: str) -> bool:
     return not base.startswith((PRESET_PREFIX, "/", ".")) and "://" not in base
 
 
+class ProjectorSpec(ConfigModel):
+    """The projector of an extra vision encoder into the language model's hidden size."""
+
+    type: Literal["mlp"] = "mlp"
+    """`mlp`: LayerNorm, then linear layers with GELU between them."""
+    layers: Annotated[int, Field(ge=1, le=4)] = 2
+    """Linear layers of the MLP."""
+
+
+class VisionEncoderSpec(ConfigModel):
+    """An extra vision encoder beside the base model's own tower (`medmo_trainer.model.encoders`)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=32, pattern=f"^{ENCODER_NAME}$")]
+    """Unique name; its trainable groups are `encoder:<name>` and `projector:<name>`."""
+    base: Annotated[str, Field(min_length=1, max_length=1024)]
+    """Hugging Face Hub id, local path, `file://` or `s3://` URI of a transformers vision model (SigLIP,
+    CLIP, DINOv2...), or a tiny random preset: `preset:tiny-siglip`, `preset:tiny-clip-vision`,
+    `preset:tiny-dinov2`."""
+    image_size: Annotated[int, Field(ge=16, le=4096)] = 224
+    """Side, in pixels, of the square each image is resized to for this encoder."""
+    pool_size: Annotated[int, Field(ge=1, le=32)] = 4
+    """Its patch features are average-pooled to a poolSize x poolSize grid: poolSize**2 tokens per image,
+    placed after the base tower's tokens of that image."""
+    projector: ProjectorSpec = Field(default_factory=ProjectorSpec)
+    """Its projector into the language model."""
+
+
 class ModelSource(ConfigModel):
     """Where a stage's starting weights come from and what trains."""
 
     base: Annotated[str, Field(min_length=1)]
     """Hugging Face id, local path, `file://` or `s3://` URI of a Hugging Face model folder, or a
     built-in tiny preset written `preset:<name>`."""
-    trainable: list[ModuleGroup] = Field(default_factory=lambda: list(ALL_MODULE_GROUPS))
+    trainable: list[TrainableGroup] = Field(default_factory=lambda: list(ALL_MODULE_GROUPS))
     """Module groups that receive gradients; the rest are frozen and get no optimizer state."""
+    vision_encoders: list[VisionEncoderSpec] = Field(default_factory=list)
+    """Extra vision encoders, added to `base` when it does not have them yet (a model exported by an
+    earlier stage already holds them, trained)."""
+
+    @model_validator(mode="after")
+    def _encoders_named_once(self) -> ModelSource:
+        names = [encoder.name for encoder in self.vision_encoders]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"visionEncoders names must be unique, repeated: {', '.join(repeated)}")
+        return self
 
 
 class StorageConfig(ConfigModel):

@@ -138,6 +138,9 @@ INVALID_CASES: list[InvalidCase] = [
     InvalidCase("init-from-later-stage", _set("spec.stage:align.initFrom", "instruct"), "initFrom", server=False),
     InvalidCase("hub-token-for-a-preset", _set("spec.model.tokenSecretRef", {"name": "hf-token"}), "tokenSecretRef"),
     InvalidCase("malformed-hub-id", _set("spec.model.base", "org/name/extra"), "base"),
+    InvalidCase("duplicate-vision-encoder-names",
+                _set("spec.model.visionEncoders", [{"name": "hires", "base": "preset:tiny-siglip"}] * 2), "visionEncoders"),
+    InvalidCase("trainable-names-no-vision-encoder", _set("spec.stage:align.trainable", ["projector:hires"]), "trainable"),
 ]
 
 

@@ -41,6 +41,8 @@ class EncodedSample:
     image_grid_thw: torch.Tensor | None
     """(images, 3); None for a text-only record."""
     truncated: bool
+    encoder_pixel_values: torch.Tensor | None = None
+    """(images, values) views of the images for the model's extra vision encoders; None without them."""
 
 
 def prompt_messages(record: Record) -> list[dict]:
@@ -49,12 +51,15 @@ def prompt_messages(record: Record) -> list[dict]:
     return [{"role": "user", "content": [*images, {"type": "text", "text": record.prompt}]}]
 
 
-def rope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
+def rope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor, merge_size: int,
+                   extra_pool_sizes: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
     """(3, seq) multimodal RoPE positions of one unpacked sample of text and images.
 
     Text tokens advance all three rows together; an image's tokens get its start position in the time
     row and start + row/column index of the merged patch grid in the height/width rows; text after an
     image resumes at start + max(grid height, grid width) (what Qwen2.5-VL and Qwen3-VL do for images).
+    Extra vision encoders' tokens (`extra_pool_sizes`, one grid side each) follow as grids of their own
+    that continue from there (`medmo_trainer.model.modeling_medmo_vl`).
     """
     types = mm_token_type_ids.tolist()
     changes = [0] + [i for i in range(1, len(types)) if types[i] != types[i - 1]] + [len(types)]
@@ -72,6 +77,11 @@ def rope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor
             cols = torch.arange(w).repeat(h)
             positions.append(torch.stack([torch.full_like(rows, current), rows + current, cols + current]))
             current += max(h, w)
+            for side in extra_pool_sizes:
+                rows = torch.arange(side).repeat_interleave(side)
+                cols = torch.arange(side).repeat(side)
+                positions.append(torch.stack([torch.full_like(rows, current), rows + current, cols + current]))
+                current += side
     return torch.cat(positions, dim=1)
 
 
@@ -95,10 +105,11 @@ def encode_sample(processor: VLProcessor, record: Record, images: list[Image.Ima
     input_ids = torch.tensor(prompt_ids + answer_ids)
     labels = torch.tensor([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
     mm_types = (input_ids == processor.image_token_id).long()
-    mrope = rope_positions(mm_types, vision["image_grid_thw"], processor.image_processor.merge_size)
+    mrope = rope_positions(mm_types, vision["image_grid_thw"], processor.image_processor.merge_size,
+                           processor.extra_pool_sizes)
     text = torch.arange(len(input_ids)).unsqueeze(0)
     return EncodedSample(input_ids, labels, torch.cat([text, mrope]), vision["pixel_values"],
-                         vision["image_grid_thw"] if images else None, truncated)
+                         vision["image_grid_thw"] if images else None, truncated, vision.get("encoder_pixel_values"))
 
 
 def keep_vision_in_graph(samples: list[EncodedSample], processor: VLProcessor, image_size: int) -> list[EncodedSample]:
@@ -119,10 +130,11 @@ def keep_vision_in_graph(samples: list[EncodedSample], processor: VLProcessor, i
     text = VISION_START + processor.expand_image_tokens(IMAGE_PAD, vision["image_grid_thw"]) + VISION_END
     input_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
     mrope = rope_positions((input_ids == processor.image_token_id).long(), vision["image_grid_thw"],
-                           processor.image_processor.merge_size)
+                           processor.image_processor.merge_size, processor.extra_pool_sizes)
     keepalive = EncodedSample(input_ids, torch.full_like(input_ids, IGNORE_INDEX),
                               torch.cat([torch.arange(len(input_ids)).unsqueeze(0), mrope]),
-                              vision["pixel_values"], vision["image_grid_thw"], truncated=False)
+                              vision["pixel_values"], vision["image_grid_thw"], truncated=False,
+                              encoder_pixel_values=vision.get("encoder_pixel_values"))
     return [*samples, keepalive]
 
 
@@ -131,8 +143,11 @@ def _vision_inputs(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
     with_images = [s for s in samples if s.pixel_values is not None]
     if not with_images:
         return {}
-    return {"pixel_values": torch.cat([s.pixel_values for s in with_images]),
-            "image_grid_thw": torch.cat([s.image_grid_thw for s in with_images])}
+    inputs = {"pixel_values": torch.cat([s.pixel_values for s in with_images]),
+              "image_grid_thw": torch.cat([s.image_grid_thw for s in with_images])}
+    if with_images[0].encoder_pixel_values is not None:
+        inputs["encoder_pixel_values"] = torch.cat([s.encoder_pixel_values for s in with_images])
+    return inputs
 
 
 def pack(samples: list[EncodedSample], image_token_id: int) -> dict[str, torch.Tensor]:

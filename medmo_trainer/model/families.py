@@ -2,7 +2,9 @@
 
 Each family maps its parameters to the three trainable groups of `medmo_trainer.config.ModuleGroup`
 by name prefix: the vision tower, the projector/merger that maps vision features into the language
-model, and the language model (with its output head).
+model, and the language model (with its output head). A model with extra vision encoders
+(`medmo_qwen3_vl`) counts them in `vision` and their projectors in `projector`, and also has one group
+per encoder, `encoder:<name>`, and per projector, `projector:<name>`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from torch import nn
 from transformers import PreTrainedModel, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
 from medmo_trainer.config import ALL_MODULE_GROUPS, ModuleGroup
+from medmo_trainer.model.encoders import unreachable_encoder_parameters
+from medmo_trainer.model.modeling_medmo_vl import MedMOVLForConditionalGeneration
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,18 @@ FAMILIES: dict[str, Family] = {
             # deepstack mergers project intermediate vision features into early LLM layers: projector too
             "projector": ("model.visual.merger.", "model.visual.deepstack_merger_list."),
             "vision": ("model.visual.",),
+            "language": ("model.language_model.", "lm_head."),
+        },
+    ),
+    "medmo_qwen3_vl": Family(
+        name="medmo_qwen3_vl",
+        model_class=MedMOVLForConditionalGeneration,
+        patch_size=16,
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+        group_prefixes={
+            "projector": ("model.visual.merger.", "model.visual.deepstack_merger_list.", "model.extra_projectors."),
+            "vision": ("model.visual.", "model.extra_encoders."),
             "language": ("model.language_model.", "lm_head."),
         },
     ),
@@ -82,30 +98,40 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def module_groups(model: nn.Module) -> dict[ModuleGroup, list[str]]:
-    """Parameter names of each module group; every parameter belongs to exactly one group."""
+def module_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter names of each module group; every parameter belongs to exactly one of the three
+    `ModuleGroup`s. Extra vision encoders add `encoder:<name>` and `projector:<name>` groups (subsets of
+    `vision` and `projector`)."""
     model = _unwrap(model)
     family = family_of(model)
-    groups: dict[ModuleGroup, list[str]] = {group: [] for group in ALL_MODULE_GROUPS}
+    groups: dict[str, list[str]] = {group: [] for group in ALL_MODULE_GROUPS}
+    for spec in getattr(model.config, "vision_encoders", None) or []:
+        groups[f"encoder:{spec['name']}"] = []
+        groups[f"projector:{spec['name']}"] = []
     order: tuple[ModuleGroup, ...] = ("projector", "vision", "language")
     for name, _ in model.named_parameters():
         group = next((g for g in order if name.startswith(family.group_prefixes[g])), None)
         if group is None:
             raise UnsupportedModelError(f"parameter {name!r} of a {family.name} model belongs to no module group")
         groups[group].append(name)
+        for kind, prefix in (("encoder", "model.extra_encoders."), ("projector", "model.extra_projectors.")):
+            if name.startswith(prefix):
+                groups[f"{kind}:{name.removeprefix(prefix).split('.', 1)[0]}"].append(name)
     return groups
 
 
-def apply_trainable(model: nn.Module, trainable: list[ModuleGroup] | tuple[ModuleGroup, ...]) -> list[str]:
+def apply_trainable(model: nn.Module, trainable: list[str] | tuple[str, ...]) -> list[str]:
     """Sets requires_grad on the parameters of the `trainable` groups only; returns their names.
 
     Build the optimizer from `requires_grad` parameters afterwards, so frozen groups get no state.
     """
-    unknown = set(trainable) - set(ALL_MODULE_GROUPS)
-    if unknown:
-        raise ValueError(f"unknown module groups {sorted(unknown)}; choose from {list(ALL_MODULE_GROUPS)}")
     groups = module_groups(model)
+    unknown = set(trainable) - set(groups)
+    if unknown:
+        raise ValueError(f"unknown module groups {sorted(unknown)}; this model has {list(groups)}")
     keep = {name for group in trainable for name in groups[group]}
+    if family_of(_unwrap(model)).name == "medmo_qwen3_vl":
+        keep -= unreachable_encoder_parameters(_unwrap(model))
     names = []
     for name, parameter in _unwrap(model).named_parameters():
         parameter.requires_grad_(name in keep)

@@ -10,6 +10,8 @@ Sources (`ModelSource.base`):
   that copy by URI: see `medmo_trainer.fetch`).
 
 Weights load in the dtype asked for (a stage's `precision`), whatever dtype they were saved in.
+A source with `vision_encoders` gets them attached (`medmo_trainer.model.encoders`) unless the model
+already has them, as a model exported by an earlier stage of the same run does.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ from transformers import AutoConfig, PreTrainedModel
 
 from medmo_trainer.config import PRESET_PREFIX, ModelSource
 from medmo_trainer.fsio import is_remote, url_to_fs
+from medmo_trainer.model.encoders import COMPOSITE_MODEL_TYPE, attach_vision_encoders, register_auto_classes
 from medmo_trainer.model.families import FAMILIES, UnsupportedModelError
 from medmo_trainer.model.presets import PRESETS, build_preset
 from medmo_trainer.model.processor import VLProcessor, vision_markers_present
+
+
+register_auto_classes()
 
 
 class ModelUnavailableError(RuntimeError):
@@ -60,6 +66,16 @@ def load_model(source: ModelSource | str, *, dtype: torch.dtype | None = None, s
             loaded = load_model_folder(folder, dtype=dtype)
         except (OSError, ValueError) as error:
             raise ModelUnavailableError(f"cannot load model {base!r}: {error}") from error
+    encoders = source.vision_encoders if isinstance(source, ModelSource) else []
+    if encoders and loaded.family != COMPOSITE_MODEL_TYPE:
+        try:
+            model = attach_vision_encoders(loaded.model, encoders, seed=seed)
+        except ValueError as error:
+            raise UnsupportedModelError(str(error)) from error
+        processor = loaded.processor
+        processor.vision_encoders = model.config.vision_encoders
+        processor.family = COMPOSITE_MODEL_TYPE
+        loaded = LoadedModel(model, processor, COMPOSITE_MODEL_TYPE)
     disable_forward_cache(loaded.model)
     use_fastest_attention(loaded.model)
     return loaded

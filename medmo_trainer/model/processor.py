@@ -15,7 +15,7 @@ torchvision is present.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,9 +24,11 @@ from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.image_transforms import convert_to_rgb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
+from medmo_trainer.model.modeling_medmo_vl import encode_extra_views
 from medmo_trainer.model.tokenizer import IMAGE_PAD, VISION_END, VISION_START
 
-HF_PROCESSOR_CLASS = {"qwen3_vl": "Qwen3VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+HF_PROCESSOR_CLASS = {"qwen3_vl": "Qwen3VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                      "medmo_qwen3_vl": "Qwen3VLProcessor"}
 
 
 @dataclass
@@ -36,6 +38,14 @@ class VLProcessor:
     tokenizer: PreTrainedTokenizerBase
     image_processor: Qwen2VLImageProcessorPil
     family: str
+    vision_encoders: list[dict] = field(default_factory=list)
+    """The model's extra vision encoders (`MedMOVLConfig.vision_encoders`): each image also gets their views
+    (`encoder_pixel_values`) and their tokens after the base tower's (`modeling_medmo_vl`)."""
+
+    @property
+    def extra_pool_sizes(self) -> list[int]:
+        """Grid side of each extra encoder's tokens, in order."""
+        return [spec["pool_size"] for spec in self.vision_encoders]
 
     @property
     def image_token_id(self) -> int:
@@ -81,7 +91,10 @@ class VLProcessor:
             flat, grid = self._patchify(self._normalize(pixels))
             patches.append(flat)
             grids.append(grid)
-        return {"pixel_values": torch.cat(patches), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+        features = {"pixel_values": torch.cat(patches), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+        if self.vision_encoders:
+            features["encoder_pixel_values"] = encode_extra_views(images, self.vision_encoders)
+        return features
 
     def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """(3, H, W) uint8 -> float32 rescaled and normalised in one step, with the fused constants the
@@ -104,8 +117,8 @@ class VLProcessor:
         return blocks.reshape(grid_h * grid_w, -1), [1, grid_h, grid_w]
 
     def image_token_count(self, grid_thw: torch.Tensor) -> int:
-        """LLM tokens one image takes: its patches, merged `merge_size`**2 at a time."""
-        return int(grid_thw.prod()) // self.image_processor.merge_size**2
+        """LLM tokens one image takes: its patches, merged `merge_size`**2 at a time, then the extra encoders'."""
+        return int(grid_thw.prod()) // self.image_processor.merge_size**2 + sum(s * s for s in self.extra_pool_sizes)
 
     def expand_image_tokens(self, text: str, grids: torch.Tensor) -> str:
         """Replaces each `<|image_pad|>` of `text` by as many as its image needs."""
@@ -157,10 +170,13 @@ class VLProcessor:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, family: str) -> VLProcessor:
-        """Loads a processor saved by `save_pretrained` or shipped with a Hugging Face Qwen-VL checkpoint."""
+        """Loads a processor saved by `save_pretrained` or shipped with a Hugging Face Qwen-VL checkpoint
+        (the extra vision encoders' views come from the model's config.json beside it)."""
         tokenizer = AutoTokenizer.from_pretrained(folder)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder)
-        return cls(tokenizer=tokenizer, image_processor=image_processor, family=family)
+        config = Path(folder) / "config.json"
+        encoders = json.loads(config.read_text()).get("vision_encoders") or [] if config.is_file() else []
+        return cls(tokenizer=tokenizer, image_processor=image_processor, family=family, vision_encoders=encoders)
 
 
 def vision_markers_present(tokenizer: PreTrainedTokenizerBase) -> bool:

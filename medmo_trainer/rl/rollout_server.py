@@ -52,7 +52,7 @@ from aiohttp import web
 from pydantic import Field
 from safetensors.torch import load as load_safetensors
 
-from medmo_trainer.config import ConfigModel, RLAlgorithm, load_stage_config
+from medmo_trainer.config import ConfigModel, ModelSource, RLAlgorithm, load_stage_config
 from medmo_trainer.fsio import export_storage_environment
 from medmo_trainer.rl.http import READY, new_app, parse_body, read_run_token, serve
 from medmo_trainer.rl.prompts import Prompt
@@ -215,7 +215,7 @@ async def handle_policy(request: web.Request) -> web.Response:
                               "backend": request.app[BACKEND_NAME], **request.app[TOTALS]})
 
 
-def build_app(model_source: str, token: str, storage: str = "", backend_name: str = "transformers", seed: int = 0,
+def build_app(model_source: str | ModelSource, token: str, storage: str = "", backend_name: str = "transformers", seed: int = 0,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, algorithm: RLAlgorithm | None = None
               ) -> web.Application:
     if backend_name not in BACKENDS:
@@ -223,7 +223,7 @@ def build_app(model_source: str, token: str, storage: str = "", backend_name: st
     app = new_app(token, max_request_bytes)
     app[STORAGE] = storage
     app[BACKEND] = []
-    app[MODEL_SOURCE] = model_source
+    app[MODEL_SOURCE] = model_source.base if isinstance(model_source, ModelSource) else model_source
     app[BACKEND_NAME] = backend_name
     app[TOTALS] = {"weightFetches": 0, "weightBytesFetched": 0, "generatedTokens": 0, "generationSeconds": 0.0}
     app[WEIGHTS_LOCK] = asyncio.Lock()
@@ -233,15 +233,15 @@ def build_app(model_source: str, token: str, storage: str = "", backend_name: st
 
     async def load_in_background(app: web.Application) -> None:
         # Loading can take minutes for real models; /healthz answers meanwhile and /readyz says why not.
-        app[READY].update(ready=False, reason=f"loading {model_source}")
+        app[READY].update(ready=False, reason=f"loading {app[MODEL_SOURCE]}")
 
         async def load() -> None:
             try:
                 app[BACKEND].append(await asyncio.to_thread(BACKENDS[backend_name], model_source, seed, algorithm))
                 app[READY].update(ready=True, reason="")
             except Exception as error:  # the reason shows in /readyz; the pod's probe keeps it out of service
-                log.exception("cannot load model %s", model_source)
-                app[READY].update(ready=False, reason=f"cannot load model {model_source!r}: {error}")
+                log.exception("cannot load model %s", app[MODEL_SOURCE])
+                app[READY].update(ready=False, reason=f"cannot load model {app[MODEL_SOURCE]!r}: {error}")
 
         app[LOADER] = asyncio.create_task(load())
 
@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.config:
         config = load_stage_config(args.config)
         export_storage_environment(config.storage)
-        model = model or config.model.base
+        # a model with extra vision encoders to attach is its whole source, not just its base
+        model = model or (config.model if config.model.vision_encoders else config.model.base)
         storage = storage or config.storage.uri
         if config.rl is not None:
             backend, algorithm = backend or config.rl.rollout_backend, config.rl.algorithm

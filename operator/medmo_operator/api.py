@@ -23,12 +23,13 @@ from medmo_trainer.config import (
     ConfigModel,
     DatasetSpec,
     Hyperparameters,
-    ModuleGroup,
     RewardWeights,
     RLAlgorithm,
     RolloutBackendName,
     StageType,
     Strategy,
+    TrainableGroup,
+    VisionEncoderSpec,
     is_hub_model,
 )
 
@@ -45,6 +46,7 @@ MAX_RUN_NAME = 36
 """Child names are `<run>-<stage>-<attempt>-<index>` and must stay within 63 characters."""
 MAX_STAGES = 16
 MAX_STAGE_NAME = 20
+MAX_VISION_ENCODERS = 8
 STORAGE_SCHEMES = ("s3://", "gs://", "az://", "file://")
 HUB_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?"
 """A Hugging Face Hub repository id: `name` or `org/name`."""
@@ -273,6 +275,11 @@ class ModelSpec(ConfigModel):
                 f"!({CEL_NOT_HUB_ID}) || (!has(self.revision) && !has(self.tokenSecretRef) && !has(self.hubEndpoint))",
                 "model.revision, tokenSecretRef and hubEndpoint apply only to a Hugging Face Hub id in model.base",
             ),
+            cel(
+                "!has(self.visionEncoders) || self.visionEncoders.all(e, self.visionEncoders.exists_one(f, f.name == e.name))",
+                "model.visionEncoders names must be unique",
+                ".visionEncoders",
+            ),
         )
     }
 
@@ -286,6 +293,10 @@ class ModelSpec(ConfigModel):
     pod receives it (as HF_TOKEN), and it never appears in status, events or logs."""
     hub_endpoint: Annotated[str, Field(max_length=1024, pattern=r"^https?://")] | None = None
     """Hub endpoint (a mirror or a private hub); pods get it as HF_ENDPOINT. Unset: huggingface.co."""
+    vision_encoders: Annotated[list[VisionEncoderSpec], Field(max_length=MAX_VISION_ENCODERS)] = Field(default_factory=list)
+    """Extra vision encoders beside the base model's own tower (a Qwen3-VL base), each with its own MLP
+    projector into the language model; each image's tokens are the base tower's, then each extra encoder's
+    in this order. Their groups in `trainable` are `encoder:<name>` and `projector:<name>`."""
 
     @field_validator("base")
     @classmethod
@@ -295,6 +306,14 @@ class ModelSpec(ConfigModel):
                 f"model.base {base!r} must be a Hugging Face Hub id (org/name), an s3:// or file:// URI, a path, or preset:<name>"
             )
         return base
+
+    @model_validator(mode="after")
+    def _encoders_named_once(self) -> ModelSpec:
+        names = [encoder.name for encoder in self.vision_encoders]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"model.visionEncoders names must be unique, repeated: {', '.join(repeated)}")
+        return self
 
     @model_validator(mode="after")
     def _hub_fields_need_a_hub_id(self) -> ModelSpec:
@@ -418,9 +437,10 @@ class Stage(ConfigModel):
     """`pretrain` (cross-modal alignment), `sft`, `rl` (verifiable rewards) or `eval`."""
     datasets: Annotated[list[DatasetSpec], Field(max_length=32)] = Field(default_factory=list)
     """Weighted mixture of training datasets (RL: prompts with verifiable answers)."""
-    trainable: Annotated[list[ModuleGroup], Field(max_length=3)] | None = None
-    """Module groups that train: `vision`, `projector`, `language`. Default: projector for
-    pretrain, all for sft and rl."""
+    trainable: Annotated[list[TrainableGroup], Field(max_length=3 + 2 * MAX_VISION_ENCODERS)] | None = None
+    """Module groups that train: `vision` (every vision encoder), `projector` (every projector),
+    `language`, and for each of `model.visionEncoders` `encoder:<name>` and `projector:<name>`.
+    Default: projector for pretrain, all for sft and rl."""
     init_from: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     """Model to start from: the name of an earlier stage or a model URI. Default: the previous
     training stage's exported model (the run's base model for the first stage)."""
@@ -454,7 +474,7 @@ class Stage(ConfigModel):
             raise ValueError(f"{where}.strategy.offload: offload is only supported with strategy.name deepspeed")
         return self
 
-    def effective_trainable(self) -> list[ModuleGroup]:
+    def effective_trainable(self) -> list[str]:
         """The module groups that train, with the per-type default applied."""
         if self.trainable is not None:
             return list(self.trainable)
@@ -566,6 +586,12 @@ class MedMOTrainingSpec(ConfigModel):
                 ".stages",
             ),
             cel("size(self.stages) == 0 || self.stages[0].type != 'eval'", "the first stage cannot be of type eval: nothing has been trained yet", ".stages"),
+            cel(
+                "self.stages.all(s, !has(s.trainable) || s.trainable.all(g, !g.contains(':') || "
+                "(has(self.model.visionEncoders) && self.model.visionEncoders.exists(e, g.endsWith(':' + e.name)))))",
+                "stages[].trainable: encoder:<name> and projector:<name> must name one of model.visionEncoders",
+                ".stages",
+            ),
         )
     }
 
@@ -596,6 +622,12 @@ class MedMOTrainingSpec(ConfigModel):
             raise ValueError(f"stages: stage names must be unique, repeated: {', '.join(duplicates)}")
         if self.stages[0].type == "eval":
             raise ValueError("stages[0].type: the first stage cannot be of type eval: nothing has been trained yet")
+        encoders = {encoder.name for encoder in self.model.vision_encoders}
+        for stage in self.stages:
+            unknown = [g for g in stage.trainable or [] if ":" in g and g.split(":", 1)[1] not in encoders]
+            if unknown:
+                raise ValueError(f"stages[{stage.name}].trainable: {', '.join(unknown)} name no encoder of "
+                                 f"model.visionEncoders ({', '.join(sorted(encoders)) or 'none'})")
         for index, stage in enumerate(self.stages):
             if stage.init_from and "://" not in stage.init_from and ":" not in stage.init_from:
                 earlier = [s.name for s in self.stages[:index] if s.trains]
