@@ -1,6 +1,6 @@
 """Completions/s of this project's RL pipeline against TRL's GRPOTrainer, on the same tiny model, data, reward and cores.
 
-    python tests/benchmarks/bench_rl.py [--steps 8] [--repeats 5] [--workers 1] [--learner-threads 1] [--trl-threads 2]
+    python tests/benchmarks/bench_rl.py [--steps 8] [--repeats 5] [--workers 1] [--learner-threads 1] [--trl-threads 1,2]
 
 Both sides train the tiny Qwen3-VL preset (the same exported weights) on synthetic grounding
 prompts with the paper's box reward, group size 8, 4 prompts per step, 24 completion tokens,
@@ -8,9 +8,11 @@ DAPO loss with clip-higher, no KL, on CPU. Ours: `python -m medmo_trainer` runni
 with N rollout-worker and N reward-worker processes. TRL: `GRPOTrainer` in one process. The rate
 is completions per second over the steps after the first (start-up excluded). The sides run
 interleaved through the benchmark harness, every process with its threads fixed (OMP_NUM_THREADS
-and torch threads, printed by each): by default TRL's one process gets all the cores' threads, and
-ours the same number split between the learner and the rollout worker (the reward worker is a
-third, mostly idle, process), so the layouts differ and the table says how.
+and torch threads, printed by each): TRL's one process once with 1 thread and once with all the
+cores' threads (on a loaded machine a multi-threaded process can lose far more than its share to
+threads waiting on each other), ours with the cores' threads split between the learner and the
+rollout worker (the reward worker is a third, mostly idle, process), so the layouts differ and the
+table says how.
 
 TRL is a benchmark-only dependency (requirements/bench.txt): it is installed into its own virtual
 environment under $MEDMO_CACHE (never into the project's), which sees the project's packages
@@ -202,7 +204,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="rollout and reward worker processes (each)")
     parser.add_argument("--learner-threads", type=int, default=max(1, harness.cores() - 1),
                         help="torch threads of our learner (each worker gets 1)")
-    parser.add_argument("--trl-threads", type=int, default=harness.cores(), help="torch threads of TRL's process")
+    parser.add_argument("--trl-threads", default=f"1,{harness.cores()}",
+                        help="torch threads of TRL's process, comma-separated: one side for each")
     parser.add_argument("--results", type=Path, default=harness.RESULTS)
     parser.add_argument("--trl-side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -224,19 +227,21 @@ def main() -> None:
     def ours() -> dict[str, float]:
         return {"completions/s": run_ours(data, model, args.steps, args.workers, args.learner_threads, fresh_folder())}
 
-    def trl() -> dict[str, float]:
-        return {"completions/s": run_trl(data, model, args.steps, args.trl_threads, fresh_folder())}
+    def trl(threads: int):
+        return lambda: {"completions/s": run_trl(data, model, args.steps, threads, fresh_folder())}
 
     w = args.workers
+    trl_threads = [int(n) for n in args.trl_threads.split(",")]
     bench = harness.Benchmark("RL: medmo rl stage against TRL GRPOTrainer", [
-        harness.Side("TRL GRPOTrainer", trl, [harness.Process("trainer", args.trl_threads)]),
+        *(harness.Side(f"TRL GRPOTrainer, {n} thread{'s' * (n > 1)}", trl(n), [harness.Process("trainer", n)])
+          for n in trl_threads),
         harness.Side(f"medmo rl stage ({w}+{w} workers)", ours,
                      [harness.Process("learner", args.learner_threads), harness.Process("rollout worker", 1, w),
                       harness.Process("reward worker", 1, w)]),
     ], repeats=args.repeats, notes=[
         f"{args.steps} steps of {PROMPTS} prompts x {GROUP} completions of <= {TOKENS} tokens, CPU, rate over the "
         f"steps after the first. Both sides on the same {harness.cores()} cores; the layouts differ: TRL generates "
-        f"and learns in one process of {args.trl_threads} threads, ours in a learner of {args.learner_threads} and "
+        f"and learns in one process (of {' or '.join(map(str, trl_threads))} threads), ours in a learner of {args.learner_threads} and "
         f"{w} rollout worker(s) of 1 thread (the reward workers score between generations and are otherwise idle)."]).run()
     bench.report(args.results)
 
