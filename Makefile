@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV = $(shell scripts/bootstrap.sh)
 
-.PHONY: demo test test-unit crd
+.PHONY: demo test test-unit crd bench
 
 demo:  ## the whole tiny recipe on this machine, no cluster (minutes on 2 cores)
 	scripts/system-deps.sh
@@ -17,3 +17,6 @@ test-unit:  ## the unit tests only (seconds; no servers)
 
 crd:  ## regenerate crds/ from operator/medmo_operator/api.py
 	$(VENV)/bin/python -m medmo_operator.crd
+
+bench:  ## every benchmark (tests/benchmarks/) into bench/results.md (at most 20 min on 2 idle cores)
+	bench/run.sh

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# `make bench`: every benchmark of tests/benchmarks/, each sized to fit, together in at most 20 minutes
+# on 2 idle cores; bench/results.md is written anew (one section per benchmark).
+# On a shared machine, run it with `nice -n 19 make bench` and read the load average in each section.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="$(scripts/bootstrap.sh)"
+MEDMO_K8S_BIN="${MEDMO_K8S_BIN:-$(tests/controlplane/build.sh)}"  # the operator benchmark's control plane
+export MEDMO_K8S_BIN
+results="$root/bench/results.md"
+rm -f "$results"
+started=$SECONDS
+run() {
+  local began=$SECONDS
+  echo "== $*" >&2
+  "$venv/bin/python" "$@" --results "$results"
+  echo "== $1: $((SECONDS - began)) s" >&2
+}
+run tests/benchmarks/bench_rewards.py
+run tests/benchmarks/bench_data_loader.py --batches 30
+run tests/benchmarks/bench_weight_sync.py
+run tests/benchmarks/bench_trainer.py --steps 16 --warmup 4 --loops "ddp,deepspeed zero-2"
+run tests/benchmarks/bench_rl.py --steps 8
+run tests/benchmarks/bench_operator.py --runs 20 --hold 5
+run tests/benchmarks/bench_data_streaming.py --sizes 10000 1000000 --batches 20
+printf '\nAll benchmarks: %d s (load average at the end: %s).\n' "$((SECONDS - started))" \
+  "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$results"
+echo "bench: wrote $results in $((SECONDS - started)) s" >&2
