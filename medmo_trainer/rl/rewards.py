@@ -90,15 +90,17 @@ def box_rewards(
     Every pair's C and s come from one `pair_terms` call for the whole batch (the per-pair Python
     arithmetic was most of a scoring's time); a one-row or one-column matching is a plain argmin.
     """
-    pair_predicted: list[Box] = []
-    pair_truths: list[Box] = []
+    pair_predicted: list[float] = []  # coordinates of every pair, flat: row r = truth r, column c = prediction c
+    pair_truths: list[float] = []
     for (predicted, _), true_boxes in zip(predictions, truths):
-        if predicted and true_boxes:  # row r = truth r, column c = prediction c
-            pair_predicted.extend(list(predicted) * len(true_boxes))
-            pair_truths.extend(t for t in true_boxes for _ in predicted)
+        if predicted and true_boxes:
+            flat = [v for box in predicted for v in box]
+            pair_predicted.extend(flat * len(true_boxes))
+            pair_truths.extend(v for t in true_boxes for v in t * len(predicted))
     cost_array = score_array = np.empty(0)
     if pair_predicted:
-        cost_array, score_array = pair_terms(np.array(pair_predicted, dtype=float), np.array(pair_truths, dtype=float))
+        cost_array, score_array = pair_terms(np.array(pair_predicted, dtype=float).reshape(-1, 4),
+                                             np.array(pair_truths, dtype=float).reshape(-1, 4))
     cost, score = cost_array.tolist(), score_array.tolist()
     rewards = []
     offset = 0
