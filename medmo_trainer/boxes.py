@@ -7,8 +7,11 @@ Boxes are XYXY on Qwen3-VL's 0-1000 relative grid, written `Lesion <box>[[x1, y1
 one group per label, groups joined with `; `. Decisions about odd boxes, shared by predictions and
 references:
 
-- a coordinate outside the grid is clipped to [0, 1000]: a box that overshoots the image edge
-  still points at the right region, and clipping keeps a graded reward for near misses;
+- a coordinate a little outside the grid (by at most OVERSHOOT, a tenth of it) is clipped to
+  [0, 1000]: a box that overshoots the image edge still points at the right region, and clipping
+  keeps a graded reward for near misses;
+- a coordinate further out (say 4339: a digit too many) is not a position on the grid at all: its
+  box is *malformed*. Clipping it would turn noise into a box along the image edge that RL credits;
 - a box whose corners are reversed (x2 < x1 or y2 < y1), or that is not exactly four finite
   numbers, is *malformed*: it is counted, it cannot be matched, and it still counts as a
   prediction (the model did emit it), so it can only cost reward, never earn it;
@@ -28,6 +31,9 @@ GRID = 1000
 
 Box = tuple[float, float, float, float]
 """x1, y1, x2, y2 on the grid."""
+
+OVERSHOOT = GRID / 10
+"""How far outside [0, GRID] a coordinate may lie and still be clipped; beyond it the box is malformed."""
 
 L1_NORMALIZER = 2.0 * math.sqrt(GRID**2 + GRID**2)
 """2*sqrt(H^2 + W^2) of the paper's L1 term, with H = W = the grid."""
@@ -102,7 +108,7 @@ def parse_boxes(text: object) -> ParsedBoxes:
 
 
 def coerce_box(values: object) -> Box | None:
-    """Four numbers (or numeric strings) as a grid-clipped box; None when malformed."""
+    """Four numbers (or numeric strings) as a grid-clipped box; None when malformed (see the module's rules)."""
     if not isinstance(values, (list, tuple)) or len(values) != 4:
         return None
     numbers = []
@@ -111,7 +117,7 @@ def coerce_box(values: object) -> Box | None:
             number = float(value.strip() if isinstance(value, str) else value)
         except (TypeError, ValueError):
             return None
-        if not math.isfinite(number):
+        if not math.isfinite(number) or not -OVERSHOOT <= number <= GRID + OVERSHOOT:
             return None
         numbers.append(min(max(number, 0.0), float(GRID)))
     x1, y1, x2, y2 = numbers

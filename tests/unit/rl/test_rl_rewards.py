@@ -99,10 +99,23 @@ def test_no_predicted_boxes_scores_zero_and_is_counted():
 
 
 def test_out_of_range_box_is_clipped_to_the_grid():
-    # (-50, 100, 300, 1200) clips to (0, 100, 300, 1000), exactly the truth -> R = 1.
-    values, stats = grounding(["<box>[[-50, 100, 300, 1200]]</box>"], [[[0, 100, 300, 1000]]])
+    # (-50, 100, 300, 1080) overshoots by less than a tenth of the grid: it clips to
+    # (0, 100, 300, 1000), exactly the truth -> R = 1.
+    values, stats = grounding(["<box>[[-50, 100, 300, 1080]]</box>"], [[[0, 100, 300, 1000]]])
     assert values == [pytest.approx(1.0)]
     assert stats["malformedBoxes"] == 0
+
+
+def test_a_coordinate_far_off_the_grid_makes_the_box_malformed_not_an_edge_box():
+    # 4339 is a digit too many, not a near miss: clipped, it would become (0, 100, 300, 1000), the
+    # truth itself, and earn the full reward. It is malformed instead: counted, unmatched, R = 0.
+    values, stats = grounding(["<box>[[0, 100, 300, 4339]]</box>", "<box>[[-200, 100, 300, 1000]]</box>"],
+                              [[[0, 100, 300, 1000]], [[0, 100, 300, 1000]]])
+    assert values == [0.0, 0.0]
+    assert stats["malformedBoxes"] == 2
+    # The edge of the tolerance: 1100 still clips.
+    values, stats = grounding(["<box>[[0, 100, 300, 1100]]</box>"], [[[0, 100, 300, 1000]]])
+    assert values == [pytest.approx(1.0)] and stats["malformedBoxes"] == 0
 
 
 def test_degenerate_zero_width_box_scores_by_distance_only():
