@@ -13,11 +13,13 @@ starts 2 ranks at once, each a fresh process with 2 loader worker processes, and
 - samples/s over the following batches.
 
 It also measures what the tiny trainer consumes: samples/s of forward, backward and AdamW steps of
-the tiny Qwen3-VL preset on the same batches, one rank, in this process. Sizes are measured
-interleaved, `--repeats` times, and the table gives medians (and the load average at each size).
+the tiny Qwen3-VL preset on the same batches, one rank, in this process (one thread). Sizes are
+measured interleaved through the benchmark harness, `--repeats` times; every rank and worker
+process has one thread (OMP_NUM_THREADS=1), and each repeat's figure is the larger of the two
+ranks' (memory, time to first batch) or their mean (samples/s).
 
     $(scripts/bootstrap.sh)/bin/python tests/benchmarks/bench_data_streaming.py \\
-        [--sizes 10000 100000 1000000] [--repeats 2] [--batches 40]
+        [--sizes 10000 100000 1000000] [--repeats 5] [--batches 20]
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))  # tests/ holds the shared test modules
 
+import harness  # noqa: E402
 from controlplane.seaweed import SeaweedFS  # noqa: E402
 
 from medmo_trainer.config import DatasetSpec, Hyperparameters  # noqa: E402
@@ -81,6 +83,7 @@ def rank_main(args) -> None:
     from medmo_trainer.inputs import build_train_loader
     from medmo_trainer.model import load_model
 
+    print(harness.thread_settings(), file=sys.stderr)
     processor = load_model(PRESET).processor
     spec = [DatasetSpec(name="bench", uri=args.uri)]
     before = memory_mib()
@@ -101,11 +104,12 @@ def rank_main(args) -> None:
                       "firstBatch": first_batch, "samplesPerS": rate}))
 
 
-def measure(uri: str, args) -> list[dict]:
+def measure_ranks(uri: str, args) -> list[dict]:
     """Both ranks of one size, started together."""
     command = [sys.executable, __file__, "--rank-of", uri, "--batches", str(args.batches),
                "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
-    ranks = [subprocess.Popen([*command, "--rank", str(rank)], stdout=subprocess.PIPE, text=True) for rank in (0, 1)]
+    ranks = [subprocess.Popen([*command, "--rank", str(rank)], stdout=subprocess.PIPE, text=True,
+                              env=harness.thread_env(1)) for rank in (0, 1)]
     results = []
     for process in ranks:
         out, _ = process.communicate()
@@ -141,15 +145,17 @@ def trainer_rate(uri: str, args, steps: int = 12, warmup: int = 2) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=harness.RESULTS)
     parser.add_argument("--rank-of", dest="uri", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.uri:
         return rank_main(args)
+    harness.pin_threads(1)
 
     with tempfile.TemporaryDirectory() as folder, SeaweedFS(Path(folder) / "seaweedfs") as server:
         os.environ.update(server.env())
@@ -164,25 +170,32 @@ def main() -> None:
             uris[size] = build_dataset("s3://bench", size, pool)
             print(f"built {size} records in {time.perf_counter() - started:.0f} s", flush=True)
         consumed = trainer_rate(uris[args.sizes[0]], args)
-        print(f"tiny trainer consumes {consumed:.1f} samples/s (1 rank, batch {args.batch_size})", flush=True)
-        runs: dict[int, list[dict]] = {size: [] for size in args.sizes}
-        loads: dict[int, list[float]] = {size: [] for size in args.sizes}
-        for repeat in range(args.repeats):
-            for size in args.sizes:
-                for result in measure(uris[size], args):
-                    runs[size].append(result)
-                    print(f"repeat {repeat} size {size}: {json.dumps(result)}", flush=True)
-                loads[size].append(os.getloadavg()[0])
+        print(f"tiny trainer consumes {consumed:.1f} samples/s (1 rank, 1 thread, batch {args.batch_size})", flush=True)
 
-    print(f"\n| records | rank peak RSS MiB | loader's share of it MiB | largest worker peak RSS MiB "
-          f"| time to first batch s | samples/s per rank | x tiny trainer ({consumed:.1f}/s) | load avg |")
-    print("|---|---|---|---|---|---|---|---|")
-    for size in args.sizes:
-        median = {key: statistics.median(r[key] for r in runs[size]) for key in runs[size][0]}
-        share = statistics.median(r["peak"] - r["before"] for r in runs[size])
-        print(f"| {size:,} | {median['peak']:.0f} | {share:.0f} | {median['workersPeak']:.0f} "
-              f"| {median['firstBatch']:.2f} | {median['samplesPerS']:.1f} | {median['samplesPerS'] / consumed:.1f} "
-              f"| {statistics.median(loads[size]):.1f} |")
+        def side(size: int):
+            def measure() -> dict[str, float]:
+                ranks = measure_ranks(uris[size], args)
+                return {
+                    "rank peak RSS MiB": max(r["peak"] for r in ranks),
+                    "loader's share of it MiB": max(r["peak"] - r["before"] for r in ranks),
+                    "largest worker peak RSS MiB": max(r["workersPeak"] for r in ranks),
+                    "time to first batch s": max(r["firstBatch"] for r in ranks),
+                    "samples/s per rank": sum(r["samplesPerS"] for r in ranks) / len(ranks),
+                }
+            return measure
+
+        layout = [harness.Process("rank", 1, 2), harness.Process("loader worker", 1, 2 * args.workers)]
+        bench = harness.Benchmark("Streaming loader at scale (SeaweedFS S3)", [
+            harness.Side(f"{size:,} records", side(size), layout) for size in args.sizes
+        ], repeats=args.repeats, higher_is_better={"rank peak RSS MiB": False, "loader's share of it MiB": False,
+                                                   "largest worker peak RSS MiB": False, "time to first batch s": False},
+            notes=[f"JSONL shards of {SHARD_RECORDS:,} records with their index, images fetched per sample; 2 ranks "
+                   f"started together, each with {args.workers} loader workers, batch {args.batch_size} at imageSize 80 "
+                   f"(the tiny recipe), {args.batches} batches timed after the first. The tiny trainer consumes "
+                   f"{consumed:.1f} samples/s (forward, backward, AdamW; one rank, one thread). Ratios against the "
+                   "smallest size: memory and time to first batch should not grow with the dataset (ratio near 1)."],
+        ).run()
+    bench.report(args.results)
 
 
 if __name__ == "__main__":
