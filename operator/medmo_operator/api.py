@@ -349,6 +349,10 @@ VLLM_NEEDS_IMAGE = ("rl.rollout.backend vllm needs rl.rollout.image: an image bu
                     "(vLLM is not in the trainer image)")
 
 
+VLLM_NEEDS_ONE_TOWER = ("stages[].rl.rollout.backend vllm cannot serve a model with model.visionEncoders "
+                        "(vLLM knows no such architecture); use the transformers backend")
+
+
 class RolloutWorkerGroup(WorkerGroup):
     """The rollout workers: a worker group that also chooses how it generates."""
 
@@ -592,6 +596,12 @@ class MedMOTrainingSpec(ConfigModel):
                 "stages[].trainable: encoder:<name> and projector:<name> must name one of model.visionEncoders",
                 ".stages",
             ),
+            cel(
+                "!has(self.model.visionEncoders) || size(self.model.visionEncoders) == 0 || self.stages.all(s, "
+                "!has(s.rl) || !has(s.rl.rollout.backend) || s.rl.rollout.backend != 'vllm')",
+                VLLM_NEEDS_ONE_TOWER,
+                ".stages",
+            ),
         )
     }
 
@@ -628,6 +638,8 @@ class MedMOTrainingSpec(ConfigModel):
             if unknown:
                 raise ValueError(f"stages[{stage.name}].trainable: {', '.join(unknown)} name no encoder of "
                                  f"model.visionEncoders ({', '.join(sorted(encoders)) or 'none'})")
+            if encoders and stage.rl is not None and stage.rl.rollout.backend == "vllm":
+                raise ValueError(VLLM_NEEDS_ONE_TOWER)
         for index, stage in enumerate(self.stages):
             if stage.init_from and "://" not in stage.init_from and ":" not in stage.init_from:
                 earlier = [s.name for s in self.stages[:index] if s.trains]

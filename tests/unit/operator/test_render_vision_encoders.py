@@ -44,3 +44,11 @@ def test_pretrain_default_trains_every_projector():
 def test_groups_naming_no_encoder_are_rejected(trainable):
     with pytest.raises(ValidationError, match="trainable"):
         api.parse_training(tiny_with_encoders(trainable))
+
+
+def test_vllm_rollouts_are_refused_for_a_model_with_extra_encoders():
+    obj = tiny_with_encoders()
+    grpo = next(s for s in obj["spec"]["stages"] if s["type"] == "rl")
+    grpo["rl"]["rollout"].update(backend="vllm", image="ghcr.io/medmo/rollout-vllm:0.1.0")
+    with pytest.raises(ValidationError, match="vllm"):
+        api.parse_training(obj)
