@@ -2,7 +2,8 @@
 
     python tests/benchmarks/bench_rewards.py [--completions 4096] [--repeats 5] [--batch 256]
 
-Realistic grounding completions (seeded): 1-5 true boxes per record, 1-5 predicted boxes near them
+Realistic grounding completions (seeded): 1-5 true boxes per record (sent as the controller sends
+a record: its labelled boxes and its answer text), 1-5 predicted boxes near them
 (jittered, sometimes missed or extra, sometimes labelled in two groups), with `<think>`/`<answer>`
 text around them; about 1 in 8 is malformed (reversed corners, three numbers, a word for a number,
 no closing tag, or no box at all). Every side runs on one thread in one process, and its rate per
@@ -10,7 +11,8 @@ core is completions per CPU-second it used (its thread's; over HTTP the client t
 worker process's, from /proc):
 
 - box reward in-process: `BoxReward()(prompts, completions, task=..., boxes=...)` over the whole set;
-- reward suite in-process: all four components the worker computes (`RewardSuite`), same set;
+- reward suite in-process: all four components the worker computes (`RewardSuite`; label accuracy
+  parses the answer and the completion again), same set;
 - reward worker, HTTP: a real `python -m medmo_trainer.rl.reward_server` (1 thread), sent the set in
   requests of `--batch` items from one client process (the client's own JSON work is in the time:
   the client waits for each response before sending the next request, so one core is busy at a time).
@@ -36,8 +38,8 @@ import harness
 TESTS = Path(__file__).resolve().parents[1]
 
 
-def completions(n: int, seed: int = 0) -> tuple[list[str], list[list[list[int]]]]:
-    """`n` grounding completions and their reference boxes, about 1 in 8 malformed."""
+def completions(n: int, seed: int = 0) -> tuple[list[str], list[list[dict]]]:
+    """`n` grounding completions and their records' labelled boxes, about 1 in 8 malformed."""
     rng = random.Random(seed)
     texts, references = [], []
     for _ in range(n):
@@ -66,8 +68,13 @@ def completions(n: int, seed: int = 0) -> tuple[list[str], list[list[list[int]]]
         elif 0.10 <= kind < 0.125:
             answer = "I cannot find a lesion in this image."
         texts.append(f"<think>The scan shows {len(truths)} findings.</think><answer>{answer}</answer>")
-        references.append(truths)
+        references.append([{"label": "lesion", "box": box} for box in truths])
     return texts, references
+
+
+def answer_text(reference: list[dict]) -> str:
+    """The record's answer, as the controller sends it beside its boxes."""
+    return "Lesion <box>[" + ", ".join(str(b["box"]) for b in reference) + "]</box>"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -99,8 +106,8 @@ def suite_side(texts, references):
     from medmo_trainer.rl.rewards import RewardSuite
 
     n = len(texts)
-    columns = {"task": ["grounding"] * n, "boxes": references, "answer": [None] * n, "options": [None] * n,
-               "completion_length": [24] * n}
+    columns = {"task": ["grounding"] * n, "boxes": references, "answer": [answer_text(r) for r in references],
+               "options": [None] * n, "completion_length": [24] * n}
 
     def measure() -> dict[str, float]:
         suite = RewardSuite(RewardWeights(), 512)
@@ -113,7 +120,8 @@ def suite_side(texts, references):
 def http_side(url: str, token: str, worker_pid: int, texts, references, batch: int):
     bodies = []
     for start in range(0, len(texts), batch):
-        items = [{"completion": t, "completionLength": 24, "reference": {"task": "grounding", "boxes": r}}
+        items = [{"completion": t, "completionLength": 24,
+                  "reference": {"task": "grounding", "answer": answer_text(r), "boxes": r}}
                  for t, r in zip(texts[start:start + batch], references[start:start + batch])]
         bodies.append(json.dumps({"maxCompletionLength": 512, "items": items}).encode())
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
@@ -159,7 +167,7 @@ def main() -> None:
                              [harness.Process("client", 1), harness.Process("reward worker", 1)]),
             ]
             bench = harness.Benchmark(
-                "Reward scoring", sides, repeats=args.repeats, higher_is_better={"us CPU per completion": False},
+                "Reward scoring", sides, repeats=args.repeats, warmup=1, higher_is_better={"us CPU per completion": False},
                 notes=[f"{args.completions} grounding completions (1-5 true and predicted boxes, 1 in 8 malformed); "
                        f"target 50,000 box-reward scorings/s per core in-process. Rates per core are per CPU-second "
                        f"of the scoring thread (the worker's: its process's), so other load on the machine does not "

@@ -79,10 +79,12 @@ class Process:
 
     role: str
     threads: int
+    """Compute threads it is given; 0: not limited by the benchmark (a Go server's GOMAXPROCS is the cores)."""
     count: int = 1
 
     def __str__(self) -> str:
-        return f"{self.count} {self.role} x {self.threads} thr" if self.count > 1 else f"{self.role} ({self.threads} thr)"
+        threads = f"{self.threads} thr" if self.threads else "threads not limited"
+        return f"{self.count} {self.role} x {threads}" if self.count > 1 else f"{self.role} ({threads})"
 
 
 @dataclass
@@ -189,6 +191,8 @@ class Benchmark:
     """Section title in bench/results.md."""
     sides: Sequence[Side]
     repeats: int = 5
+    warmup: int = 0
+    """Untimed rounds of every side first (for sides measured in this process: first-call costs)."""
     higher_is_better: dict[str, bool] = field(default_factory=dict)
     """Per metric: True for rates (the default), False for times; ratio = speed against the first side."""
     notes: list[str] = field(default_factory=list)
@@ -212,6 +216,8 @@ class Benchmark:
               f"{thread_settings()}", flush=True)
         for side in self.sides:
             print(f"  {side.name}: {', '.join(map(str, side.layout))}", flush=True)
+        for _, name in interleaved(list(by_name), self.warmup):
+            by_name[name].measure()
         for repeat, name in interleaved(list(by_name), self.repeats):
             with ProcessCensus() as census:
                 figures = by_name[name].measure()
@@ -239,8 +245,8 @@ class Benchmark:
             f"`{self.command}`",
             "",
             f"{self.started}; {cores()} cores; load average before {_load(self.load_before)}, after "
-            f"{_load(self.load_after)}; {self.repeats} repeats interleaved ({' '.join('ABCDEFGHIJ'[:len(self.sides)])} ...), "
-            f"{self.seconds:.0f} s in all.",
+            f"{_load(self.load_after)}; {self.repeats} repeats interleaved ({' '.join('ABCDEFGHIJ'[:len(self.sides)])} ...)"
+            f"{f' after {self.warmup} untimed' if self.warmup else ''}, {self.seconds:.0f} s in all.",
             "",
             "| side | processes (threads each) | started | metric | median | min-max | ratio |",
             "|---|---|---|---|---|---|---|",

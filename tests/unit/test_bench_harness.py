@@ -55,3 +55,12 @@ def test_a_benchmark_rewrites_only_its_own_section(tmp_path):
 def test_thread_env_fixes_every_pool():
     env = harness.thread_env(3, {"PATH": "/bin"})
     assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3", "OPENBLAS_NUM_THREADS": "3"}
+
+
+def test_warmup_rounds_run_first_and_are_not_recorded():
+    calls = []
+    sides = [harness.Side(n, lambda n=n: calls.append(n) or {"x": float(len(calls))}, [harness.Process("main", 1)])
+             for n in ("a", "b")]
+    bench = harness.Benchmark("w", sides, repeats=2, warmup=1).run()
+    assert calls == ["a", "b"] * 3
+    assert bench.results[0].values("x") == [3.0, 5.0]
