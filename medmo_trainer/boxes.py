@@ -35,6 +35,8 @@ Box = tuple[float, float, float, float]
 OVERSHOOT = GRID / 10
 """How far outside [0, GRID] a coordinate may lie and still be clipped; beyond it the box is malformed."""
 
+_GRID_F = float(GRID)
+
 L1_NORMALIZER = 2.0 * math.sqrt(GRID**2 + GRID**2)
 """2*sqrt(H^2 + W^2) of the paper's L1 term, with H = W = the grid."""
 
@@ -109,18 +111,17 @@ def parse_boxes(text: object) -> ParsedBoxes:
 
 def coerce_box(values: object) -> Box | None:
     """Four numbers (or numeric strings) as a grid-clipped box; None when malformed (see the module's rules)."""
+    # Written out per coordinate, not as a loop: the RL box reward calls this for every box it scores.
     if not isinstance(values, (list, tuple)) or len(values) != 4:
         return None
-    numbers = []
-    for value in values:
-        try:
-            number = float(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            return None
-        if not math.isfinite(number) or not -OVERSHOOT <= number <= GRID + OVERSHOOT:
-            return None
-        numbers.append(min(max(number, 0.0), float(GRID)))
-    x1, y1, x2, y2 = numbers
+    try:
+        x1, y1, x2, y2 = map(float, values)  # float() strips a string's surrounding whitespace itself
+    except (TypeError, ValueError):
+        return None
+    low, high = -OVERSHOOT, GRID + OVERSHOOT  # NaN fails these comparisons and infinities lie outside
+    if not (low <= x1 <= high and low <= y1 <= high and low <= x2 <= high and low <= y2 <= high):
+        return None
+    x1, y1, x2, y2 = (0.0 if v < 0.0 else _GRID_F if v > _GRID_F else v for v in (x1, y1, x2, y2))
     if x2 < x1 or y2 < y1:
         return None
     return (x1, y1, x2, y2)
