@@ -21,6 +21,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -94,9 +95,8 @@ def box_rewards(
     pair_truths: list[float] = []
     for (predicted, _), true_boxes in zip(predictions, truths):
         if predicted and true_boxes:
-            flat = [v for box in predicted for v in box]
-            pair_predicted.extend(flat * len(true_boxes))
-            pair_truths.extend(v for t in true_boxes for v in t * len(predicted))
+            pair_predicted.extend(chain.from_iterable(predicted * len(true_boxes)))
+            pair_truths.extend(chain.from_iterable(tuple(t) * len(predicted) for t in true_boxes))
     cost_array = score_array = np.empty(0)
     if pair_predicted:
         cost_array, score_array = pair_terms(np.array(pair_predicted, dtype=float).reshape(-1, 4),
