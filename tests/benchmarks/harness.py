@@ -248,25 +248,26 @@ class Benchmark:
             f"{_load(self.load_after)}; {self.repeats} repeats interleaved ({' '.join('ABCDEFGHIJ'[:len(self.sides)])} ...)"
             f"{f' after {self.warmup} untimed' if self.warmup else ''}, {self.seconds:.0f} s in all.",
             "",
-            "| side | processes (threads each) | started | metric | median | min-max | ratio |",
-            "|---|---|---|---|---|---|---|",
+            "| side | processes (threads each) | processes started per repeat |",
+            "|---|---|---|",
+            *(f"| {r.side.name} | {', '.join(map(str, r.side.layout))} | {_range(r.started_processes)} |"
+              for r in self.results),
+            "",
+            "| side | metric | median | min-max | ratio |",
+            "|---|---|---|---|---|",
         ]
         for metric in metrics:
-            base = next((r.values(metric) for r in self.results if r.values(metric)), [])
-            for result in self.results:
-                values = result.values(metric)
-                if not values:
-                    continue
-                median, low, high = spread(values)
-                ratio = _ratio(median, statistics.median(base), self.higher_is_better.get(metric, True)) if base else ""
-                layout = ", ".join(map(str, result.side.layout))
-                started = _range(result.started_processes)
-                lines.append(f"| {result.side.name} | {layout} | {started} | {metric} | {_fmt(median)} "
-                             f"| {_fmt(low)}-{_fmt(high)} | {ratio} |")
+            having = [r for r in self.results if r.values(metric)]
+            base = having[0].values(metric)
+            for result in having:
+                median, low, high = spread(result.values(metric))
+                ratio = _ratio(median, statistics.median(base), self.higher_is_better.get(metric, True)) \
+                    if len(having) > 1 else ""
+                lines.append(f"| {result.side.name} | {metric} | {_fmt(median)} | {_fmt(low)}-{_fmt(high)} | {ratio} |")
         lines.append("")
         lines.append("ratio: the side's speed against the first side's with that metric (for times, its inverse); "
-                     "started: processes the side started per repeat, counted from /proc (0: it ran in processes "
-                     "started before).")
+                     "processes started: counted from /proc while the side ran (0: it ran in processes started "
+                     "before).")
         lines.extend(self.notes)
         return "\n".join(lines) + "\n"
 

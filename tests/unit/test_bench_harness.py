@@ -30,7 +30,7 @@ def test_run_measures_interleaved_and_reports_ratio_against_the_first_side(tmp_p
     assert calls == ["slow", "fast"] * 3
     out = tmp_path / "results.md"
     bench.report(out)
-    row = next(line for line in out.read_text().splitlines() if line.startswith("| fast"))
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| fast | items/s"))
     assert "| 25 | 20-30 | 2.50 |" in row  # median 25 against the baseline's 10
 
 
@@ -38,7 +38,7 @@ def test_times_read_as_speed_ratios(tmp_path):
     seconds = {"a": 2.0, "b": 1.0}
     sides = [harness.Side(n, lambda n=n: {"s": seconds[n]}, [harness.Process("main", 1)]) for n in seconds]
     bench = harness.Benchmark("t", sides, repeats=1, higher_is_better={"s": False}).run()
-    row = next(line for line in bench.table().splitlines() if line.startswith("| b "))
+    row = next(line for line in bench.table().splitlines() if line.startswith("| b | s |"))
     assert row.endswith("| 2.00 |")  # half the time is twice the speed
 
 
