@@ -1,15 +1,15 @@
 """Operator latency and load: N single-stage runs applied at once, against the same pods' Jobs applied
 directly, with the operator's API requests, CPU time and memory.
 
-    $VENV/bin/python tests/benchmarks/bench_operator.py [--runs 1,20,100] [--reconcile-interval 5] [--hold 15]
+    $VENV/bin/python tests/benchmarks/bench_operator.py [--runs 20] [--repeats 5] [--reconcile-interval 5] [--hold 5]
 
 Starts a control plane of its own (kube-apiserver writing an audit log of the operator's requests
 and of every run's and Job's creation), the node agent with 4 nodes (cpu 64, 200 pods each) and, for each N:
 
-1. baseline, no operator running: N plain Indexed Jobs applied by one `kubectl apply`; latency =
-   apply to pod Running. They are the Jobs the operator would create (`medmo_operator.render`,
-   without owner references), so the pods are the same; the objects their pods mount (token
-   Secret, stage ConfigMap) and the headless Service are applied before, outside the timing;
+1. baseline, no operator running: what the operator would create for N runs
+   (`medmo_operator.render`, without owner references: token Secret, stage ConfigMap, headless
+   Service and Indexed Job per run) applied by one `kubectl apply`, all inside the timed window,
+   as the operator creates them inside its own; latency = apply to pod Running;
 2. operator: a fresh `medmo operator` process as its ServiceAccount (manifests/base RBAC), then N
    MedMOTrainings applied by one `kubectl apply`; latency = apply to the run's learner pod Running.
    The operator's API requests are counted from the audit log (distinct requests received in the
@@ -24,6 +24,10 @@ reach an object; created->Running starts at that object's creation (from the aud
 Every pod runs the stand-in trainer (tests/integration/operator/standin_trainer.py), which keeps
 stepping (and reporting progress) until deleted. "Running" is the first watch event in which the
 pod's status.phase is Running, as the node agent reports it once the process has started.
+
+For each N the baseline and the operator run interleaved through the benchmark harness (baseline,
+operator, baseline, ...; `--repeats`), each in a fresh namespace, the operator a fresh process each
+time; the table gives medians and min-max of each repeat's p50 and p95.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from kubernetes import client, config, watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 from medmo_cases import REPO, STANDIN_IMAGE  # noqa: E402
 
+import harness  # noqa: E402
 from medmo_operator import api, crd, render  # noqa: E402
 from controlplane.node_agent import NodeAgent, NodeSpec  # noqa: E402
 
@@ -336,13 +341,15 @@ class Bench:
                 print(f"  only {len(times.first_running)}/{runs} pods Running after {RUNNING_TIMEOUT_S:.0f} s", flush=True)
             return applied, apply_s, dict(times.first_running)
 
-    def baseline(self, runs: int) -> Batch:
-        namespace = self._namespace(f"baseline-{runs}")
+    def baseline(self, runs: int, repeat: int = 0) -> Batch:
+        namespace = self._namespace(f"baseline-{runs}-{repeat}")
         storage = self.workdir / "storage" / namespace
         objs = [training(f"run-{i:03d}", storage, self.step_seconds) for i in range(runs)]
-        children = [child for obj in objs for child in baseline_children(obj, namespace)]
-        kubectl_apply(self.cp, namespace, [c for c in children if c["kind"] != "Job"])
-        applied, apply_s, running = self._apply_and_wait(namespace, [c for c in children if c["kind"] == "Job"], runs)
+        # Every child in one apply inside the timed window (the operator creates them all inside its own);
+        # Secrets, ConfigMaps and Services first, so a Job's pod never waits for what it mounts.
+        children = sorted((child for obj in objs for child in baseline_children(obj, namespace)),
+                          key=lambda child: child["kind"] == "Job")
+        applied, apply_s, running = self._apply_and_wait(namespace, children, runs)
         time.sleep(1)  # the audit log is written as responses complete
         jobs = audited_creations(self.audit_log, "jobs", namespace)
         created = {obj["metadata"]["name"]: jobs[learner_job(obj, namespace)] for obj in objs
@@ -351,10 +358,10 @@ class Bench:
         batch.cleanup_s = self._clean_up(namespace, "jobs")
         return batch
 
-    def with_operator(self, runs: int) -> Batch:
-        namespace = self._namespace(f"operator-{runs}")
+    def with_operator(self, runs: int, repeat: int = 0) -> Batch:
+        namespace = self._namespace(f"operator-{runs}-{repeat}")
         storage = self.workdir / "storage" / namespace
-        workdir = self.workdir / f"operator-{runs}"
+        workdir = self.workdir / f"operator-{runs}-{repeat}"
         workdir.mkdir()
         self.operator = OperatorProcess(_service_account_kubeconfig(self.cp, workdir / "kubeconfig"), workdir,
                                         reconcile_interval_s=self.reconcile_interval_s)
@@ -439,32 +446,72 @@ def _top(requests: Counter) -> str:
     return ", ".join(f"{key} {count}" for key, count in requests.most_common(8)) or "none"
 
 
+def figures(batch: Batch) -> dict[str, float]:
+    """One repeat's figures for the harness's table."""
+    latency = batch.apply_to_running()
+    out = {"apply->Running p50 s": percentile(latency, 0.5), "apply->Running p95 s": percentile(latency, 0.95),
+           "created->Running p50 s": percentile(batch.created_to_running(), 0.5),
+           "pods Running": float(len(latency))}
+    if batch.peak_rss_mib:  # the operator's own figures
+        out |= {"op run->Job created p50 s": percentile(batch.created_to_job(), 0.5),
+                "op API requests to all Running": float(sum(batch.requests_to_running.values())),
+                "op API requests/s steady": batch.requests_per_s_steady,
+                "op CPU s to all Running": batch.cpu_s_to_running, "op peak RSS MiB": batch.peak_rss_mib}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="1,20,100", help="comma-separated numbers of runs applied at once")
+    parser.add_argument("--runs", default="20", help="comma-separated numbers of runs applied at once")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of baseline and operator per N")
     parser.add_argument("--reconcile-interval", type=float, default=5.0,
                         help="MEDMO_RECONCILE_INTERVAL of the operator (default 5, as manifests/base deploys it)")
-    parser.add_argument("--hold", type=float, default=15.0, help="seconds of steady state measured with every pod Running")
+    parser.add_argument("--hold", type=float, default=5.0, help="seconds of steady state measured with every pod Running")
     parser.add_argument("--step-seconds", type=float, default=2.0, help="the stand-in's seconds per step (one progress report each)")
     parser.add_argument("--bin-dir", type=Path, default=None, help="Kubernetes binaries (default: what tests/controlplane/build.sh prints)")
+    parser.add_argument("--results", type=Path, default=harness.RESULTS)
+    parser.add_argument("--table", action="store_true", help="also print the detailed table of the last repeat per N")
     args = parser.parse_args()
     counts = [int(n) for n in args.runs.split(",")]
     bin_dir = args.bin_dir or Path(os.environ.get("MEDMO_K8S_BIN") or _build_bin_dir())
-    results: list[tuple[Batch, Batch]] = []
+    last: list[tuple[Batch, Batch]] = []
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as folder:
         bench = Bench(Path(folder), args.reconcile_interval, args.hold, args.step_seconds)
         try:
             bench.start(bin_dir)
             for runs in counts:
-                print(f"N={runs}: baseline ...", flush=True)
-                base = bench.baseline(runs)
-                print(f"N={runs}: operator ...", flush=True)
-                results.append((base, bench.with_operator(runs)))
-                print(f"N={runs}: apply->Running p50/p95 operator {p50_p95(results[-1][1].apply_to_running())} s, "
-                      f"baseline {p50_p95(base.apply_to_running())} s", flush=True)
+                repeats = {"baseline": iter(range(args.repeats)), "operator": iter(range(args.repeats))}
+                batches: dict[str, Batch] = {}
+
+                def side(name: str, runs: int = runs):
+                    def measure() -> dict[str, float]:
+                        repeat = next(repeats[name])
+                        batch = bench.baseline(runs, repeat) if name == "baseline" else bench.with_operator(runs, repeat)
+                        batches[name] = batch
+                        return figures(batch)
+                    return measure
+
+                cp_processes = [harness.Process("control plane (etcd, apiserver, controller-manager, scheduler)", 0, 4),
+                                harness.Process("node agent", 0)]
+                result = harness.Benchmark(f"Operator: {runs} runs applied at once", [
+                    harness.Side("plain Jobs and their objects (kubectl)", side("baseline"), cp_processes),
+                    harness.Side("MedMOTrainings (operator)", side("operator"),
+                                 [*cp_processes, harness.Process("operator", 1)]),
+                ], repeats=args.repeats, higher_is_better={k: False for k in (
+                    "apply->Running p50 s", "apply->Running p95 s", "created->Running p50 s")}, notes=[
+                    f"Test control plane with the node agent ({len(NODES)} nodes), stand-in trainer pods; reconcile "
+                    f"interval {args.reconcile_interval:g} s; steady state over {args.hold:g} s. The baseline applies "
+                    "every object the operator would create (Secret, ConfigMap, Service, Job per run) in one kubectl "
+                    "apply inside its timed window. The control plane and node agent are shared by both sides and not "
+                    "thread-limited; each side's pods are stand-in processes (started); the operator is one Python "
+                    "process. op: the operator's own figures."],
+                ).run()
+                result.report(args.results)
+                last.append((batches["baseline"], batches["operator"]))
         finally:
             bench.stop()
-    print_table(results, args.reconcile_interval, args.hold)
+    if args.table:
+        print_table(last, args.reconcile_interval, args.hold)
 
 
 def _build_bin_dir() -> str:
