@@ -50,6 +50,20 @@ def test_invalid_resource_is_rejected_by_the_api_server_naming_the_field(crd_ins
     assert case.field in result.stderr, result.stderr
 
 
+def test_vision_encoders_and_their_groups_are_accepted_but_not_with_vllm_rollouts(crd_installed, namespace):
+    obj = load_sample("medmo-tiny.yaml")
+    obj["metadata"].pop("namespace", None)
+    obj["spec"]["model"]["visionEncoders"] = [{"name": "hires", "base": "preset:tiny-siglip", "imageSize": 128}]
+    obj["spec"]["stages"][0]["trainable"] = ["projector", "encoder:hires", "projector:hires"]
+    result = _apply(crd_installed, obj, namespace, "--dry-run=server")
+    assert result.returncode == 0, result.stderr
+
+    grpo = next(stage for stage in obj["spec"]["stages"] if stage["type"] == "rl")
+    grpo["rl"]["rollout"].update(backend="vllm", image="ghcr.io/medmo/rollout-vllm:0.1.0")
+    result = _apply(crd_installed, obj, namespace, "--dry-run=server")
+    assert result.returncode != 0 and "vllm" in result.stderr, result.stderr
+
+
 def _create_run_with_started_stage(cp, namespace):
     obj = load_sample("medmo-tiny.yaml")
     assert _apply(cp, obj, namespace).returncode == 0
