@@ -34,6 +34,13 @@ BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler
 # Nothing connects to ClusterIPs here; the range only has to be valid.
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+FEATURE_GATES = "GenericWorkload=true,GangScheduling=true"
+"""Kubernetes 1.36's alpha Workload API and kube-scheduler's gang scheduling of its PodGroups (the
+operator's scheduling.gang), on every component: the API server serves scheduling.k8s.io/v1alpha2
+(RUNTIME_CONFIG) and keeps pods' spec.schedulingGroup, the scheduler places a PodGroup's pods all or
+none, the controller-manager runs the PodGroup protection controller. WorkloadWithJob (the Job
+controller making a Workload for every Indexed Job) stays off: the operator makes its own."""
+RUNTIME_CONFIG = "scheduling.k8s.io/v1alpha2=true"
 AUDITED_USERS = ("system:serviceaccount:medmo-system:medmo-operator",)
 """Whose requests the API server's audit log records (at Metadata level: who, verb, resource, answer)."""
 AUDIT_POLICY = {
@@ -138,7 +145,8 @@ class ControlPlane:
 
         self._spawn("kube-controller-manager", self._controller_manager_args(kcm_port, kcm_kubeconfig, certs))
         self._spawn("kube-scheduler", [
-            *self._common_component_args(sched_port, sched_kubeconfig, certs), "--leader-elect=false"])
+            *self._common_component_args(sched_port, sched_kubeconfig, certs), "--leader-elect=false",
+            f"--feature-gates={FEATURE_GATES}"])
         wait_until(lambda: self._get_ok(f"https://127.0.0.1:{kcm_port}/healthz", certs)
                    and self._get_ok(f"https://127.0.0.1:{sched_port}/healthz", certs),
                    self.startup_timeout_s, "controller-manager and scheduler /healthz", self.processes)
@@ -184,6 +192,7 @@ class ControlPlane:
             "--endpoint-reconciler-type=none",
             "--allow-privileged=true",
             "--profiling=false",
+            f"--feature-gates={FEATURE_GATES}", f"--runtime-config={RUNTIME_CONFIG}",
             f"--audit-policy-file={audit_policy}", f"--audit-log-path={self.audit_log}", "--audit-log-maxsize=0",
             *self.extra_apiserver_args,
         ]
@@ -208,6 +217,7 @@ class ControlPlane:
             f"--root-ca-file={certs.ca.cert}",  # published in each namespace as kube-root-ca.crt
             f"--cluster-signing-cert-file={certs.ca.cert}", f"--cluster-signing-key-file={certs.ca.key}",
             "--controllers=*",
+            f"--feature-gates={FEATURE_GATES}",
             "--kube-api-qps=100", "--kube-api-burst=200",
         ]
 

@@ -1,7 +1,7 @@
 """Gang scheduling (scheduling.gang) rendered without a cluster: the Workload API's objects, and the
 scheduler-plugins Coscheduling fallback.
 
-The Workload API path also runs on the real control plane (tests/integration/operator/test_gang.py).
+The Workload API path also runs on the real control plane (tests/integration/operator/test_scheduling.py).
 The Coscheduling path is tested here only: scheduler-plugins (sigs.k8s.io/scheduler-plugins) is not
 among the Go modules the test control plane can build offline, so no scheduler there reads its PodGroup.
 """
