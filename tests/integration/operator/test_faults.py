@@ -364,8 +364,18 @@ def test_operator_killed_mid_stage_and_started_again_creates_no_duplicates_and_t
     finally:
         operator.start()
     # The stage may even have finished while the operator was away: the record says so either way.
-    wait_for(lambda: _status(cp, namespace, run).get("stages", [{}])[0].get("step", 0) > step_at_fault, TIMEOUT_S,
-             "the restarted operator to show a step trained after the fault", interval_s=0.2)
+    def current_again() -> bool:
+        status = _status(cp, namespace, run)
+        assert status.get("phase") != "Failed", json.dumps(status, indent=1)
+        return status.get("stages", [{}])[0].get("step", 0) > step_at_fault
+
+    try:
+        wait_for(current_again, TIMEOUT_S, "the restarted operator to show a step trained after the fault", interval_s=0.2)
+    except AssertionError:
+        print(json.dumps(_status(cp, namespace, run), indent=1))
+        print(operator.log.read_text()[-6000:])
+        print("\n".join(log.text[-3000:] for log in _pod_logs(node_agent, namespace, attempt)))
+        raise
     seconds = time.time() - fault_at
 
     status = _wait_succeeded(cp, namespace, run, operator)
