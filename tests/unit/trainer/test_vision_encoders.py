@@ -215,3 +215,31 @@ def test_export_loads_with_stock_transformers_in_a_fresh_process(composite, tmp_
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["class"].startswith("transformers_modules") and not report["medmo"]
     assert report["tokens"] == expected.tolist()
+
+
+def test_rollout_workers_load_the_encoders_from_a_stage_config_and_sample_groups(tmp_path, monkeypatch):
+    """A rollout worker started from an rl stage's config attaches the encoders as the learner does, and
+    samples groups of completions for a prompt with an image (`num_return_sequences` expands the extra tokens too)."""
+    import medmo_trainer.rl.rollout_server as server
+    from medmo_trainer.config import StageConfig
+    from medmo_trainer.rl.prompts import Prompt
+    from medmo_trainer.rl.rollout import SamplingParams, load_transformers_backend
+
+    config = StageConfig.model_validate({
+        "run": "r", "stage": "grpo", "type": "rl", "model": composite_source().to_wire(),
+        "storage": {"uri": str(tmp_path)}, "outputUri": str(tmp_path / "out"), "checkpointUri": str(tmp_path / "ck"),
+        "datasets": [{"name": "d", "uri": str(tmp_path)}], "rl": {}})
+    (tmp_path / "grpo.json").write_text(json.dumps(config.to_wire()))
+    (tmp_path / "token").write_text("secret")
+    sources = []
+    monkeypatch.setattr(server, "build_app", lambda source, *args, **kwargs: sources.append(source))
+    monkeypatch.setattr(server, "serve", lambda *args, **kwargs: None)
+    server.main(["--config", str(tmp_path / "grpo.json"), "--token-file", str(tmp_path / "token")])
+
+    backend = load_transformers_backend(sources[0])  # what the server loads in the background
+    assert type(backend.model).__name__ == "MedMOVLForConditionalGeneration"
+    scan(120).save(tmp_path / "scan.png")
+    prompt = Prompt(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}],
+                    images=[str(tmp_path / "scan.png")])
+    [group] = backend.generate([prompt], SamplingParams(n=3, max_new_tokens=4, seed=1, image_size=64))
+    assert group.error is None and len(group.completions) == 3
