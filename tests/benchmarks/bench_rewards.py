@@ -1,6 +1,6 @@
 """Reward scoring speed: box-reward scorings per second per core in-process, and the reward worker over HTTP.
 
-    python tests/benchmarks/bench_rewards.py [--completions 4096] [--repeats 5] [--batch 256]
+    python tests/benchmarks/bench_rewards.py [--completions 4096] [--repeats 5] [--batch 256] [--compare-commit REV]
 
 Realistic grounding completions (seeded): 1-5 true boxes per record (sent as the controller sends
 a record: its labelled boxes and its answer text), 1-5 predicted boxes near them
@@ -88,13 +88,24 @@ def figures(n: int, cpu_s: float, wall_s: float) -> dict[str, float]:
             "scorings/s (wall)": n / wall_s}
 
 
-def box_reward_side(texts, references):
-    from medmo_trainer.rl.rewards import BoxReward
+def reward_of_commit(commit: str, folder: Path):
+    """BoxReward as it was at `commit` (its rewards and boxes modules, loaded from git under other names)."""
+    import importlib
+    import subprocess
 
+    for module, name in (("medmo_trainer/boxes.py", "boxes_then"), ("medmo_trainer/rl/rewards.py", "rewards_then")):
+        text = subprocess.run(["git", "-C", str(harness.REPO), "show", f"{commit}:{module}"], check=True,
+                              capture_output=True, text=True).stdout
+        Path(folder, f"{name}.py").write_text(text.replace("from medmo_trainer.boxes import", "from boxes_then import"))
+    sys.path.insert(0, folder)
+    return importlib.import_module("rewards_then").BoxReward
+
+
+def box_reward_side_of(reward_class, texts, references):
     prompts, tasks = [None] * len(texts), ["grounding"] * len(texts)
 
     def measure() -> dict[str, float]:
-        reward = BoxReward()
+        reward = reward_class()
         cpu, wall = time.thread_time(), time.perf_counter()
         reward(prompts, texts, task=tasks, boxes=references)
         return figures(len(texts), time.thread_time() - cpu, time.perf_counter() - wall)
@@ -145,9 +156,11 @@ def main() -> None:
     parser.add_argument("--completions", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=256, help="completions per HTTP request")
+    parser.add_argument("--compare-commit", help="also measure the box reward as it was at this commit (first side)")
     parser.add_argument("--results", type=Path, default=harness.RESULTS)
     args = parser.parse_args()
     harness.pin_threads(1)
+    from medmo_trainer.rl.rewards import BoxReward
     sys.path.insert(0, str(TESTS))
     from integration.rl.conftest import worker
     from medmo_trainer.rl.http import TOKEN_FILE_ENV
@@ -160,7 +173,10 @@ def main() -> None:
         with worker("medmo_trainer.rl.reward_server") as server:
             one = [harness.Process("benchmark", threads=1)]
             sides = [
-                harness.Side("box reward, in-process", box_reward_side(texts, references), one),
+                *([harness.Side(f"box reward at {args.compare_commit}, in-process",
+                                box_reward_side_of(reward_of_commit(args.compare_commit, folder), texts, references),
+                                one)] if args.compare_commit else []),
+                harness.Side("box reward, in-process", box_reward_side_of(BoxReward, texts, references), one),
                 harness.Side("reward suite (4 components), in-process", suite_side(texts, references), one),
                 harness.Side(f"reward worker over HTTP, {args.batch} per request",
                              http_side(server.url, token, server.proc.pid, texts, references, args.batch),
@@ -172,8 +188,8 @@ def main() -> None:
                        f"target 50,000 box-reward scorings/s per core in-process. Rates per core are per CPU-second "
                        f"of the scoring thread (the worker's: its process's), so other load on the machine does not "
                        f"lower them; wall rates do depend on it."]).run()
-    suite_us = harness.spread(bench.results[1].values("us CPU per completion"))[0]
-    http_us = harness.spread(bench.results[2].values("us CPU per completion"))[0]
+    suite_us = harness.spread(bench.results[-2].values("us CPU per completion"))[0]
+    http_us = harness.spread(bench.results[-1].values("us CPU per completion"))[0]
     bench.notes.append(f"HTTP overhead: {http_us - suite_us:.1f} us of CPU per completion (client and worker: "
                        f"{http_us:.1f} over HTTP against {suite_us:.1f} for the same scoring in-process; medians).")
     bench.report(args.results)
