@@ -3,6 +3,9 @@ manifests/base (not as admin), with the node agent running the pods.
 
   operator_ns   (module)   the CRD and manifests/base's namespace and RBAC applied
   operator      (module)   a running `medmo operator` process (``.restart()``, ``.kill()``, ``.log``)
+  kueue         (module)   Kueue's manager with its CRDs and webhooks (``controlplane.kueue.Kueue``;
+                           built once by tests/kueue/build.sh), a ResourceFlavor KUEUE_FLAVOR and
+                           the WorkloadPriorityClasses research-low (100) and research-high (1000)
 The images STANDIN_IMAGE (entrypoint: standin_trainer.py beside this file) and TRAINER_IMAGE (the
 trainer's entrypoint) are in tests/medmo_cases.py.
 """
@@ -24,6 +27,8 @@ import yaml
 from medmo_operator import crd, render
 
 from medmo_cases import REPO, STANDIN_IMAGE, TRAINER_IMAGE
+
+from controlplane.kueue import Kueue
 
 
 
@@ -159,3 +164,21 @@ def operator(control_plane, operator_ns, tmp_path_factory):
     process.stop()
     refusals = RBAC_REFUSAL.findall(process.log.read_text())
     assert not refusals, f"the operator hit RBAC refusals (the ClusterRole is short): {sorted(set(refusals))}"
+
+
+KUEUE_BUILD_SCRIPT = REPO / "tests" / "kueue" / "build.sh"
+KUEUE_FLAVOR = "medmo-default"
+
+
+@pytest.fixture(scope="module")
+def kueue(control_plane, tmp_path_factory):
+    # stdout is only the binary's path; the build's progress goes to stderr.
+    binary = subprocess.run([str(KUEUE_BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
+    manager = Kueue(control_plane, tmp_path_factory.mktemp("kueue"), binary).start()
+    objects = [{"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": KUEUE_FLAVOR}}]
+    objects += [{"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": name}, "value": value}
+                for name, value in (("research-low", 100), ("research-high", 1000))]
+    for obj in objects:
+        control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(obj))
+    yield manager
+    manager.stop()
