@@ -15,6 +15,7 @@ torchvision is present.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,9 +165,14 @@ class VLProcessor:
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
-        (folder / "processor_config.json").write_text(
-            json.dumps({"processor_class": HF_PROCESSOR_CLASS[self.family]}, indent=2) + "\n"
-        )
+        settings = {"processor_class": HF_PROCESSOR_CLASS[self.family]}
+        if self.vision_encoders:
+            # extra encoders' tokens and views: AutoProcessor (trust_remote_code) loads the processor saved beside
+            for module in ("processing_medmo_vl", "modeling_medmo_vl", "configuration_medmo_vl"):
+                shutil.copyfile(Path(__file__).with_name(f"{module}.py"), folder / f"{module}.py")
+            settings = {"processor_class": "MedMOVLProcessor",
+                        "auto_map": {"AutoProcessor": "processing_medmo_vl.MedMOVLProcessor"}}
+        (folder / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, family: str) -> VLProcessor:

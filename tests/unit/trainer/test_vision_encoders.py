@@ -163,28 +163,22 @@ FRESH_PROCESS = textwrap.dedent("""
     import json, sys
     import torch
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     folder, image_path = sys.argv[1], sys.argv[2]
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    images = Qwen2VLImageProcessorPil.from_pretrained(folder)
-    image = Image.open(image_path)
-    vision = images(images=[image], return_tensors="pt")
-    count = model.image_token_count(vision["image_grid_thw"][0])
-    text = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
-        "text": "Where is the lesion?"}]}], tokenize=False, add_generation_prompt=True)
-    text = text.replace("<|image_pad|>", "<|image_pad|>" * count)
-    ids = tokenizer([text], return_tensors="pt", add_special_tokens=False)
-    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    out = model.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
-                         mm_token_type_ids=(ids["input_ids"] == pad).long(), pixel_values=vision["pixel_values"],
-                         image_grid_thw=vision["image_grid_thw"], encoder_pixel_values=model.encode_extra_views([image]),
-                         max_new_tokens=6, do_sample=False)
-    print(json.dumps({"class": type(model).__module__, "medmo": any(m.startswith("medmo_trainer") for m in sys.modules),
-                      "tokens": out[0, ids["input_ids"].shape[1]:].tolist()}))
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the lesion?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(images=[Image.open(image_path)], text=[text], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    print(json.dumps({"classes": [type(model).__module__, type(processor).__module__],
+                      "medmo": any(m.startswith("medmo_trainer") for m in sys.modules),
+                      "input_ids": inputs["input_ids"][0].tolist(),
+                      "encoder_pixel_values": inputs["encoder_pixel_values"].sum().item(),
+                      "tokens": out[0, inputs["input_ids"].shape[1]:].tolist()}))
 """)
+
 
 
 def test_export_loads_with_stock_transformers_in_a_fresh_process(composite, tmp_path):
@@ -193,7 +187,10 @@ def test_export_loads_with_stock_transformers_in_a_fresh_process(composite, tmp_
     folder = tmp_path / "export"
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_medmo_vl.MedMOVLForConditionalGeneration"
-    assert (folder / "modeling_medmo_vl.py").is_file() and (folder / "configuration_medmo_vl.py").is_file()
+    for module in ("modeling_medmo_vl", "configuration_medmo_vl", "processing_medmo_vl"):
+        assert (folder / f"{module}.py").is_file()
+    assert json.loads((folder / "processor_config.json").read_text())["auto_map"] == {
+        "AutoProcessor": "processing_medmo_vl.MedMOVLProcessor"}
     scan(120).save(tmp_path / "scan.png")
 
     inputs = composite.processor([prompt(composite.processor)], [Image.open(tmp_path / "scan.png")], image_size=64)
@@ -213,7 +210,10 @@ def test_export_loads_with_stock_transformers_in_a_fresh_process(composite, tmp_
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["class"].startswith("transformers_modules") and not report["medmo"]
+    assert all(c.startswith("transformers_modules") for c in report["classes"]) and not report["medmo"]
+    # the stock AutoProcessor (with the processor saved beside) prepares what the trainer's processor does
+    assert report["input_ids"] == inputs["input_ids"][0].tolist()
+    assert report["encoder_pixel_values"] == pytest.approx(inputs["encoder_pixel_values"].sum().item(), rel=1e-5)
     assert report["tokens"] == expected.tolist()
 
 
