@@ -1,7 +1,7 @@
 -- Argo CD health of a MedMOTraining (argocd-cm key resource.customizations.health.medmo.io_MedMOTraining).
 -- Argo CD sets `obj` to the resource and reads `status` and `message` from the table returned.
 --   Healthy      the run succeeded: every stage is done and the model exported
---   Progressing  waiting for the operator, initializing, running, or restarting a stage from its
+--   Progressing  waiting for the operator, queued in Kueue, initializing, running, or restarting a stage from its
 --                checkpoint within runPolicy.backoffLimit (the operator recovers by itself, and a
 --                Degraded app would stop a sync wave for what is only a retry)
 --   Degraded     the run failed (non-retryable exit, backoff limit, deadline, model not accessible)
@@ -15,6 +15,15 @@ end
 local function condition(kind)
   for _, c in ipairs(status.conditions or {}) do
     if c.type == kind and c.status == "True" then
+      return c
+    end
+  end
+  return nil
+end
+
+local function held_back(kind)
+  for _, c in ipairs(status.conditions or {}) do
+    if c.type == kind and c.status == "False" then
       return c
     end
   end
@@ -49,7 +58,10 @@ elseif phase == "Restarting" then
   hs.message = said(condition("Restarting"), "a stage is restarting from its checkpoint")
 elseif phase == "Running" or phase == "Pending" then
   local waiting = condition("WaitingForResources")
-  if waiting ~= nil then
+  local queued = held_back("Admitted")
+  if queued ~= nil then
+    hs.message = "queued: " .. said(queued, "waiting for Kueue to admit the stage")
+  elseif waiting ~= nil then
     hs.message = "waiting for resources: " .. said(waiting, "pods are unschedulable")
   else
     local stage = status.currentStage

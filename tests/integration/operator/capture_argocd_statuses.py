@@ -6,8 +6,8 @@ gains a phase, a condition or a reason, and commit the file it rewrites:
 
     scripts/test.sh tests/integration/operator/capture_argocd_statuses.py
 
-Runs on the real control plane with the real operator (as its ServiceAccount) and the stand-in
-trainer, all scenarios at once in one namespace; every distinct (phase, conditions) an object passes
+Runs on the real control plane with the real operator (as its ServiceAccount), Kueue (for two runs
+sharing a one-GPU queue) and the stand-in trainer, all scenarios at once in one namespace; every distinct (phase, conditions) an object passes
 through is kept, as `kubectl get -o json` shows it, less managedFields and kopf's annotations.
 """
 
@@ -23,6 +23,8 @@ from medmo_cases import REPO, STANDIN_IMAGE
 from medmo_operator import api, render
 
 OUTPUT = REPO / "tests" / "unit" / "operator" / "argocd_statuses.json"
+KUEUE_FLAVOR = "medmo-default"
+"""The ResourceFlavor the kueue fixture makes (conftest.KUEUE_FLAVOR)."""
 FINISHED = {api.Phase.SUCCEEDED.value, api.Phase.FAILED.value}
 
 
@@ -59,7 +61,31 @@ def _scenarios(storage: Path) -> list[dict]:
         _run("deadline", storage, steps=200, runPolicy={"activeDeadlineSeconds": 6}),
         _run("suspended", storage, runPolicy={"suspend": True}),
         big,
+        *[_queued(name, storage) for name in QUEUED],
     ]
+
+
+QUEUED = ("queue-first", "queue-second")
+"""Two runs in a Kueue queue with room for one: the first is admitted, the second queued behind it."""
+
+
+def _queued(name: str, storage: Path) -> dict:
+    obj = _run(name, storage, scheduling={"queueName": "one-gpu"})
+    obj["spec"]["nodePool"]["gpusPerNode"] = 1
+    return obj
+
+
+def _one_gpu_queue(control_plane, namespace: str) -> None:
+    quota = {"cpu": "32", "memory": "128Gi", "nvidia.com/gpu": "1"}
+    cluster_queue = {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": f"one-gpu-{namespace}"},
+        "spec": {"namespaceSelector": {}, "resourceGroups": [{"coveredResources": list(quota), "flavors": [
+            {"name": KUEUE_FLAVOR, "resources": [{"name": k, "nominalQuota": v} for k, v in quota.items()]}]}]},
+    }
+    local_queue = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": "one-gpu"},
+                   "spec": {"clusterQueue": f"one-gpu-{namespace}"}}
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(cluster_queue))
+    control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(local_queue))
 
 
 def _signature(obj: dict) -> tuple:
@@ -74,7 +100,8 @@ def _trimmed(obj: dict, scenario: str) -> dict:
     return {"scenario": scenario, "object": {**obj, "metadata": kept}}
 
 
-def test_capture_statuses(control_plane, operator, namespace, tmp_path):
+def test_capture_statuses(control_plane, operator, kueue, namespace, tmp_path):
+    _one_gpu_queue(control_plane, namespace)
     for obj in _scenarios(tmp_path):
         storage = tmp_path / obj["metadata"]["name"]
         storage.mkdir()

@@ -5,7 +5,8 @@ gopher-lua lacks) on objects the operator wrote in real runs.
 The objects (argocd_statuses.json) were captured by
 tests/integration/operator/capture_argocd_statuses.py: the real operator on the test control plane
 with the stand-in trainer, one run per scenario (succeeds, recovers after a restart, retries out,
-non-retryable exit, deadline, suspended then resumed, unschedulable), every distinct phase and set
+non-retryable exit, deadline, suspended then resumed, unschedulable, queued in Kueue behind another
+run), every distinct phase and set
 of conditions each run passed through. When the operator gains a phase or a condition, the coverage
 test below fails until that script is run again and its output committed.
 """
@@ -86,6 +87,8 @@ def test_health_of_every_captured_object(entry):
         assert message == true["Failed"]["message"]
     elif phase == "Restarting":
         assert message == true["Restarting"]["message"]
+    elif any(c["type"] == "Admitted" and c["status"] == "False" for c in status.get("conditions", [])):
+        assert message.startswith("queued: stage "), message
     elif "WaitingForResources" in true:
         assert message.startswith("waiting for resources: ") and "nvidia.com/gpu" in message
     elif phase == "Running":
