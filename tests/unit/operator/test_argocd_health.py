@@ -6,8 +6,7 @@ The objects (argocd_statuses.json) were captured by
 tests/integration/operator/capture_argocd_statuses.py: the real operator on the test control plane
 with the stand-in trainer, one run per scenario (succeeds, recovers after a restart, retries out,
 non-retryable exit, deadline, suspended then resumed, unschedulable, queued in Kueue behind another
-run), every distinct phase and set
-of conditions each run passed through. When the operator gains a phase or a condition, the coverage
+run), every distinct phase and set of conditions each run passed through. When the operator gains a phase or a condition, the coverage
 test below fails until that script is run again and its output committed.
 """
 
