@@ -185,3 +185,32 @@ def test_rl_workers_count_against_the_queues_quota(control_plane, operator, kueu
 
     _phase(cp, namespace, "rl", "Succeeded", operator)  # the stage's end deletes its workers: their GPU is freed
     _phase(cp, namespace, "sft", "Succeeded", operator)
+
+
+def test_suspending_a_queued_run_goes_through_kueue_and_resuming_continues_from_its_checkpoint(
+        control_plane, operator, kueue, node_agent, namespace, tmp_path):
+    """runPolicy.suspend on a run Kueue admitted: the operator deactivates the stage's Workload (an
+    unsuspend of its own would bypass the queue, and a suspend Kueue would undo), Kueue stops the Job
+    and frees the quota; resuming reactivates it and Kueue admits it again."""
+    cp = control_plane
+    queue = _queue(cp, namespace, gpus=1)
+    _apply(cp, _run("paused", tmp_path, queue, steps=30, every=5, step_seconds=0.25), namespace)
+    _wait(cp, namespace, lambda: _status(cp, namespace, "paused").get("currentStep", 0) >= 11, "step 11", operator)
+
+    cp.kubectl("patch", "mmt", "paused", "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    _phase(cp, namespace, "paused", "Suspended", operator)
+    _wait(cp, namespace, lambda: not _pods(cp, namespace, "paused"), "the pods to be gone", operator)
+    workload = json.loads(cp.kubectl("get", "workloads.kueue.x-k8s.io", "-n", namespace, "-o", "json").stdout)["items"][0]
+    assert workload["spec"]["active"] is False
+    job = json.loads(cp.kubectl("get", "job", "paused-train-0", "-n", namespace, "-o", "json").stdout)
+    assert job["spec"]["suspend"] is True
+    checkpoint = int((tmp_path / "paused" / "train" / "checkpoints" / "latest").read_text())
+    assert checkpoint >= 10
+
+    cp.kubectl("patch", "mmt", "paused", "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    pod = _wait(cp, namespace, lambda: _pods(cp, namespace, "paused"), "the pod to come back", operator)[0]
+    run = _phase(cp, namespace, "paused", "Succeeded", operator)
+    assert run["stages"][0]["restarts"] == 0
+    assert (_admitted(run)["status"], _admitted(run)["reason"]) == ("True", "Admitted")
+    log = node_agent.pod(namespace, pod["metadata"]["name"]).log_path("trainer").read_text()
+    assert f"resuming from step {checkpoint}" in log
