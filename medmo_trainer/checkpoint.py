@@ -10,6 +10,12 @@ Layout under the stage's `checkpointUri`:
     latest                       the name of the newest committed folder (`step-N`), updated after COMMITTED,
                                  for the operator and for people; resume looks for the markers themselves
 
+With `checkpoint.async`, a save copies the state to CPU memory and returns; a background thread
+uploads it, writes the trainer state, waits for every rank's upload (on a gloo group of its own) and
+then commits and prunes, exactly as a synchronous save does. One save is in flight at most: the next
+waits for it, the end of the stage waits for the last, and SIGTERM waits for the one in flight (for
+at most `PREEMPTION_WAIT_S`) before the process stops.
+
 A folder without COMMITTED is an interrupted save: it is ignored when resuming and replaced or
 pruned later, so a crash in the middle of a save leaves the previous checkpoint in use. Every
 distributed and rank-0 side effect of checkpointing lives in `CheckpointManager`.
@@ -33,14 +39,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import random
 import re
 import shutil
+import logging
 import signal
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +70,13 @@ COMMIT_MARKER = "COMMITTED"
 LATEST_POINTER = "latest"
 CRASH_DURING_SAVE_ENV = "MEDMO_TEST_CRASH_DURING_SAVE_AT_STEP"
 """Test hook: when set to N, every rank kills itself after writing step N but before its commit."""
+HOLD_UPLOAD_ENV = "MEDMO_TEST_HOLD_UPLOAD_AT_STEP"
+"""Test hook of asynchronous saves: `N` makes every rank's background upload of step N stop after
+writing its data files (before DCP's metadata) and never go on; `N:S` holds it S seconds instead."""
+PREEMPTION_WAIT_S = 20.0
+"""How long SIGTERM waits for an upload in flight: within Kubernetes' default 30 s grace period."""
+
+logger = logging.getLogger(__name__)
 
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
 
@@ -94,6 +111,18 @@ class CheckpointManager:
         self.fs, self.root_path = url_to_fs(self.root)
         self.staging = Path(tempfile.mkdtemp(prefix="medmo-checkpoint-"))
         self.last_committed_uri: str | None = None
+        self.asynchronous = self.policy.asynchronous and strategy.saves_asynchronously
+        if self.policy.asynchronous and not self.asynchronous and context.is_main:
+            logger.warning("checkpoint.async: %s saves synchronously (its state does not go through "
+                           "torch.distributed.checkpoint)", config.strategy.name)
+        self._in_flight: Future | None = None
+        self._upload_group = None
+        if self.asynchronous:
+            # Uploads' collectives get their own gloo group: on the training group they would interleave
+            # with training's, and nccl groups cannot take CPU tensors.
+            self._upload_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def close(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -105,13 +134,82 @@ class CheckpointManager:
         """Whether a checkpoint is saved after this optimizer step."""
         return step % self.policy.every_steps == 0 or step == total_steps
 
-    def save(self, step: int, loader_state: dict[str, Any]) -> str:
-        """Writes the checkpoint of `step` on every rank, then commits it (a collective)."""
+    def save(self, step: int, loader_state: dict[str, Any]) -> None:
+        """Writes the checkpoint of `step` on every rank, then commits it (a collective); with
+        `checkpoint.async`, starts that in the background once the previous save has committed."""
+        if self.asynchronous:
+            self.wait()
+            self._in_flight = self._start_upload(step, loader_state)
+        else:
+            self._save_now(step, loader_state)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Returns once the save in flight (if any) has committed; a failed upload is a StorageError."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return
+        try:
+            in_flight.result(timeout)
+        except StageError:
+            raise
+        except (Exception, CheckpointException) as error:  # DCP's is a BaseException
+            raise StorageError(f"uploading a checkpoint under {self.root} failed: {_error_text(error)}") from error
+
+    def _start_upload(self, step: int, loader_state: dict[str, Any]) -> Future:
+        """Copies this rank's state to CPU memory, then uploads and commits it in the background."""
         uri = self.uri_of(step)
         try:
-            if self.context.is_main and self.fs.exists(self._path(step)):
-                self._remove(self._path(step))  # leftover of an interrupted save
-            self.context.barrier()
+            self._clear(step)
+            # Captured now: RNGs and data position move on while the upload runs.
+            trainer_state = self._trainer_state(step, loader_state)
+            writer = _writer(f"{uri}/state", self.options, _held_seconds(step))
+            upload = self.strategy.save_state_async(writer, self._upload_group)
+        except StageError:
+            raise
+        except (Exception, CheckpointException) as error:  # DCP's is a BaseException
+            raise StorageError(f"saving checkpoint {uri} failed: {_error_text(error)}") from error
+        done: Future = Future()
+
+        def finish() -> None:
+            try:
+                upload.result()
+                self._write(f"{self._path(step)}/trainer/rank-{self.context.rank}.pt", trainer_state)
+                if self._upload_group is not None:
+                    dist.barrier(group=self._upload_group)  # every rank's files are in
+                self._crash_if_requested(step)
+                if self.context.is_main:
+                    self._commit(step)
+                    self._prune()  # after the commit: never before the newer checkpoint is safe
+                self.last_committed_uri = uri
+                done.set_result(uri)
+            except BaseException as error:  # noqa: BLE001 (handed to the waiting thread)
+                done.set_exception(error)
+
+        # A daemon thread: an upload that hangs must not keep a failed process from exiting.
+        threading.Thread(target=finish, name=f"medmo-checkpoint-{step}", daemon=True).start()
+        return done
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """Preemption: lets the upload in flight commit (bounded), then stops as SIGTERM would have."""
+        if self._in_flight is not None:
+            logger.info("SIGTERM: waiting up to %.0f s for the checkpoint upload in flight", PREEMPTION_WAIT_S)
+            try:
+                self.wait(PREEMPTION_WAIT_S)
+                logger.info("SIGTERM: the checkpoint in flight is committed")
+            except BaseException as error:  # noqa: BLE001 (stopping anyway)
+                logger.warning("SIGTERM: the checkpoint in flight did not commit: %r", error)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _clear(self, step: int) -> None:
+        if self.context.is_main and self.fs.exists(self._path(step)):
+            self._remove(self._path(step))  # leftover of an interrupted save
+        self.context.barrier()
+
+    def _save_now(self, step: int, loader_state: dict[str, Any]) -> None:
+        uri = self.uri_of(step)
+        try:
+            self._clear(step)
             self.strategy.save_state(f"{uri}/state", self.options, self.staging)
             self._write_trainer_state(step, loader_state)
             self.context.barrier()
@@ -125,7 +223,6 @@ class CheckpointManager:
         except (Exception, CheckpointException) as error:  # DCP's is a BaseException
             raise StorageError(f"saving checkpoint {uri} failed: {_error_text(error)}") from error
         self.last_committed_uri = uri
-        return uri
 
     def restore(self) -> Restored | None:
         """Loads the newest committed checkpoint into the strategy and RNGs; None when there is none.
@@ -177,10 +274,13 @@ class CheckpointManager:
         return sorted(int(m.group(1)) for m in map(_STEP_FOLDER.match, names) if m)
 
     def _write_trainer_state(self, step: int, loader_state: dict[str, Any]) -> None:
-        state = {"step": step, "rng": _rng_states(), "loader": loader_state}
+        self._write(f"{self._path(step)}/trainer/rank-{self.context.rank}.pt", self._trainer_state(step, loader_state))
+
+    @staticmethod
+    def _trainer_state(step: int, loader_state: dict[str, Any]) -> bytes:
         buffer = io.BytesIO()
-        torch.save(state, buffer)
-        self._write(f"{self._path(step)}/trainer/rank-{self.context.rank}.pt", buffer.getvalue())
+        torch.save({"step": step, "rng": _rng_states(), "loader": loader_state}, buffer)
+        return buffer.getvalue()
 
     def _read_trainer_state(self, step: int) -> dict[str, Any]:
         path = f"{self._path(step)}/trainer/rank-{self.context.rank}.pt"
@@ -273,6 +373,32 @@ class CheckpointManager:
     def _crash_if_requested(self, step: int) -> None:
         if os.environ.get(CRASH_DURING_SAVE_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _held_seconds(step: int) -> float | None:
+    """How long the test hook `HOLD_UPLOAD_ENV` holds the upload of `step` (inf: forever); None: not held."""
+    held_step, _, seconds = os.environ.get(HOLD_UPLOAD_ENV, "").partition(":")
+    if held_step != str(step):
+        return None
+    return float(seconds) if seconds else math.inf
+
+
+def _writer(uri: str, storage_options: dict, held_seconds: float | None) -> Any:
+    """DCP's fsspec writer; one that stops after writing the data files when a test holds the upload."""
+    from torch.distributed.checkpoint.fsspec_filesystem import FsspecWriter
+
+    if held_seconds is None:
+        return FsspecWriter(uri, **storage_options)
+
+    class HeldWriter(FsspecWriter):
+        def write_data(self, plan, planner):
+            written = super().write_data(plan, planner)
+            written.wait()
+            logger.info("test hook: holding the upload of %s after its data files", uri)
+            threading.Event().wait(None if math.isinf(held_seconds) else held_seconds)
+            return written
+
+    return HeldWriter(uri, **storage_options)
 
 
 def config_sections(config: StageConfig) -> dict[str, str]:

@@ -147,6 +147,10 @@ class CheckpointPolicy(ConfigModel):
     """Save every N optimizer steps (and always at the end of the stage)."""
     keep_last: Annotated[int, Field(ge=1)] = 3
     """Committed checkpoints kept; older ones are deleted after a newer one commits."""
+    asynchronous: bool = Field(default=False, alias="async")
+    """Copy the state to CPU memory at each save and upload it in the background while training goes
+    on (torch.distributed.checkpoint.async_save); a checkpoint is committed once its upload has
+    finished, one upload at a time. DDP and FSDP only: DeepSpeed saves synchronously either way."""
 
 
 class RLAlgorithm(ConfigModel):

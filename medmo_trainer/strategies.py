@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from concurrent.futures import Future
 import os
 import shutil
 from abc import ABC, abstractmethod
@@ -83,6 +84,15 @@ class TrainingStrategy(ABC):
     @abstractmethod
     def save_state(self, uri: str, storage_options: dict, staging: Path) -> None:
         """Writes model, optimizer and schedule state under `uri` (a collective)."""
+
+    saves_asynchronously = False
+    """Whether `save_state_async` works: the strategy's state goes through torch.distributed.checkpoint."""
+
+    def save_state_async(self, storage_writer: Any, process_group: Any) -> Future:
+        """Copies the state of `save_state` to CPU memory now and writes it with `storage_writer` (a DCP
+        StorageWriter) in a background thread, its collectives on `process_group` (a gloo group of its own,
+        so they never interleave with training's); the future completes when every file is written."""
+        raise NotImplementedError(f"{type(self).__name__} saves only synchronously")
 
     @abstractmethod
     def load_state(self, uri: str, storage_options: dict, staging: Path) -> None:
@@ -156,6 +166,14 @@ class _DistributedCheckpointStrategy(TrainingStrategy):
         from torch.distributed.checkpoint.fsspec_filesystem import FsspecWriter
 
         save(self._app_state(), storage_writer=FsspecWriter(uri, **storage_options))
+
+    saves_asynchronously = True
+
+    def save_state_async(self, storage_writer: Any, process_group: Any) -> Future:
+        from torch.distributed.checkpoint import async_save
+
+        # The writer stages (copies every tensor to CPU) before async_save returns: training may go on.
+        return async_save(self._app_state(), storage_writer=storage_writer, process_group=process_group)
 
     def load_state(self, uri: str, storage_options: dict, staging: Path) -> None:
         from torch.distributed.checkpoint import load

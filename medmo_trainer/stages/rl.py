@@ -212,6 +212,7 @@ class GRPOLearner(StageLoop):
                     self.checkpoints.save(self.step, {"step": self.step})
                 self.metrics_log.flush()
         self.export()
+        self.checkpoints.wait()  # an asynchronous last save commits before the stage succeeds
         self.report(None, update, "Succeeded", message=f"exported to {self.config.output_uri}")
         summary = f"{self.step} steps" + (f", final loss {update.loss:.4f}" if update else "")
         return StageResult(steps=self.step, output_uri=self.config.output_uri, summary=summary)

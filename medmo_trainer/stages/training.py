@@ -213,6 +213,7 @@ class Trainer(StageLoop):
                     self.checkpoints.save(self.step, self.loader.state_dict())
                 self.metrics_log.flush()  # every step up to a checkpoint is kept with it
         self._export()
+        self.checkpoints.wait()  # an asynchronous last save commits before the stage succeeds
         summary = f"{self.step} steps" + (f", final loss {metrics.loss:.4f}" if metrics else "")
         self._report(metrics, phase="Succeeded", message=f"exported to {self.config.output_uri}")
         return StageResult(steps=self.step, output_uri=self.config.output_uri, summary=summary)

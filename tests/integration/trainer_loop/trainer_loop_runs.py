@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,9 +84,10 @@ def _reports(output: str) -> list[dict]:
 
 
 def run_stage(tmp: Path, config: dict, env: dict[str, str] | None = None, kill_after_step: int | None = None,
-              name: str = "stage") -> StageRun:
+              name: str = "stage", kill_when: Callable[[list[str]], bool] | None = None) -> StageRun:
     """Runs a stage with 2 ranks; with `kill_after_step`, SIGKILLs the whole torchrun process group as
-    soon as rank 0 reports that step (a node lost mid-run)."""
+    soon as rank 0 reports that step (a node lost mid-run); with `kill_when`, as soon as it holds of the
+    output lines so far."""
     config_file = tmp / f"{name}.yaml"
     config_file.write_text(yaml.safe_dump(config))
     termination_log = tmp / "termination-log"
@@ -100,6 +102,8 @@ def run_stage(tmp: Path, config: dict, env: dict[str, str] | None = None, kill_a
                 report = json.loads(line.removeprefix(LOG_PREFIX))
                 if report["phase"] == "Running" and report["step"] >= kill_after_step:
                     kill_tree(process.pid)
+            if kill_when is not None and kill_when(lines):
+                kill_tree(process.pid)
         process.wait(timeout=RUN_TIMEOUT_S)
     finally:
         if process.poll() is None:
