@@ -4,7 +4,8 @@ manifests/base (not as admin), with the node agent running the pods.
   operator_ns   (module)   the CRD and manifests/base's namespace and RBAC applied
   operator      (module)   a running `medmo operator` process (``.restart()``, ``.kill()``, ``.log``)
   kueue         (module)   Kueue's manager with its CRDs and webhooks (``controlplane.kueue.Kueue``;
-                           built once by tests/kueue/build.sh), a ResourceFlavor KUEUE_FLAVOR and
+                           $MEDMO_KUEUE_BIN, else built once by tests/kueue/build.sh: a cold build
+                           takes minutes), a ResourceFlavor KUEUE_FLAVOR and
                            the WorkloadPriorityClasses research-low (100) and research-high (1000)
 The images STANDIN_IMAGE (entrypoint: standin_trainer.py beside this file) and TRAINER_IMAGE (the
 trainer's entrypoint) are in tests/medmo_cases.py.
@@ -173,7 +174,8 @@ KUEUE_FLAVOR = "medmo-default"
 @pytest.fixture(scope="module")
 def kueue(control_plane, tmp_path_factory):
     # stdout is only the binary's path; the build's progress goes to stderr.
-    binary = subprocess.run([str(KUEUE_BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
+    binary = os.environ.get("MEDMO_KUEUE_BIN") or subprocess.run(
+        [str(KUEUE_BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
     manager = Kueue(control_plane, tmp_path_factory.mktemp("kueue"), binary).start()
     objects = [{"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": KUEUE_FLAVOR}}]
     objects += [{"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": name}, "value": value}
