@@ -11,6 +11,12 @@ if [ -x tests/controlplane/build.sh ]; then
   MEDMO_K8S_BIN="$(tests/controlplane/build.sh)"
   export MEDMO_K8S_BIN
 fi
+# Kueue for the scheduling tests: built here, not inside a test, so a cold build (minutes) never
+# counts against a test's timeout.
+if [ -x tests/kueue/build.sh ] && [ -z "${MEDMO_KUEUE_BIN:-}" ]; then
+  MEDMO_KUEUE_BIN="$(tests/kueue/build.sh)"
+  export MEDMO_KUEUE_BIN
+fi
 rc=0
 "$venv/bin/python" -m pytest "${@:-tests}" || rc=$?
 if [ "$rc" -eq 5 ]; then
