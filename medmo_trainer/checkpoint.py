@@ -144,16 +144,20 @@ class CheckpointManager:
             self._save_now(step, loader_state)
 
     def wait(self, timeout: float | None = None) -> None:
-        """Returns once the save in flight (if any) has committed; a failed upload is a StorageError."""
-        in_flight, self._in_flight = self._in_flight, None
+        """Returns once the save in flight (if any) has committed; a failed upload is a StorageError,
+        and TimeoutError after `timeout` seconds leaves it in flight."""
+        in_flight = self._in_flight
         if in_flight is None:
             return
         try:
             in_flight.result(timeout)
-        except StageError:
+        except (TimeoutError, StageError):
             raise
         except (Exception, CheckpointException) as error:  # DCP's is a BaseException
             raise StorageError(f"uploading a checkpoint under {self.root} failed: {_error_text(error)}") from error
+        finally:
+            if in_flight.done():  # still in flight for a SIGTERM that interrupts this wait
+                self._in_flight = None
 
     def _start_upload(self, step: int, loader_state: dict[str, Any]) -> Future:
         """Copies this rank's state to CPU memory, then uploads and commits it in the background."""

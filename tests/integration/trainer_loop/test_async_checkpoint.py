@@ -18,6 +18,11 @@ def async_config(tmp_path, data, bucket, prefix, s3_server, **kwargs) -> dict:
     return config
 
 
+def uploads_held(lines: list[str], step: int) -> int:
+    """Ranks whose upload of `step` the test hook holds, from the output so far."""
+    return sum("holding the upload of" in line and f"step-{step}/" in line for line in lines)
+
+
 def test_asynchronous_saves_resume_with_the_losses_of_an_uninterrupted_synchronous_run(
         tmp_path, synthetic_data, s3_server, s3_bucket):
     data, env = str(synthetic_data), s3_credentials(s3_server)
@@ -55,8 +60,8 @@ def test_crash_during_a_background_upload_resumes_from_the_previous_checkpoint(
     # The upload of step 4 writes its data files, then hangs on both ranks while training goes on (to
     # step 5 at least; the save of step 6 would wait for it): the whole process tree is killed then.
     def upload_in_flight_and_step_5_done(lines: list[str]) -> bool:
-        holding = sum("holding the upload of" in line and "step-4" in line for line in lines)
-        return holding == 2 and any(line.startswith(LOG_PREFIX) and '"step": 5' in line for line in lines)
+        return uploads_held(lines, step=4) == 2 and any(line.startswith(LOG_PREFIX) and '"step": 5' in line
+                                                       for line in lines)
 
     crashed = run_stage(tmp_path, config, {**env, HOLD_UPLOAD_ENV: "4"}, kill_when=upload_in_flight_and_step_5_done,
                         name="crashed")
@@ -78,3 +83,18 @@ def test_crash_during_a_background_upload_resumes_from_the_previous_checkpoint(
     fs.invalidate_cache()
     assert fs.exists(f"{checkpoints}/step-4/COMMITTED")
     assert fs.cat_file(f"{checkpoints}/latest").decode() == "step-6"
+
+
+def test_sigterm_waits_for_the_upload_in_flight_to_commit(tmp_path, synthetic_data, s3_server, s3_bucket):
+    config = async_config(tmp_path, str(synthetic_data), s3_bucket, "sigterm", s3_server, steps=12, every_steps=2)
+    env = s3_credentials(s3_server)
+    # The upload of step 4 is held 5 s after its data files; the pod is stopped (SIGTERM) meanwhile.
+    stopped = run_stage(tmp_path, config, {**env, HOLD_UPLOAD_ENV: "4:5"}, name="stopped",
+                        terminate_when=lambda lines: uploads_held(lines, step=4) == 2)
+    assert stopped.returncode != 0 and stopped.final["step"] < 12, "the run was meant to stop mid-way"
+    assert "SIGTERM: the checkpoint in flight is committed" in stopped.output
+
+    fs = s3fs.S3FileSystem(**s3_server.storage_options())
+    checkpoints = f"{s3_bucket}/sigterm/checkpoints"
+    assert fs.exists(f"{checkpoints}/step-4/COMMITTED")
+    assert fs.cat_file(f"{checkpoints}/latest").decode() == "step-4"

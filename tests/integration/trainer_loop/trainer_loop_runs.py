@@ -84,10 +84,12 @@ def _reports(output: str) -> list[dict]:
 
 
 def run_stage(tmp: Path, config: dict, env: dict[str, str] | None = None, kill_after_step: int | None = None,
-              name: str = "stage", kill_when: Callable[[list[str]], bool] | None = None) -> StageRun:
+              name: str = "stage", kill_when: Callable[[list[str]], bool] | None = None,
+              terminate_when: Callable[[list[str]], bool] | None = None) -> StageRun:
     """Runs a stage with 2 ranks; with `kill_after_step`, SIGKILLs the whole torchrun process group as
     soon as rank 0 reports that step (a node lost mid-run); with `kill_when`, as soon as it holds of the
-    output lines so far."""
+    output lines so far. `terminate_when` SIGTERMs the launcher once when it holds, as the kubelet stops
+    a pod (torchrun passes the signal on to its workers)."""
     config_file = tmp / f"{name}.yaml"
     config_file.write_text(yaml.safe_dump(config))
     termination_log = tmp / "termination-log"
@@ -95,6 +97,7 @@ def run_stage(tmp: Path, config: dict, env: dict[str, str] | None = None, kill_a
     process = subprocess.Popen(_command(config_file), env=_environment(tmp, env), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
+    terminated = False
     try:
         for line in process.stdout:
             lines.append(line)
@@ -104,6 +107,9 @@ def run_stage(tmp: Path, config: dict, env: dict[str, str] | None = None, kill_a
                     kill_tree(process.pid)
             if kill_when is not None and kill_when(lines):
                 kill_tree(process.pid)
+            if terminate_when is not None and not terminated and terminate_when(lines):
+                process.send_signal(signal.SIGTERM)
+                terminated = True
         process.wait(timeout=RUN_TIMEOUT_S)
     finally:
         if process.poll() is None:
