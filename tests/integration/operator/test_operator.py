@@ -98,7 +98,8 @@ def test_sample_runs_every_stage_in_order_to_succeeded(control_plane, operator, 
     grpo["initFrom"] = "preset:tiny-qwen3-vl"  # the stand-in exports no real model for the workers to load
     _apply(control_plane, obj, namespace)
 
-    control_plane.kubectl("wait", "--for=condition=Succeeded", f"--timeout={TIMEOUT_S * 2}s", "mmt/medmo-tiny", "-n", namespace)
+    control_plane.kubectl("wait", "--for=condition=Succeeded", f"--timeout={TIMEOUT_S * 2}s", "mmt/medmo-tiny", "-n", namespace,
+                          timeout_s=TIMEOUT_S * 2 + 30)
 
     status = _get(control_plane, namespace, "medmo-tiny")["status"]
     stages = status["stages"]
