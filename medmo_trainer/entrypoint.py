@@ -14,6 +14,7 @@ import traceback
 
 from medmo_trainer.exit_codes import ConfigError, DataError, DistributedError, ExitCode, StageError
 from medmo_trainer.fsio import export_storage_environment
+from medmo_trainer.progress import success_message
 
 TERMINATION_LOG_ENV = "MEDMO_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         write_termination_message(f"{code.name} (exit {int(code)}): {error}")
         return int(code)
     if is_pod_leader:
-        write_termination_message(f"OK: stage finished after {result.summary}; model at {result.output_uri}")
+        write_termination_message(success_message(result.steps, result.summary, result.output_uri))
     return int(ExitCode.OK)
 
 

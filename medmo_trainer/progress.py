@@ -226,3 +226,18 @@ class ProgressReporter:
             except OSError as error:
                 logger.warning("progress token file %s unreadable: %s", self._token_file, error)
         return self._token
+
+
+_FINAL_STEP = re.compile(r"^OK: stage finished at step (\d+)\b")
+
+
+def success_message(steps: int, summary: str, output_uri: str | None) -> str:
+    """The termination message of a stage that finished: its final step first, where the operator reads it."""
+    return f"OK: stage finished at step {steps} ({summary}); model at {output_uri}"
+
+
+def final_step(termination_message: str | None) -> int | None:
+    """The final step a finished stage's termination message states (:func:`success_message`); None if none.
+    The operator's record of a stage whose last progress reports it missed (it was down) comes from here."""
+    match = _FINAL_STEP.match(termination_message or "")
+    return int(match.group(1)) if match else None

@@ -15,7 +15,7 @@ from typing import Any
 from medmo_operator import api, initializer, render
 from medmo_operator.api import ConditionType, Phase
 from medmo_trainer.exit_codes import NON_RETRYABLE
-from medmo_trainer.progress import Progress
+from medmo_trainer.progress import Progress, final_step
 
 # -- what was observed ------------------------------------------------------------------------
 
@@ -369,6 +369,12 @@ def _stage_succeeded(spec, status, record, stage, job: JobObservation, now, acti
     record.message = job.termination_message or record.message
     if stage.trains:
         record.output_model = render.stage_output_uri(spec, stage)
+    # The trainer's last reports may never have arrived (the operator was down when the stage ended):
+    # its termination message states the final step.
+    final = final_step(job.termination_message)
+    if final is not None:
+        record.step = max(record.step or 0, final)
+        record.total_steps = record.total_steps or final
     if record.total_steps and record.step < record.total_steps:
         record.step = record.total_steps
     detail = f": {job.termination_message}" if job.termination_message else ""

@@ -20,7 +20,7 @@ from medmo_operator.plan import (
     SuspendJob,
     plan,
 )
-from medmo_trainer.progress import Progress
+from medmo_trainer.progress import Progress, final_step, success_message
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -58,6 +58,21 @@ def test_planning_twice_on_the_same_observation_creates_nothing_new():
 
     assert not [a for a in second.actions if isinstance(a, EnsureStage)]
     assert second.status.stages[0].phase == Phase.RUNNING
+
+
+def test_a_stage_that_finished_while_no_report_arrived_reads_its_final_step_from_the_termination_message():
+    # The operator was down while the stage ran its last steps and ended: no report of them ever came.
+    spec = _spec()
+    status = plan(spec, None, Observed(), T0).status
+    message = success_message(10, "10 steps, final loss 5.9110", "s3://b/runs/medmo-tiny/align/model")
+    finished = _job("align", complete=True, succeeded=1, termination_message=message)
+
+    status = plan(spec, status, Observed(jobs={"align": finished}), T0 + timedelta(minutes=1)).status
+
+    record = status.stages[0]
+    assert (record.phase, record.step, record.total_steps) == (Phase.SUCCEEDED, 10, 10)
+    assert record.message == message
+    assert final_step("OK: model 'x' copied") is None and final_step(None) is None
 
 
 def test_stages_run_in_order_to_success_with_the_final_model():
