@@ -9,6 +9,7 @@ from typing import Any
 
 from medmo_operator import render
 from medmo_operator.plan import JobObservation, WorkloadObservation
+from medmo_trainer.progress import final_step
 
 Obj = Mapping[str, Any]
 
@@ -69,6 +70,8 @@ def observe_job(job: Obj, pods: list[Obj]) -> JobObservation:
     conditions = {c.get("type"): c for c in _get(job, "status", "conditions", default=[]) or []}
     failed = conditions.get("Failed", {})
     exit_code, message = first_failure(pods)
+    if message is None:
+        message = success_message(pods)
     return JobObservation(
         name=_get(job, "metadata", "name"),
         attempt=int(_get(job, "metadata", "labels", render.LABEL_ATTEMPT, default="0")),
@@ -113,6 +116,18 @@ def first_failure(pods: list[Obj]) -> tuple[int | None, str | None]:
         return None, None
     _, code, message = min(found, key=lambda item: item[0])
     return code, message
+
+
+def success_message(pods: list[Obj]) -> str | None:
+    """The termination message of a trainer container that finished with exit code 0 (the final step
+    is in it), the furthest one where several nodes wrote one; None when none has finished."""
+    found = []
+    for pod in pods:
+        for container in _get(pod, "status", "containerStatuses", default=[]) or []:
+            terminated = _get(container, "state", "terminated")
+            if terminated and terminated.get("exitCode") == 0 and (terminated.get("message") or "").strip():
+                found.append(terminated["message"].strip().splitlines()[-1])
+    return max(found, key=lambda message: final_step(message) or -1, default=None)
 
 
 _INSUFFICIENT = re.compile(r"Insufficient ([A-Za-z0-9./_-]*[A-Za-z0-9])")
