@@ -20,6 +20,7 @@ run() {
 run tests/benchmarks/bench_rewards.py
 run tests/benchmarks/bench_data_loader.py --batches 30
 run tests/benchmarks/bench_weight_sync.py
+run tests/benchmarks/bench_checkpoint.py
 run tests/benchmarks/bench_trainer.py --steps 16 --warmup 4 --loops "ddp,deepspeed zero-2"
 run tests/benchmarks/bench_rl.py --steps 8
 run tests/benchmarks/bench_operator.py --runs 20 --hold 5
