@@ -23,10 +23,14 @@ def uploads_held(lines: list[str], step: int) -> int:
     return sum("holding the upload of" in line and f"step-{step}/" in line for line in lines)
 
 
+@pytest.mark.parametrize("strategy", [
+    pytest.param({"name": "ddp"}, id="ddp"),
+    pytest.param({"name": "fsdp"}, id="fsdp", marks=pytest.mark.slow),
+])
 def test_asynchronous_saves_resume_with_the_losses_of_an_uninterrupted_synchronous_run(
-        tmp_path, synthetic_data, s3_server, s3_bucket):
+        tmp_path, synthetic_data, s3_server, s3_bucket, strategy):
     data, env = str(synthetic_data), s3_credentials(s3_server)
-    settings = {"steps": 12, "every_steps": 4}
+    settings = {"steps": 12, "every_steps": 4, "strategy": strategy}
     whole = run_stage(tmp_path, s3_config(tmp_path, data, s3_bucket, "whole", s3_server, **settings), env, name="whole")
     assert_succeeded(whole)
 
