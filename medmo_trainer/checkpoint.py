@@ -117,14 +117,18 @@ class CheckpointManager:
                            "torch.distributed.checkpoint)", config.strategy.name)
         self._in_flight: Future | None = None
         self._upload_group = None
+        self._previous_sigterm: Any = None
         if self.asynchronous:
             # Uploads' collectives get their own gloo group: on the training group they would interleave
             # with training's, and nccl groups cannot take CPU tensors.
             self._upload_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
             if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, self._on_sigterm)
+                self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def close(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def uri_of(self, step: int) -> str:
@@ -194,7 +198,7 @@ class CheckpointManager:
         return done
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        """Preemption: lets the upload in flight commit (bounded), then stops as SIGTERM would have."""
+        """Preemption: lets the upload in flight commit (bounded), then hands SIGTERM to the handler before."""
         if self._in_flight is not None:
             logger.info("SIGTERM: waiting up to %.0f s for the checkpoint upload in flight", PREEMPTION_WAIT_S)
             try:
@@ -202,7 +206,8 @@ class CheckpointManager:
                 logger.info("SIGTERM: the checkpoint in flight is committed")
             except BaseException as error:  # noqa: BLE001 (stopping anyway)
                 logger.warning("SIGTERM: the checkpoint in flight did not commit: %r", error)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, self._previous_sigterm or signal.SIG_DFL)
+        self._previous_sigterm = None
         os.kill(os.getpid(), signal.SIGTERM)
 
     def _clear(self, step: int) -> None:

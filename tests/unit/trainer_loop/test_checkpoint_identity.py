@@ -52,7 +52,7 @@ def test_where_and_how_often_do_not_change_the_recorded_config():
     """Replica counts, worker addresses, storage, checkpoint policy and the run's identity are not training."""
     assert changed_sections(**{
         "rl.rolloutUrls": ["http://rollout-0:8000", "http://rollout-1:8000"], "rl.rolloutRequestsPerStep": 8,
-        "checkpoint.everySteps": 50, "storage.uri": "s3://elsewhere/runs/medmo", "runUid": "uid-2",
+        "checkpoint.everySteps": 50, "checkpoint.async": True, "storage.uri": "s3://elsewhere/runs/medmo", "runUid": "uid-2",
         "checkpointUri": "s3://elsewhere/runs/medmo/grpo/checkpoints",
     }) == []
 
