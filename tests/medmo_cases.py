@@ -67,6 +67,40 @@ def shrink_stages(spec: dict, steps: int, eval_samples: int) -> None:
             stage["rl"]["algorithm"].update(groupSize=2, promptsPerStep=2, maxCompletionLength=8)
 
 
+def standin_stage(name: str, kind: str = "sft", steps: int = 6, every: int = 2, nodes: int = 1, **knobs) -> dict:
+    """A stage for the stand-in trainer: its dataset URI's query carries the stand-in's knobs
+    (stepSeconds, default 0.1; exitCode, failAtStep, ...)."""
+    query = "&".join(f"{k}={v}" for k, v in {"stepSeconds": 0.1, **knobs}.items())
+    return {
+        "name": name, "type": kind, "nodes": nodes,
+        "datasets": [{"name": "d", "uri": f"standin://x?{query}"}],
+        "hyperparameters": {"maxSteps": steps},
+        "strategy": {"name": "ddp"},
+        "checkpoint": {"everySteps": every},
+    }
+
+
+def standin_run(name: str, storage: str | Path, stages: list[dict], gpus_per_node: int = 0,
+                node_pool: dict | None = None, **spec_extra) -> dict:
+    """A MedMOTraining of the stand-in trainer image storing under the folder `storage` (file://),
+    its pods requesting a little CPU and memory and `gpus_per_node` GPUs; `node_pool` adds to the
+    pool (a nodeSelector, say), `spec_extra` to the spec (scheduling, runPolicy, ...)."""
+    pool = {"gpusPerNode": gpus_per_node, "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}, **(node_pool or {})}
+    return {
+        "apiVersion": "medmo.io/v1alpha1",
+        "kind": "MedMOTraining",
+        "metadata": {"name": name},
+        "spec": {
+            "image": STANDIN_IMAGE,
+            "model": {"base": "preset:tiny-qwen3-vl"},
+            "storage": {"uri": f"file://{storage}"},
+            "nodePool": pool,
+            "stages": stages,
+            **spec_extra,
+        },
+    }
+
+
 def _stage(obj: dict, name: str) -> dict:
     return next(s for s in obj["spec"]["stages"] if s["name"] == name)
 

@@ -15,7 +15,7 @@ import secrets
 from pathlib import Path
 
 import pytest
-from medmo_cases import STANDIN_IMAGE
+from medmo_cases import standin_run, standin_stage
 from polling import wait_for
 
 from medmo_operator import render
@@ -62,26 +62,8 @@ def _storage(tmp_path: Path, name: str) -> Path:
 def _run(name: str, storage: Path, queue: str, steps: int = 6, every: int = 2, step_seconds: float = 0.2, priority: str | None = None,
          stage_type: str = "sft", **stage_extra) -> dict:
     scheduling = {"queueName": queue, **({"workloadPriorityClassName": priority} if priority else {})}
-    return {
-        "apiVersion": "medmo.io/v1alpha1",
-        "kind": "MedMOTraining",
-        "metadata": {"name": name},
-        "spec": {
-            "image": STANDIN_IMAGE,
-            "model": {"base": "preset:tiny-qwen3-vl"},
-            "storage": {"uri": f"file://{_storage(storage, name)}"},
-            "nodePool": {"gpusPerNode": 1, "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}},
-            "scheduling": scheduling,
-            "stages": [{
-                "name": "train", "type": stage_type, "nodes": 1,
-                "datasets": [{"name": "d", "uri": f"standin://x?stepSeconds={step_seconds}"}],
-                "hyperparameters": {"maxSteps": steps},
-                "strategy": {"name": "ddp"},
-                "checkpoint": {"everySteps": every},
-                **stage_extra,
-            }],
-        },
-    }
+    stage = {**standin_stage("train", stage_type, steps=steps, every=every, stepSeconds=step_seconds), **stage_extra}
+    return standin_run(name, _storage(storage, name), [stage], gpus_per_node=1, scheduling=scheduling)
 
 
 def _status(cp, namespace: str, name: str) -> dict:

@@ -12,11 +12,10 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import yaml
-from medmo_cases import STANDIN_IMAGE, TRAINER_IMAGE, load_sample
+from medmo_cases import STANDIN_IMAGE, TRAINER_IMAGE, load_sample, standin_run, standin_stage
 from polling import wait_for
 
 from controlplane.node_agent import NodeSpec
@@ -24,35 +23,6 @@ from controlplane.node_agent import NodeSpec
 pytestmark = pytest.mark.controlplane
 
 TIMEOUT_S = 240
-
-
-def _run_spec(name: str, storage: Path, stages: list[dict], **spec_extra) -> dict:
-    return {
-        "apiVersion": "medmo.io/v1alpha1",
-        "kind": "MedMOTraining",
-        "metadata": {"name": name},
-        "spec": {
-            "image": STANDIN_IMAGE,
-            "model": {"base": "preset:tiny-qwen3-vl"},
-            "storage": {"uri": f"file://{storage}"},
-            "nodePool": {"gpusPerNode": 0, "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}},
-            "stages": stages,
-            **spec_extra,
-        },
-    }
-
-
-def _stage(name: str, kind: str = "sft", steps: int = 6, every: int = 2, nodes: int = 1, **knobs) -> dict:
-    query = "&".join(f"{k}={v}" for k, v in {"stepSeconds": 0.1, **knobs}.items())
-    return {
-        "name": name,
-        "type": kind,
-        "nodes": nodes,
-        "datasets": [{"name": "d", "uri": f"standin://x?{query}"}],
-        "hyperparameters": {"maxSteps": steps},
-        "strategy": {"name": "ddp"},
-        "checkpoint": {"everySteps": every},
-    }
 
 
 def _apply(cp, obj: dict, namespace: str) -> None:
@@ -119,7 +89,7 @@ def test_sample_runs_every_stage_in_order_to_succeeded(control_plane, operator, 
 
 
 def test_killed_rank_restarts_the_stage_from_its_checkpoint(control_plane, operator, node_agent, namespace, tmp_path):
-    obj = _run_spec("kill-rank", tmp_path, [_stage("train", steps=30, every=5, nodes=2, stepSeconds=0.25)])
+    obj = standin_run("kill-rank", tmp_path, [standin_stage("train", steps=30, every=5, nodes=2, stepSeconds=0.25)])
     _apply(control_plane, obj, namespace)
     _wait_for(lambda: _get(control_plane, namespace, "kill-rank").get("status", {}).get("currentStep", 0) >= 12, "step 12")
     victim = next(p for p in _pods(control_plane, namespace, "kill-rank", "Running")
@@ -152,7 +122,7 @@ def test_killed_rank_restarts_the_stage_from_its_checkpoint(control_plane, opera
 
 
 def test_non_retryable_exit_code_fails_the_run_with_the_trainers_reason(control_plane, operator, namespace, tmp_path):
-    obj = _run_spec("bad-data", tmp_path, [_stage("train", steps=10, exitCode=3, failAtStep=2)],
+    obj = standin_run("bad-data", tmp_path, [standin_stage("train", steps=10, exitCode=3, failAtStep=2)],
                     runPolicy={"backoffLimit": 3})
     _apply(control_plane, obj, namespace)
 
@@ -166,7 +136,7 @@ def test_non_retryable_exit_code_fails_the_run_with_the_trainers_reason(control_
 
 
 def test_operator_killed_mid_run_creates_no_duplicates_and_the_run_finishes(control_plane, operator, namespace, tmp_path):
-    obj = _run_spec("survivor", tmp_path, [_stage("first", steps=20, stepSeconds=0.2), _stage("second", steps=4)])
+    obj = standin_run("survivor", tmp_path, [standin_stage("first", steps=20, stepSeconds=0.2), standin_stage("second", steps=4)])
     _apply(control_plane, obj, namespace)
     _wait_for(lambda: _get(control_plane, namespace, "survivor").get("status", {}).get("currentStep", 0) >= 5, "step 5")
 
@@ -182,7 +152,7 @@ def test_operator_killed_mid_run_creates_no_duplicates_and_the_run_finishes(cont
 
 
 def test_suspend_stops_the_pods_and_resume_continues_from_the_checkpoint(control_plane, operator, node_agent, namespace, tmp_path):
-    obj = _run_spec("pausable", tmp_path, [_stage("train", steps=30, every=5, stepSeconds=0.25)])
+    obj = standin_run("pausable", tmp_path, [standin_stage("train", steps=30, every=5, stepSeconds=0.25)])
     _apply(control_plane, obj, namespace)
     _wait_for(lambda: _get(control_plane, namespace, "pausable").get("status", {}).get("currentStep", 0) >= 11, "step 11")
 
@@ -203,7 +173,7 @@ def test_suspend_stops_the_pods_and_resume_continues_from_the_checkpoint(control
 
 
 def test_deleting_the_run_garbage_collects_every_child(control_plane, operator, namespace, tmp_path):
-    obj = _run_spec("doomed", tmp_path, [_stage("train", steps=200, stepSeconds=0.2)])
+    obj = standin_run("doomed", tmp_path, [standin_stage("train", steps=200, stepSeconds=0.2)])
     _apply(control_plane, obj, namespace)
     _wait_for(lambda: _pods(control_plane, namespace, "doomed", "Running"), "a running pod")
 
@@ -217,7 +187,7 @@ def test_deleting_the_run_garbage_collects_every_child(control_plane, operator, 
 
 
 def test_waiting_for_gpus_then_running_when_a_gpu_node_joins(control_plane, operator, node_agent, namespace, tmp_path):
-    obj = _run_spec("big", tmp_path, [_stage("train", steps=4)])
+    obj = standin_run("big", tmp_path, [standin_stage("train", steps=4)])
     obj["spec"]["nodePool"]["gpusPerNode"] = 4  # the agent's nodes have 2 GPUs each
     _apply(control_plane, obj, namespace)
 
@@ -244,7 +214,7 @@ def test_real_trainer_two_stage_run(control_plane, operator, node_agent, namespa
     for stage in stages:
         stage["hyperparameters"]["maxSteps"] = 4
         stage["checkpoint"] = {"everySteps": 2}
-    obj = _run_spec("real", tmp_path, stages)
+    obj = standin_run("real", tmp_path, stages)
     obj["spec"]["image"] = TRAINER_IMAGE
     _apply(control_plane, obj, namespace)
 

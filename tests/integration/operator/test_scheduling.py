@@ -16,7 +16,7 @@ import json
 import time
 
 import pytest
-from medmo_cases import STANDIN_IMAGE, load_sample
+from medmo_cases import load_sample, standin_run, standin_stage
 from polling import wait_for
 
 from controlplane.node_agent import NodeSpec
@@ -28,26 +28,12 @@ TIMEOUT_S = 120
 
 
 def _run(name: str, storage, pool: str, stages: list[dict], gang: bool = False) -> dict:
-    return {
-        "apiVersion": "medmo.io/v1alpha1",
-        "kind": "MedMOTraining",
-        "metadata": {"name": name},
-        "spec": {
-            "image": STANDIN_IMAGE,
-            "model": {"base": "preset:tiny-qwen3-vl"},
-            "storage": {"uri": f"file://{storage}"},
-            "nodePool": {"gpusPerNode": 1, "nodeSelector": {POOL_LABEL: pool},
-                         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}},
-            "scheduling": {"gang": gang},
-            "stages": stages,
-        },
-    }
+    return standin_run(name, storage, stages, gpus_per_node=1, node_pool={"nodeSelector": {POOL_LABEL: pool}},
+                       scheduling={"gang": gang})
 
 
 def _learner_stage(name: str, nodes: int, steps: int = 4) -> dict:
-    return {"name": name, "type": "sft", "nodes": nodes,
-            "datasets": [{"name": "d", "uri": "standin://x?stepSeconds=0.1"}],
-            "hyperparameters": {"maxSteps": steps}, "strategy": {"name": "ddp"}, "checkpoint": {"everySteps": 2}}
+    return standin_stage(name, steps=steps, nodes=nodes)
 
 
 def _pods(cp, namespace: str, run: str) -> list[dict]:
