@@ -22,6 +22,7 @@ run tests/benchmarks/bench_data_loader.py --batches 30
 run tests/benchmarks/bench_weight_sync.py
 run tests/benchmarks/bench_checkpoint.py
 run tests/benchmarks/bench_trainer.py --steps 16 --warmup 4 --loops "ddp,deepspeed zero-2"
+run tests/benchmarks/bench_packing.py --steps 8
 run tests/benchmarks/bench_rl.py --steps 8
 run tests/benchmarks/bench_operator.py --runs 20 --hold 5
 run tests/benchmarks/bench_data_streaming.py --sizes 10000 1000000 --batches 20
