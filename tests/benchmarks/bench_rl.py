@@ -1,12 +1,16 @@
 """Completions/s of this project's RL pipeline against TRL's GRPOTrainer, on the same tiny model, data, reward and cores.
 
     python tests/benchmarks/bench_rl.py [--steps 8] [--repeats 5] [--workers 1] [--learner-threads 1] [--trl-threads 1,2]
+        [--from-preset]
 
-Both sides train the tiny Qwen3-VL preset (the same exported weights) on synthetic grounding
-prompts with the paper's box reward, group size 8, 4 prompts per step, 24 completion tokens,
-DAPO loss with clip-higher, no KL, on CPU. Ours: `python -m medmo_trainer` running the `rl` stage
-with N rollout-worker and N reward-worker processes. TRL: `GRPOTrainer` in one process. The rate
-is completions per second over the steps after the first (start-up excluded). The sides run
+Both sides train the same weights (a grounding SFT of the tiny Qwen3-VL preset, see `prepare`) on
+synthetic grounding prompts with the paper's box reward, group size 8, 4 prompts per step, at most
+72 completion tokens, learning rate 5e-4, DAPO loss with clip-higher, no KL, on CPU. Ours: `python -m medmo_trainer` running the `rl` stage
+with N rollout-worker and N reward-worker processes, once on-policy (`maxStaleness: 0`) and once
+asynchronous (`maxStaleness: 1`: the next step's completions are generated while the learner
+updates). TRL: `GRPOTrainer` in one process. The rate is completions per second over the steps
+after the first (start-up excluded); beside it each side's mean reward over the first and the last
+half of its steps, so a faster side is also seen to learn as much per completion. The sides run
 interleaved through the benchmark harness, every process with its threads fixed (OMP_NUM_THREADS
 and torch threads, printed by each): TRL's one process once with 1 thread and once with all the
 cores' threads (on a loaded machine a multi-threaded process can lose far more than its share to
@@ -28,13 +32,14 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import harness
 
 REPO = Path(__file__).resolve().parents[2]
-GROUP, PROMPTS, TOKENS, IMAGE_SIZE, LEARNING_RATE = 8, 4, 24, 112, 1e-3
+GROUP, PROMPTS, TOKENS, IMAGE_SIZE, LEARNING_RATE = 8, 4, 72, 112, 5e-4
 
 
 def cache() -> Path:
@@ -57,12 +62,22 @@ def trl_python() -> str:
     return str(python)
 
 
-def prepare() -> tuple[Path, Path]:
-    """Synthetic grounding data and the preset's weights exported once, shared by both sides."""
+def prepare(from_preset: bool) -> tuple[Path, Path]:
+    """Synthetic grounding data and the starting weights, shared by both sides.
+
+    By default the start is the grounding SFT of the tiny preset that the slow RL test trains (seed 0,
+    cached under $MEDMO_CACHE/rl-test/ and shared with that test): it answers with boxes, so the box
+    reward varies within a group and both sides have something to learn from. `from_preset` starts
+    from the random preset instead (its rewards are all zero: a speed-only comparison).
+    """
     from integration.rl.pipeline import synthetic
+    from integration.rl.test_rl_improves_grounding import cache_root, sft_model
 
     from medmo_trainer.model import export_hf, load_model
 
+    if not from_preset:
+        data = synthetic(cache_root() / "train", 300, 0, "train")
+        return data, Path(sft_model(cache_root(), data, 0))
     root = cache()
     data = synthetic(root / "data", 48, 0, "train")
     model = root / "tiny-qwen3-vl"
@@ -72,14 +87,25 @@ def prepare() -> tuple[Path, Path]:
     return data, model
 
 
-def rate_from_reports(reports: list[dict]) -> float:
-    """Completions per second between the first and the last step's reports."""
+def learning(rewards: list[float]) -> dict[str, float]:
+    """How far a side learned: the mean reward of each step's completions, over the first and the last
+    half of the steps (both sides sample the same number of completions per step, so the halves
+    cover the same completions' worth of learning on each side)."""
+    half = len(rewards) // 2
+    return {"reward, first half": sum(rewards[:half]) / max(half, 1),
+            "reward, last half": sum(rewards[half:]) / max(len(rewards) - half, 1)}
+
+
+def figures_from_reports(reports: list[dict]) -> dict[str, float]:
+    """Completions per second between the first and the last step's reports, and the reward curve's halves."""
     running = [r for r in reports if r["phase"] == "Running"]
     first, last = running[0], running[-1]
-    return (last["step"] - first["step"]) * GROUP * PROMPTS / (last["timestamp"] - first["timestamp"])
+    rate = (last["step"] - first["step"]) * GROUP * PROMPTS / (last["timestamp"] - first["timestamp"])
+    return {"completions/s": rate, **learning([r["metrics"]["reward/total"] for r in running])}
 
 
-def run_ours(data: Path, model: Path, steps: int, workers: int, learner_threads: int, out: Path) -> float:
+def run_ours(data: Path, model: Path, steps: int, workers: int, learner_threads: int, out: Path,
+             staleness: int = 0) -> dict[str, float]:
     from integration.rl.conftest import worker
     from integration.rl.pipeline import progress_lines, stage_config, train_stage
     from medmo_trainer.rl.http import TOKEN_FILE_ENV
@@ -94,7 +120,8 @@ def run_ours(data: Path, model: Path, steps: int, workers: int, learner_threads:
                     for _ in range(workers)]
         rewards = [stack.enter_context(worker("medmo_trainer.rl.reward_server", env=one)) for _ in range(workers)]
         rl = {
-            "algorithm": {"groupSize": GROUP, "promptsPerStep": PROMPTS, "maxCompletionLength": TOKENS},
+            "algorithm": {"groupSize": GROUP, "promptsPerStep": PROMPTS, "maxCompletionLength": TOKENS,
+                          "maxStaleness": staleness},
             "rewards": {"accuracy": 0.0, "bbox": 1.0, "format": 0.0, "overlong": 0.0},
             "rolloutUrls": [w.url for w in rollouts], "rewardUrls": [w.url for w in rewards],
         }
@@ -103,15 +130,15 @@ def run_ours(data: Path, model: Path, steps: int, workers: int, learner_threads:
         config_text = config.read_text().replace("imageSize: 112", f"imageSize: {IMAGE_SIZE}")
         config.write_text(config_text)
         train_stage(config, out / "grpo.log", timeout=3600, env=harness.thread_env(learner_threads, {}))
-    return rate_from_reports(progress_lines(out / "grpo.log"))
+    return figures_from_reports(progress_lines(out / "grpo.log"))
 
 
-def run_trl(data: Path, model: Path, steps: int, threads: int, out: Path) -> float:
+def run_trl(data: Path, model: Path, steps: int, threads: int, out: Path) -> dict[str, float]:
     result = out / "trl.json"
     subprocess.run([trl_python(), __file__, "--trl-side", "--data", str(data), "--model", str(model),
                     "--steps", str(steps), "--result", str(result)], check=True, cwd=out,
                    env=harness.thread_env(threads, {**os.environ, "PYTHONPATH": str(REPO / "tests")}))
-    return json.loads(result.read_text())["samples_per_second"]
+    return json.loads(result.read_text())
 
 
 # --- the TRL side (runs in the TRL venv) -------------------------------------------------------
@@ -194,7 +221,8 @@ def trl_side(data: Path, model_folder: Path, steps: int, result: Path) -> None:
     torch.manual_seed(0)
     trainer.train()
     rate = (len(stamps) - 1) * GROUP * PROMPTS / (stamps[-1] - stamps[0])
-    result.write_text(json.dumps({"samples_per_second": rate}))
+    rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    result.write_text(json.dumps({"completions/s": rate, **learning(rewards)}))
 
 
 def main() -> None:
@@ -206,6 +234,8 @@ def main() -> None:
                         help="torch threads of our learner (each worker gets 1)")
     parser.add_argument("--trl-threads", default=f"1,{harness.cores()}",
                         help="torch threads of TRL's process, comma-separated: one side for each")
+    parser.add_argument("--from-preset", action="store_true",
+                        help="start from the random tiny preset (rewards all zero) instead of the cached SFT model")
     parser.add_argument("--results", type=Path, default=harness.RESULTS)
     parser.add_argument("--trl-side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -216,28 +246,32 @@ def main() -> None:
         trl_side(args.data, args.model, args.steps, args.result)
         return
     sys.path.insert(0, str(REPO / "tests"))
-    data, model = prepare()
+    data, model = prepare(args.from_preset)
     trl_python()  # the TRL venv, built before any timing
 
-    def fresh_folder() -> Path:
-        out = cache() / f"run-{time.time_ns()}"
-        out.mkdir(parents=True)
-        return out
+    def in_fresh_folder(measure):
+        """Runs `measure(folder)` in a new folder under the cache, removed afterwards."""
+        def run() -> dict[str, float]:
+            with tempfile.TemporaryDirectory(prefix="run-", dir=cache()) as out:
+                return measure(Path(out))
+        return run
 
-    def ours() -> dict[str, float]:
-        return {"completions/s": run_ours(data, model, args.steps, args.workers, args.learner_threads, fresh_folder())}
+    def ours(staleness: int):
+        return in_fresh_folder(lambda out: run_ours(data, model, args.steps, args.workers, args.learner_threads,
+                                                    out, staleness))
 
     def trl(threads: int):
-        return lambda: {"completions/s": run_trl(data, model, args.steps, threads, fresh_folder())}
+        return in_fresh_folder(lambda out: run_trl(data, model, args.steps, threads, out))
 
     w = args.workers
     trl_threads = [int(n) for n in args.trl_threads.split(",")]
     bench = harness.Benchmark("RL: medmo rl stage against TRL GRPOTrainer", [
         *(harness.Side(f"TRL GRPOTrainer, {n} thread{'s' * (n > 1)}", trl(n), [harness.Process("trainer", n)])
           for n in trl_threads),
-        harness.Side(f"medmo rl stage ({w}+{w} workers)", ours,
-                     [harness.Process("learner", args.learner_threads), harness.Process("rollout worker", 1, w),
-                      harness.Process("reward worker", 1, w)]),
+        *(harness.Side(f"medmo rl stage ({w}+{w} workers), maxStaleness {staleness}", ours(staleness),
+                       [harness.Process("learner", args.learner_threads), harness.Process("rollout worker", 1, w),
+                        harness.Process("reward worker", 1, w)])
+          for staleness in (0, 1)),
     ], repeats=args.repeats, notes=[
         f"{args.steps} steps of {PROMPTS} prompts x {GROUP} completions of <= {TOKENS} tokens, CPU, rate over the "
         f"steps after the first. Both sides on the same {harness.cores()} cores; the layouts differ: TRL generates "
