@@ -14,8 +14,11 @@ and of every run's and Job's creation), the node agent with 4 nodes (cpu 64, 200
    MedMOTrainings applied by one `kubectl apply`; latency = apply to the run's learner pod Running.
    The operator's API requests are counted from the audit log (distinct requests received in the
    window, watches included), its CPU time from /proc/<pid>/stat; it stays up for --hold seconds
-   with every pod Running (steady-state requests per second), then the runs are deleted, their
-   children garbage-collected, and the process stopped; its peak RSS is its VmHWM then.
+   with every pod Running (steady-state requests per second), then every trainer is told to finish
+   (a file the stand-ins look for at each step): the time from a trainer's exit to its Job seen
+   Complete is the control plane's part, from Job Complete to the run seen Succeeded the operator's
+   ("time to notice a finished Job"). Then the runs are deleted, their children garbage-collected,
+   and the process stopped; its peak RSS is its VmHWM then.
 
 kubectl applies a list one object after another, so apply->Running includes the wait for kubectl to
 reach an object; created->Running starts at that object's creation (from the audit log), and
@@ -36,6 +39,8 @@ import argparse
 import json
 import math
 import os
+import re
+import signal
 import sys
 import tempfile
 import threading
@@ -82,7 +87,8 @@ AUDIT_POLICY = {
 
 
 def training(name: str, storage: Path, step_seconds: float) -> dict:
-    """One single-stage run of the stand-in trainer with tiny requests that steps until deleted."""
+    """One single-stage run of the stand-in trainer with tiny requests that steps until deleted, or until
+    told to finish (SIGUSR1: it ends its stage and says in its termination message when it exited)."""
     return {
         "apiVersion": api.API_VERSION,
         "kind": api.KIND,
@@ -183,6 +189,88 @@ class RunningTimes:
         return None
 
 
+class FinishTimes:
+    """When each run's learner Job was first seen Complete and when the run was first seen Succeeded
+    (two watches, restarted every few seconds as RunningTimes' is)."""
+
+    def __init__(self, api_client, namespace: str):
+        self.batch = client.BatchV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.namespace = namespace
+        self.job_complete: dict[str, float] = {}
+        self.run_succeeded: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(watch_jobs,), daemon=True)
+                         for watch_jobs in (True, False)]
+
+    def __enter__(self) -> FinishTimes:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=15)
+
+    def _loop(self, watch_jobs: bool) -> None:
+        while not self._stop.is_set():
+            try:
+                if watch_jobs:
+                    stream = watch.Watch().stream(self.batch.list_namespaced_job, self.namespace,
+                                                  label_selector=f"{render.LABEL_ROLE}=learner", timeout_seconds=3)
+                else:
+                    stream = watch.Watch().stream(self.custom.list_namespaced_custom_object, api.GROUP, api.VERSION,
+                                                  self.namespace, api.PLURAL, timeout_seconds=3)
+                for event in stream:
+                    obj, now = event["object"], time.time()
+                    if watch_jobs:
+                        complete = any(c.type == "Complete" and c.status == "True" for c in obj.status.conditions or [])
+                        if complete:
+                            self.job_complete.setdefault(obj.metadata.labels[render.LABEL_RUN], now)
+                    elif (obj.get("status") or {}).get("phase") == "Succeeded":
+                        self.run_succeeded.setdefault(obj["metadata"]["name"], now)
+                    if self._stop.is_set():
+                        break
+            except (ApiException, OSError) as error:
+                print(f"  (finish watch restarted: {error})", flush=True)
+                self._stop.wait(0.2)
+
+    def wait_all(self, runs: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if len(self.run_succeeded) >= runs:
+                return True
+            time.sleep(0.2)
+        return False
+
+
+def tell_trainers_to_finish() -> None:
+    """SIGUSR1 to every stand-in trainer process below this one (only one batch's pods run at a time)."""
+    for pid in harness.descendants(os.getpid()):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if len(argv) > 1 and argv[1].endswith(b"standin_trainer.py"):  # python itself, not a wrapper
+                os.kill(pid, signal.SIGUSR1)
+        except OSError:
+            pass  # it ended meanwhile
+
+
+_EXITED_AT = re.compile(r"exited at ([0-9.]+)")
+
+
+def trainer_exit_times(core: client.CoreV1Api, namespace: str) -> dict[str, float]:
+    """When each run's trainer exited, from its learner pod's termination message."""
+    exited = {}
+    for pod in core.list_namespaced_pod(namespace, label_selector=f"{render.LABEL_ROLE}=learner").items:
+        for status in pod.status.container_statuses or []:
+            terminated = status.state.terminated if status.state else None
+            match = _EXITED_AT.search(terminated.message or "") if terminated else None
+            if match:
+                exited[pod.metadata.labels[render.LABEL_RUN]] = float(match.group(1))
+    return exited
+
+
 def audit_events(log: Path):
     """(time received, event) of each complete line of the audit log."""
     with log.open() as lines:
@@ -257,6 +345,10 @@ class Batch:
     cpu_s_to_running: float = 0.0
     idle_rss_mib: float = 0.0
     peak_rss_mib: float = 0.0
+    exited: dict[str, float] = field(default_factory=dict)
+    """When each run's trainer exited once told to finish (operator side)."""
+    job_complete: dict[str, float] = field(default_factory=dict)
+    run_succeeded: dict[str, float] = field(default_factory=dict)
 
     def apply_to_running(self) -> list[float]:
         return sorted(t - self.applied for t in self.running.values())
@@ -266,6 +358,14 @@ class Batch:
 
     def created_to_job(self) -> list[float]:
         return sorted(t - self.created[run] for run, t in self.job_created.items() if run in self.created)
+
+    def exit_to_job_complete(self) -> list[float]:
+        """The control plane's part of a finish: trainer exited -> Job seen Complete."""
+        return sorted(t - self.exited[run] for run, t in self.job_complete.items() if run in self.exited)
+
+    def job_complete_to_succeeded(self) -> list[float]:
+        """The operator's part: Job seen Complete -> run seen Succeeded."""
+        return sorted(t - self.job_complete[run] for run, t in self.run_succeeded.items() if run in self.job_complete)
 
 
 class Bench:
@@ -361,6 +461,9 @@ class Bench:
     def with_operator(self, runs: int, repeat: int = 0) -> Batch:
         namespace = self._namespace(f"operator-{runs}-{repeat}")
         storage = self.workdir / "storage" / namespace
+        for index in range(runs):  # file:// storage is a node directory the pods' non-root user writes in
+            (storage / f"run-{index:03d}").mkdir(parents=True)
+            os.chown(storage / f"run-{index:03d}", render.TRAINER_UID, render.TRAINER_UID)
         workdir = self.workdir / f"operator-{runs}-{repeat}"
         workdir.mkdir()
         self.operator = OperatorProcess(_service_account_kubeconfig(self.cp, workdir / "kubeconfig"), workdir,
@@ -377,6 +480,13 @@ class Bench:
         hold_from = time.time()
         time.sleep(self.hold_s)
         hold_until = time.time()
+        with FinishTimes(self.api_client, namespace) as finished:
+            tell_trainers_to_finish()
+            if not finished.wait_all(runs, RUNNING_TIMEOUT_S):
+                print(f"  only {len(finished.run_succeeded)}/{runs} runs Succeeded after {RUNNING_TIMEOUT_S:.0f} s",
+                      flush=True)
+            time.sleep(0.5)
+        exited = trainer_exit_times(self.core, namespace)
         cleanup_from = time.time()
         cleanup_s = self._clean_up(namespace, "medmotrainings")
         cleanup_until = time.time()
@@ -396,6 +506,7 @@ class Bench:
             requests_in_cleanup=audited_requests(self.audit_log, cleanup_from, cleanup_until),
             requests_per_s_steady=sum(steady.values()) / (hold_until - hold_from),
             cpu_s_to_running=cpu_s, idle_rss_mib=idle.rss_mib, peak_rss_mib=peak,
+            exited=exited, job_complete=dict(finished.job_complete), run_succeeded=dict(finished.run_succeeded),
         )
 
 
@@ -456,7 +567,11 @@ def figures(batch: Batch) -> dict[str, float]:
         out |= {"op run->Job created p50 s": percentile(batch.created_to_job(), 0.5),
                 "op API requests to all Running": float(sum(batch.requests_to_running.values())),
                 "op API requests/s steady": batch.requests_per_s_steady,
-                "op CPU s to all Running": batch.cpu_s_to_running, "op peak RSS MiB": batch.peak_rss_mib}
+                "op CPU s to all Running": batch.cpu_s_to_running, "op peak RSS MiB": batch.peak_rss_mib,
+                "trainer exit->Job Complete p50 s": percentile(batch.exit_to_job_complete(), 0.5),
+                "op Job Complete->run Succeeded p50 s": percentile(batch.job_complete_to_succeeded(), 0.5),
+                "op Job Complete->run Succeeded p95 s": percentile(batch.job_complete_to_succeeded(), 0.95),
+                "runs Succeeded": float(len(batch.run_succeeded))}
     return out
 
 
@@ -498,7 +613,9 @@ def main() -> None:
                     harness.Side("MedMOTrainings (operator)", side("operator"),
                                  [*cp_processes, harness.Process("operator", 1)]),
                 ], repeats=args.repeats, higher_is_better={k: False for k in (
-                    "apply->Running p50 s", "apply->Running p95 s", "created->Running p50 s")}, notes=[
+                    "apply->Running p50 s", "apply->Running p95 s", "created->Running p50 s",
+                    "trainer exit->Job Complete p50 s", "op Job Complete->run Succeeded p50 s",
+                    "op Job Complete->run Succeeded p95 s")}, notes=[
                     f"Test control plane with the node agent ({len(NODES)} nodes), stand-in trainer pods; reconcile "
                     f"interval {args.reconcile_interval:g} s; steady state over {args.hold:g} s. The baseline applies "
                     "every object the operator would create (Secret, ConfigMap, Service, Job per run) in one kubectl "

@@ -5,12 +5,17 @@ committed checkpoint under `checkpointUri` (file:// only), reports progress to t
 the run's token, commits a checkpoint every `checkpoint.everySteps`, writes an export marker at the
 end, and exits 0; or fails with a chosen exit code. Knobs come from the first dataset's URI query,
 e.g. `standin://x?stepSeconds=0.2&exitCode=3&failAtStep=4&failOnAttempt=0`.
+
+SIGUSR1 makes it finish at its next step as if that were its last, with the trainer's success
+termination message plus the time it exited (epoch seconds): the operator benchmark's way to end
+many runs at once and time how soon the operator notices.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import urllib.request
@@ -19,7 +24,7 @@ from urllib.parse import parse_qs, urlparse
 
 import yaml
 
-from medmo_trainer.progress import LOSS, Progress
+from medmo_trainer.progress import LOSS, Progress, success_message
 
 
 def _path(uri: str) -> Path:
@@ -38,6 +43,8 @@ def main(argv: list[str]) -> int:
     latest = checkpoints / "latest"
     start = int(latest.read_text()) if latest.exists() else 0
     print(f"stand-in {config['stage']} rank {rank} attempt {attempt}: resuming from step {start}", flush=True)
+    told_to_finish: list[int] = []
+    signal.signal(signal.SIGUSR1, lambda signum, frame: told_to_finish.append(signum))
     for step in range(start + 1, steps + 1):
         time.sleep(step_seconds)
         fails_now = "exitCode" in knobs and step == int(knobs.get("failAtStep", "1"))
@@ -49,11 +56,17 @@ def main(argv: list[str]) -> int:
             latest.write_text(str(step))
         if rank == 0:
             _report(config, step, steps, f"{config['checkpointUri']}/step-{int(latest.read_text())}" if latest.exists() else None)
+        if told_to_finish:
+            steps = step
+            break
     if rank == 0 and config["type"] != "eval":
         out = _path(config["outputUri"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"stage": config["stage"], "from": config["model"]["base"]}))
     print(f"stand-in {config['stage']} done at step {steps}", flush=True)
+    if told_to_finish:
+        with open(os.environ.get("MEDMO_TERMINATION_LOG", "/dev/termination-log"), "w") as log:
+            log.write(success_message(steps, f"stand-in told to finish; exited at {time.time()!r}", config["outputUri"]))
     return 0
 
 
