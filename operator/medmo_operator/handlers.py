@@ -251,16 +251,15 @@ def reconcile_training(
 
 
 def _kueue_workloads(namespace: str, jobs: list[dict]) -> list[dict]:
-    """Kueue's Workloads of a queued run's learner Jobs, read by their Jobs' uids (one list call per
-    reconcile, only for runs with scheduling.queueName). Without Kueue's CRD there are none: the
-    Admitted condition then says the stage waits for Kueue."""
-    uids = sorted(job["metadata"]["uid"] for job in jobs
-                  if job["metadata"].get("uid") and job["metadata"].get("labels", {}).get(render.LABEL_ROLE) == "learner")
-    if not uids:
+    """Kueue's Workloads of a queued run's namespace (one list call per reconcile, only for runs with
+    scheduling.queueName, once the run has a learner Job): the run's own, found by their Jobs' uids,
+    and the others waiting in the same LocalQueue, for its queue position. Without Kueue's CRD there
+    are none: the Admitted condition then says the stage waits for Kueue."""
+    if not any(job["metadata"].get("labels", {}).get(render.LABEL_ROLE) == "learner" for job in jobs):
         return []
     try:
         listed = _call(lambda: kubernetes.client.CustomObjectsApi().list_namespaced_custom_object(
-            KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads", label_selector=f"{observe.KUEUE_JOB_UID_LABEL} in ({','.join(uids)})"))
+            KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads"))
     except _NotFound:
         return []
     return listed.get("items", [])

@@ -46,8 +46,12 @@ KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 
 
 def latest_jobs(jobs: Iterable[Obj], pods: Iterable[Obj], workloads: Iterable[Obj] = ()) -> dict[str, JobObservation]:
-    """The latest-attempt learner Job of each stage, with what its pods and its Kueue Workload say."""
+    """The latest-attempt learner Job of each stage, with what its pods and its Kueue Workload say.
+
+    `workloads` are Kueue's Workloads of the run's namespace (all of them: a pending one's place in
+    its LocalQueue is counted among the others)."""
     pods_by_job = _pods_by_job(pods)
+    workloads = list(workloads)
     workload_by_job_uid = {_get(w, "metadata", "labels", KUEUE_JOB_UID_LABEL): w for w in workloads}
     latest: dict[str, JobObservation] = {}
     for job in jobs:
@@ -59,7 +63,7 @@ def latest_jobs(jobs: Iterable[Obj], pods: Iterable[Obj], workloads: Iterable[Ob
         observation = observe_job(job, pods_by_job.get(_get(job, "metadata", "name"), []))
         workload = workload_by_job_uid.get(_get(job, "metadata", "uid"))
         if workload is not None:
-            observation = dataclasses.replace(observation, workload=observe_workload(workload))
+            observation = dataclasses.replace(observation, workload=observe_workload(workload, workloads))
         stage = labels[render.LABEL_STAGE]
         if stage not in latest or observation.attempt > latest[stage].attempt:
             latest[stage] = observation
@@ -88,11 +92,13 @@ def observe_job(job: Obj, pods: list[Obj]) -> JobObservation:
     )
 
 
-def observe_workload(workload: Obj) -> WorkloadObservation:
-    """Kueue's Workload (kueue.x-k8s.io/v1beta2) of a learner Job."""
+def observe_workload(workload: Obj, neighbours: Iterable[Obj] = ()) -> WorkloadObservation:
+    """Kueue's Workload (kueue.x-k8s.io/v1beta2) of a learner Job; `neighbours`, the namespace's
+    Workloads, give a pending one its position in its LocalQueue."""
     conditions = {c.get("type"): c for c in _get(workload, "status", "conditions", default=[]) or []}
     evictions = _get(workload, "status", "schedulingStats", "evictions", default=[]) or []
     pending = conditions.get("QuotaReserved", {})
+    position = queue_position(workload, neighbours) if _is_pending(workload) else None
     return WorkloadObservation(
         name=_get(workload, "metadata", "name"),
         admitted=conditions.get("Admitted", {}).get("status") == "True",
@@ -100,7 +106,40 @@ def observe_workload(workload: Obj) -> WorkloadObservation:
         cluster_queue=_get(workload, "status", "admission", "clusterQueue"),
         pending_message=pending.get("message") if pending.get("status") == "False" else None,
         preemptions=sum(int(e.get("count", 0)) for e in evictions if e.get("reason") == "Preempted"),
+        queue_position=position[0] if position else None,
+        queue_length=position[1] if position else None,
     )
+
+
+def _is_pending(workload: Obj) -> bool:
+    """Waiting in its queue: active, not finished, and holding no quota."""
+    conditions = {c.get("type"): c.get("status") for c in _get(workload, "status", "conditions", default=[]) or []}
+    return (_get(workload, "spec", "active", default=True) is not False and conditions.get("Finished") != "True"
+            and conditions.get("QuotaReserved") != "True" and conditions.get("Admitted") != "True")
+
+
+def _queue_order(workload: Obj) -> tuple[int, str, str]:
+    """Kueue's order within a ClusterQueue (its scheduler's comparison): higher priority first, then the
+    earlier queue time, then the uid. The queue time is the creation time, except after an eviction
+    for a PodsReady timeout or an admission check (then the eviction's); a preempted workload keeps
+    its creation time, so it goes back ahead of younger ones of its priority."""
+    evicted = next((c for c in _get(workload, "status", "conditions", default=[]) or []
+                    if c.get("type") == "Evicted" and c.get("status") == "True"
+                    and c.get("reason") in ("PodsReadyTimeout", "AdmissionCheck")), None)
+    since = (evicted or {}).get("lastTransitionTime") or _get(workload, "metadata", "creationTimestamp", default="")
+    return -int(_get(workload, "spec", "priority", default=0) or 0), since, _get(workload, "metadata", "uid", default="")
+
+
+def queue_position(workload: Obj, neighbours: Iterable[Obj]) -> tuple[int, int]:
+    """(position, pending workloads) of a pending Workload in its LocalQueue, 1 for the next to be
+    admitted, by Kueue's queue order. Kueue itself reports positions only through its visibility API
+    (an aggregated API server); this is the same order computed from the Workloads."""
+    queue = _get(workload, "spec", "queueName")
+    waiting = [w for w in neighbours if _get(w, "spec", "queueName") == queue and _is_pending(w)]
+    if not any(_get(w, "metadata", "uid") == _get(workload, "metadata", "uid") for w in waiting):
+        waiting.append(workload)
+    mine = _queue_order(workload)
+    return 1 + sum(1 for w in waiting if _queue_order(w) < mine), len(waiting)
 
 
 def first_failure(pods: list[Obj]) -> tuple[int | None, str | None]:

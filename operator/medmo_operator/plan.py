@@ -35,6 +35,10 @@ class WorkloadObservation:
     """Why it waits, in Kueue's words (e.g. insufficient unused quota for nvidia.com/gpu)."""
     preemptions: int = 0
     """Times Kueue evicted it to make room for a higher-priority workload."""
+    queue_position: int | None = None
+    """While pending: its place in its LocalQueue, 1 for the next to be admitted (Kueue's order)."""
+    queue_length: int | None = None
+    """While pending: the workloads pending in that LocalQueue, this one included."""
 
 
 @dataclass(frozen=True)
@@ -338,6 +342,8 @@ def _stage_queue(spec, status, stage, job: JobObservation, now, actions) -> None
             actions.append(Event("Admitted", f"stage {stage.name} admitted by Kueue{where}", stage=stage.name))
         return
     why = (workload.pending_message if workload else None) or "waiting for Kueue to admit it"
+    if workload is not None and workload.queue_position is not None:
+        queue = f"{queue} (position {workload.queue_position} of {workload.queue_length})"
     if workload is not None and workload.preemptions:
         reason, message = "Preempted", f"stage {stage.name} was preempted; queued in {queue} to resume from its last checkpoint: {why}"
     else:

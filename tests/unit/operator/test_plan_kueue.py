@@ -88,7 +88,7 @@ def test_kueues_workload_reduces_to_admission_queue_message_and_preemptions():
     }
 
     assert observe.observe_workload(pending) == WorkloadObservation(
-        name=WORKLOAD, admitted=False, active=True, cluster_queue=None, preemptions=1,
+        name=WORKLOAD, admitted=False, active=True, cluster_queue=None, preemptions=1, queue_position=1, queue_length=1,
         pending_message="couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor gpu, 1 more needed")
     assert observe.observe_workload(admitted) == WorkloadObservation(name=WORKLOAD, admitted=True, active=False, cluster_queue="gpus")
 
@@ -96,6 +96,48 @@ def test_kueues_workload_reduces_to_admission_queue_message_and_preemptions():
         render.LABEL_ROLE: "learner", render.LABEL_STAGE: "align", render.LABEL_ATTEMPT: "0"}}, "spec": {"suspend": True}}
     assert observe.latest_jobs([job], [], [pending])["align"].workload.preemptions == 1
     assert observe.latest_jobs([job], [])["align"].workload is None
+
+
+def _workload(name: str, created: str, priority: int = 0, queue: str = "team-gpus", *conditions: dict,
+              active: bool = True) -> dict:
+    return {"metadata": {"name": name, "uid": f"uid-{name}", "creationTimestamp": created},
+            "spec": {"active": active, "queueName": queue, "priority": priority},
+            "status": {"conditions": list(conditions)}}
+
+
+def test_a_pending_workloads_queue_position_follows_kueues_order_priority_then_age():
+    reserved = {"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved"}
+    finished = {"type": "Finished", "status": "True", "reason": "Succeeded"}
+    mine = _workload("mine", "2026-12-03T10:00:05Z")
+    namespace = [
+        mine,
+        _workload("older", "2026-12-03T10:00:01Z"),
+        _workload("urgent", "2026-12-03T10:00:09Z", 100),  # younger, but of a higher priority
+        _workload("younger", "2026-12-03T10:00:07Z"),
+        _workload("running", "2026-12-03T09:00:00Z", 0, "team-gpus", reserved),  # holds quota: not waiting
+        _workload("done", "2026-12-03T09:00:00Z", 0, "team-gpus", finished),
+        _workload("suspended", "2026-12-03T09:00:00Z", active=False),  # deactivated: not waiting
+        _workload("elsewhere", "2026-12-03T09:00:00Z", 0, "other-queue"),
+        # evicted for a PodsReady timeout: queued again from the eviction time, behind mine
+        _workload("timed-out", "2026-12-03T09:00:00Z", 0, "team-gpus",
+                  {"type": "Evicted", "status": "True", "reason": "PodsReadyTimeout",
+                   "lastTransitionTime": "2026-12-03T10:00:06Z"}),
+        # preempted: keeps its creation time, ahead of mine
+        _workload("preempted", "2026-12-03T09:30:00Z", 0, "team-gpus",
+                  {"type": "Evicted", "status": "True", "reason": "Preempted", "lastTransitionTime": "2026-12-03T10:00:08Z"}),
+    ]
+    assert observe.queue_position(mine, namespace) == (4, 6)  # after urgent, preempted and older
+    observed = observe.observe_workload(mine, namespace)
+    assert (observed.queue_position, observed.queue_length) == (4, 6)
+    assert observe.observe_workload(namespace[4], namespace).queue_position is None  # holding quota
+
+
+def test_a_queued_stages_condition_says_its_position_in_the_queue():
+    spec = _spec()
+    status = plan(spec, None, Observed(), T0).status
+    waiting = WorkloadObservation(WORKLOAD, pending_message="insufficient unused quota", queue_position=2, queue_length=3)
+    queued = plan(spec, status, Observed(jobs={"align": _job(suspended=True, workload=waiting)}), T0)
+    assert "queued in team-gpus (position 2 of 3): insufficient unused quota" in _admitted(queued.status).message
 
 
 def test_a_queued_stage_shows_queued_with_kueues_reason_then_admitted_and_is_never_unsuspended_by_the_operator():
