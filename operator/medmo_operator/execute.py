@@ -18,8 +18,9 @@ class Executor(Protocol):
     def create(self, obj: dict) -> None:
         """Creates a child object unless one of that kind and name exists (names are deterministic)."""
 
-    def delete(self, kind: str, name: str) -> None:
-        """Deletes a child object (and what it owns, e.g. a Job's pods); absent is fine."""
+    def delete(self, kind: str, name: str, api_version: str | None = None) -> None:
+        """Deletes a child object (and what it owns, e.g. a Job's pods); absent is fine. `api_version`
+        names the API of a kind outside the core ones (a gang's Workload or PodGroup)."""
 
     def suspend_job(self, name: str, suspend: bool) -> None:
         """Sets a learner Job's `spec.suspend`."""
@@ -52,6 +53,9 @@ def carry_out(
                 executor.create(render.build_model_initializer_job(run, spec))
             case plan.DeleteJob(name=job_name):
                 executor.delete("Job", job_name)
+                # the attempt's gang (scheduling.gang) shares the Job's name and goes with it
+                for api_version, kind in render.gang_kinds(spec):
+                    executor.delete(kind, job_name, api_version)
             case plan.SuspendJob(name=job_name, suspend=suspend):
                 executor.suspend_job(job_name, suspend)
             case plan.SetWorkloadActive(name=workload, active=active):

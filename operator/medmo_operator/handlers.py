@@ -330,10 +330,17 @@ class KubernetesExecutor:
         except _AlreadyExists:
             pass
 
-    def delete(self, kind: str, name: str) -> None:
+    def delete(self, kind: str, name: str, api_version: str | None = None) -> None:
         options = kubernetes.client.V1DeleteOptions(propagation_policy="Background")
+        if api_version is not None:  # a gang's Workload or PodGroup
+            group, version = api_version.split("/")
+            plural = {"Workload": "workloads", "PodGroup": "podgroups"}[kind]
+            request = lambda: kubernetes.client.CustomObjectsApi().delete_namespaced_custom_object(  # noqa: E731
+                group, version, self.run.namespace, plural, name, body=options)
+        else:
+            request = lambda: _DELETE[kind](name, self.run.namespace, options)  # noqa: E731
         try:
-            _call(lambda: _DELETE[kind](name, self.run.namespace, options))
+            _call(request)
         except _NotFound:
             pass
 

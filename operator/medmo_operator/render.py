@@ -568,6 +568,15 @@ def build_gang(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stage, attem
     return [workload, pod_group]
 
 
+def gang_kinds(spec: api.MedMOTrainingSpec) -> list[tuple[str, str]]:
+    """(apiVersion, kind) of the objects `build_gang` makes per learner attempt, each named `gang_name`."""
+    if not spec.scheduling.gang:
+        return []
+    if spec.scheduling.gang_scheduler == "coscheduling":
+        return [(COSCHEDULING_API_VERSION, "PodGroup")]
+    return [(WORKLOAD_API_VERSION, "PodGroup"), (WORKLOAD_API_VERSION, "Workload")]
+
+
 def build_worker_deployment(run: RunRef, spec: api.MedMOTrainingSpec, stage: api.Stage, role: str) -> dict:
     """A Deployment of RL workers: `rollout` (generates with the policy) or `reward` (scores)."""
     assert stage.rl is not None, "worker groups belong to rl stages"

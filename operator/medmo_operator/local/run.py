@@ -238,7 +238,7 @@ class LocalRun:
         if kind in ("Job", "Deployment", "Service"):
             self.runner.refresh_hosts()
 
-    def delete(self, kind: str, name: str) -> None:
+    def delete(self, kind: str, name: str, api_version: str | None = None) -> None:
         if kind == "Service":
             self.services.pop(name, None)
             return

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from medmo_cases import load_sample
 
-from medmo_operator import api, render
+from medmo_operator import api, execute, plan, render
 
 RUN = render.RunRef(name="medmo-8b", namespace="medmo", uid="uid-1")
 ENDPOINTS = render.OperatorEndpoints(progress_url="http://medmo-operator.medmo-system:8080", token_key=b"k" * 32)
@@ -79,3 +79,32 @@ def test_without_gang_there_is_no_pod_group(scheduling):
 def test_an_unknown_gang_scheduler_is_refused_naming_the_field():
     with pytest.raises(ValueError, match="gangScheduler"):
         _spec(gang=True, gangScheduler="volcano")
+
+
+class RecordingExecutor:
+    """Records what `execute.carry_out` asks of a cluster."""
+
+    def __init__(self):
+        self.deleted: list[tuple[str, str, str | None]] = []
+
+    def delete(self, kind: str, name: str, api_version: str | None = None) -> None:
+        self.deleted.append((kind, name, api_version))
+
+
+@pytest.mark.parametrize("scheduling, gang_kinds", [
+    ({"gang": True}, [("PodGroup", render.WORKLOAD_API_VERSION), ("Workload", render.WORKLOAD_API_VERSION)]),
+    ({"gang": True, "gangScheduler": "coscheduling"}, [("PodGroup", render.COSCHEDULING_API_VERSION)]),
+    ({}, []),
+], ids=["workload-api", "coscheduling", "no-gang"])
+def test_deleting_an_attempts_job_deletes_its_gang_too(scheduling, gang_kinds):
+    """A restarted stage's old attempt leaves no gang behind: its Workload and PodGroup (named as its
+    Job) go with the Job, so only the running attempt's gang exists."""
+    spec = _spec(**scheduling)
+    job = next(c for c in _children(spec) if c["kind"] == "Job")["metadata"]["name"]
+    created = {(c["kind"], c["metadata"]["name"], c["apiVersion"]) for c in _children(spec) if c["kind"] in ("Workload", "PodGroup")}
+    executor = RecordingExecutor()
+
+    execute.carry_out([plan.DeleteJob(job)], RUN, spec, ENDPOINTS, executor)
+
+    assert executor.deleted == [("Job", job, None)] + [(kind, job, version) for kind, version in gang_kinds]
+    assert set(executor.deleted[1:]) == created  # exactly what the attempt made
