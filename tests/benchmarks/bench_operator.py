@@ -576,6 +576,7 @@ def figures(batch: Batch) -> dict[str, float]:
 
 
 def main() -> None:
+    global RUNNING_TIMEOUT_S
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="20", help="comma-separated numbers of runs applied at once")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of baseline and operator per N")
@@ -583,11 +584,14 @@ def main() -> None:
                         help="MEDMO_RECONCILE_INTERVAL of the operator (default 5, as manifests/base deploys it)")
     parser.add_argument("--hold", type=float, default=5.0, help="seconds of steady state measured with every pod Running")
     parser.add_argument("--step-seconds", type=float, default=2.0, help="the stand-in's seconds per step (one progress report each)")
+    parser.add_argument("--running-timeout", type=float, default=RUNNING_TIMEOUT_S,
+                        help="seconds to wait for every pod to be Running (and, later, every run to succeed)")
     parser.add_argument("--bin-dir", type=Path, default=None, help="Kubernetes binaries (default: what tests/controlplane/build.sh prints)")
     parser.add_argument("--results", type=Path, default=harness.RESULTS)
     parser.add_argument("--table", action="store_true", help="also print the detailed table of the last repeat per N")
     args = parser.parse_args()
     counts = [int(n) for n in args.runs.split(",")]
+    RUNNING_TIMEOUT_S = args.running_timeout
     bin_dir = args.bin_dir or Path(os.environ.get("MEDMO_K8S_BIN") or _build_bin_dir())
     last: list[tuple[Batch, Batch]] = []
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as folder:
