@@ -37,8 +37,11 @@ UNUSED_BY_A_SUCCESSFUL_RUN = {
     ("kueue.x-k8s.io", "workloads", "patch"): "suspending and resuming a run queued in Kueue (test_kueue.py)",
     ("scheduling.k8s.io", "workloads", "create"): "gang-scheduled stages (tests/integration/operator/test_scheduling.py)",
     ("scheduling.k8s.io", "podgroups", "create"): "gang-scheduled stages (test_scheduling.py)",
+    ("scheduling.k8s.io", "workloads", "delete"): "a gang's restart (test_scheduling.py)",
+    ("scheduling.k8s.io", "podgroups", "delete"): "a gang's restart (test_scheduling.py)",
     ("scheduling.x-k8s.io", "podgroups", "create"): "coscheduling gangs: rendering only (tests/unit/operator/test_render_gang.py), "
                                                     "scheduler-plugins is not built for the test control plane",
+    ("scheduling.x-k8s.io", "podgroups", "delete"): "coscheduling gangs: tests/unit/operator/test_render_gang.py only",
     ("medmo.io", "medmotrainings", "get"): "a progress report arriving before the operator's watch has listed its run, "
                                            "just after a restart (test_progress_endpoint_at_startup.py)",
 }

@@ -103,20 +103,27 @@ def _reason(cp, namespace, name, reason, operator) -> dict:
 def test_a_run_beyond_the_gpu_quota_stays_queued_until_the_first_finishes(control_plane, operator, kueue, node_agent, namespace, tmp_path):
     cp = control_plane
     queue = _queue(cp, namespace, gpus=1)
-    _apply(cp, _run("first", tmp_path, queue, steps=10, step_seconds=0.5), namespace)
+    _apply(cp, _run("first", tmp_path, queue, steps=40, step_seconds=0.5), namespace)
     first = _reason(cp, namespace, "first", "Admitted", operator)
     assert _admitted(first)["status"] == "True"
 
     _apply(cp, _run("second", tmp_path, queue, steps=4), namespace)
     second = _reason(cp, namespace, "second", "Queued", operator)
     assert "nvidia.com/gpu" in _admitted(second)["message"], _admitted(second)
-    assert _status(cp, namespace, "first")["phase"] == "Running"
     assert not _pods(cp, namespace, "second")  # its Job stays suspended: no pod holds a GPU
+
+    # A third waits behind the second (same priority: Kueue takes the older first); each says where it is.
+    _apply(cp, _run("third", tmp_path, queue, steps=4), namespace)
+    for name, place in (("third", "position 2 of 2"), ("second", "position 1 of 2")):
+        _wait(cp, namespace, lambda name=name, place=place: place in _admitted(_status(cp, namespace, name)).get("message", ""),
+              f"{name}'s Admitted condition to say {place}", operator)
+    assert _status(cp, namespace, "first")["phase"] == "Running"
 
     _phase(cp, namespace, "first", "Succeeded", operator)
     second = _phase(cp, namespace, "second", "Succeeded", operator)
     assert (_admitted(second)["status"], _admitted(second)["reason"]) == ("True", "Admitted")
     assert second["stages"][0]["restarts"] == 0
+    _phase(cp, namespace, "third", "Succeeded", operator)
 
 
 def test_a_higher_priority_run_preempts_a_lower_one_which_resumes_from_its_checkpoint(

@@ -32,8 +32,8 @@ def _run(name: str, storage, pool: str, stages: list[dict], gang: bool = False) 
                        scheduling={"gang": gang})
 
 
-def _learner_stage(name: str, nodes: int, steps: int = 4) -> dict:
-    return standin_stage(name, steps=steps, nodes=nodes)
+def _learner_stage(name: str, nodes: int, steps: int = 4, **knobs) -> dict:
+    return standin_stage(name, steps=steps, nodes=nodes, **knobs)
 
 
 def _pods(cp, namespace: str, run: str) -> list[dict]:
@@ -69,7 +69,10 @@ def test_gang_of_two_binds_no_pod_while_one_fits_and_both_once_a_second_node_joi
     first, second = _nodes(pool, 2, gpus=1)  # one learner pod (1 GPU) per node
     node_agent.add_node(first)
     try:
-        _apply(control_plane, _run("gang", tmp_path, pool, [_learner_stage("train", nodes=2)], gang=True), namespace)
+        # Attempt 0 fails at step 2 (a retryable exit code): attempt 1 is a new gang, and attempt 0's goes with its Job.
+        run = _run("gang", tmp_path, pool, [_learner_stage("train", nodes=2, exitCode=1, failAtStep=2, failOnAttempt=0)], gang=True)
+        run["spec"]["runPolicy"] = {"restartBackoffSeconds": 1}
+        _apply(control_plane, run, namespace)
 
         # Both pods were tried and refused by the scheduler: a pod-by-pod scheduler would have bound one.
         pods = wait_for(lambda: (p := _pods(control_plane, namespace, "gang")) and len(p) == 2 and all(map(_unschedulable, p)) and p,
@@ -93,6 +96,10 @@ def test_gang_of_two_binds_no_pod_while_one_fits_and_both_once_a_second_node_joi
         status = wait_for(lambda: (s := _status(control_plane, namespace, "gang")).get("phase") == "Succeeded" and s,
                           TIMEOUT_S, "the gang's run to succeed", interval_s=0.5)
         assert _condition(status, "WaitingForResources")["status"] == "False"
+        assert status["stages"][0]["restarts"] == 1
+        kinds = "workloads.scheduling.k8s.io,podgroups.scheduling.k8s.io"
+        gangs = json.loads(control_plane.kubectl("get", kinds, "-n", namespace, "-o", "json").stdout)["items"]
+        assert sorted((g["kind"], g["metadata"]["name"]) for g in gangs) == [("PodGroup", "gang-train-1"), ("Workload", "gang-train-1")]
     finally:
         _delete_run_and_nodes(control_plane, node_agent, namespace, "gang", [first.name, second.name])
 
