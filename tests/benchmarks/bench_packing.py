@@ -20,18 +20,14 @@ runs in a fresh process with the same torch threads, interleaved through the ben
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 import harness
-from bench_trainer import plain_loop_seconds, trainer_seconds
+from bench_trainer import loop_arguments, plain_loop_seconds, print_child_seconds, trainer_seconds
 from medmo_trainer.config import StageConfig
 from medmo_trainer.data.synthetic import generate
 from medmo_trainer.inputs import build_train_loader
@@ -126,22 +122,12 @@ def measure_one(loop: str, data: Path, steps: int, warmup: int, batch_size: int)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each loop, interleaved")
+    parser = loop_arguments(__doc__.splitlines()[0], steps=10, warmup=2)
     parser.add_argument("--batch-size", type=int, default=8, help="records per batch (perDeviceBatchSize)")
     parser.add_argument("--scans", type=int, default=48, help="synthetic scans the mix is made from")
-    parser.add_argument("--threads", type=int, default=harness.cores(), help="torch threads of every loop's process")
-    parser.add_argument("--results", type=Path, default=harness.RESULTS)
-    parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one loop, in a child process
-    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-        print(harness.thread_settings(), file=sys.stderr)
-        print(json.dumps({"seconds": measure_one(args.measure, Path(args.data), args.steps, args.warmup,
-                                                       args.batch_size)}))
+        print_child_seconds(lambda: measure_one(args.measure, Path(args.data), args.steps, args.warmup, args.batch_size))
         return
 
     with tempfile.TemporaryDirectory(prefix="medmo-bench-") as tmp:

@@ -116,21 +116,32 @@ def measure_one(loop: str, data: Path, steps: int, warmup: int) -> float:
         return trainer_seconds(stage_config(Path(tmp), data, steps, STRATEGIES[loop]), steps, warmup)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=4)
+def loop_arguments(description: str, steps: int, warmup: int) -> argparse.ArgumentParser:
+    """The options every loop-against-loop benchmark takes (this one's and bench_packing's)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--repeats", type=int, default=5, help="runs of each loop, interleaved")
-    parser.add_argument("--loops", default=",".join(STRATEGIES), help=f"strategies beside the plain loop ({', '.join(STRATEGIES)})")
     parser.add_argument("--threads", type=int, default=harness.cores(), help="torch threads of every loop's process")
     parser.add_argument("--results", type=Path, default=harness.RESULTS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one loop, in a child process
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    return parser
+
+
+def print_child_seconds(measure) -> None:
+    """In a loop's child process: its threads as given, then the seconds `measure()` returns, as JSON."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    print(harness.thread_settings(), file=sys.stderr)
+    print(json.dumps({"seconds": measure()}))
+
+
+def main() -> None:
+    parser = loop_arguments(__doc__.splitlines()[0], steps=20, warmup=4)
+    parser.add_argument("--loops", default=",".join(STRATEGIES), help=f"strategies beside the plain loop ({', '.join(STRATEGIES)})")
     args = parser.parse_args()
     if args.measure:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-        print(harness.thread_settings(), file=sys.stderr)
-        print(json.dumps({"seconds": measure_one(args.measure, Path(args.data), args.steps, args.warmup)}))
+        print_child_seconds(lambda: measure_one(args.measure, Path(args.data), args.steps, args.warmup))
         return
     measured = args.steps - args.warmup
     loops = [PLAIN, *(loop.strip() for loop in args.loops.split(",") if loop.strip())]
