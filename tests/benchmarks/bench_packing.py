@@ -28,12 +28,12 @@ from pathlib import Path
 
 import harness
 from bench_trainer import loop_arguments, plain_loop_seconds, print_child_seconds, trainer_seconds
+from bench_trainer import stage_config as trainer_stage_config
 from medmo_trainer.config import StageConfig
 from medmo_trainer.data.synthetic import generate
 from medmo_trainer.inputs import build_train_loader
 from medmo_trainer.model import load_model
 
-LEARNING_RATE = 1e-3
 PLAIN_PADDED = "plain transformers loop, padded"
 TRAINER_PADDED = "medmo trainer, packing: false"
 TRAINER_PACKED = "medmo trainer, packing: true"
@@ -84,18 +84,8 @@ def medical_mix(folder: Path, scans: int, seed: int = 1) -> Path:
 
 
 def stage_config(folder: Path, data: Path, steps: int, packing: bool, batch_size: int) -> StageConfig:
-    return StageConfig.model_validate({
-        "run": "bench", "stage": "sft", "type": "sft",
-        "model": {"base": "preset:tiny-qwen3-vl"},
-        "storage": {"uri": str(folder)},
-        "outputUri": str(folder / "model"), "checkpointUri": str(folder / "checkpoints"),
-        "datasets": [{"name": "medical-mix", "uri": str(data)}],
-        "hyperparameters": {"learningRate": LEARNING_RATE, "maxSteps": steps, "perDeviceBatchSize": batch_size,
-                            "imageSize": 64, "maxSeqLength": 1024, "lrScheduler": "constant", "warmupRatio": 0.0,
-                            "packing": packing},
-        "strategy": {"name": "ddp"},
-        "checkpoint": {"everySteps": steps},
-    })
+    return trainer_stage_config(folder, data, steps, {"name": "ddp"}, batch_size=batch_size, max_seq_length=1024,
+                                packing=packing)
 
 
 def token_counts(config: StageConfig, steps: int, warmup: int) -> tuple[int, int]:

@@ -40,15 +40,18 @@ BATCH_SIZE = 4
 LEARNING_RATE = 1e-3
 
 
-def stage_config(folder: Path, data: Path, steps: int, strategy: dict) -> StageConfig:
+def stage_config(folder: Path, data: Path, steps: int, strategy: dict, *, batch_size: int = BATCH_SIZE,
+                 max_seq_length: int = 256, packing: bool = True) -> StageConfig:
+    """A one-rank sft stage of the tiny preset on `data` (this benchmark's and bench_packing's)."""
     return StageConfig.model_validate({
         "run": "bench", "stage": "sft", "type": "sft",
         "model": {"base": "preset:tiny-qwen3-vl"},
         "storage": {"uri": str(folder)},
         "outputUri": str(folder / "model"), "checkpointUri": str(folder / "checkpoints"),
-        "datasets": [{"name": "synthetic", "uri": str(data)}],
-        "hyperparameters": {"learningRate": LEARNING_RATE, "maxSteps": steps, "perDeviceBatchSize": BATCH_SIZE,
-                            "imageSize": 64, "maxSeqLength": 256, "lrScheduler": "constant", "warmupRatio": 0.0},
+        "datasets": [{"name": "bench", "uri": str(data)}],
+        "hyperparameters": {"learningRate": LEARNING_RATE, "maxSteps": steps, "perDeviceBatchSize": batch_size,
+                            "imageSize": 64, "maxSeqLength": max_seq_length, "lrScheduler": "constant",
+                            "warmupRatio": 0.0, "packing": packing},
         "strategy": strategy,
         "checkpoint": {"everySteps": steps},
     })
