@@ -4,7 +4,7 @@
 
 Each of the N scans is a grayscale body-like ellipse with smooth texture and noise, holding 0-3
 bright round nodules (at most one per quadrant, each entirely inside its quadrant, `small` or `large`)
-and, sometimes, an effusion (a dark band in the lower part of the body). Every scan yields one
+and, sometimes, an effusion (a uniform opacity filling the lower part of the body). Every scan yields one
 record per task type (two VQA records, one closed and one open; grounding only when a nodule is
 present), so the answers are few, short and verifiable: a tiny model learns some of them in a few
 hundred CPU steps. Output, under URI (any fsspec URI):
@@ -44,7 +44,12 @@ SPLITS = ("train", "heldout")
 
 NODULE_INTENSITY = 215
 """Nodules are far brighter than any body texture (at most ~125), so boxes are checkable by intensity."""
-EFFUSION_INTENSITY = 40
+EFFUSION_INTENSITY = 140
+"""Fluid is an opacity brighter than the body (as on a radiograph), on the other side of mid-gray from it.
+When it was darker (40), a tiny random-initialised ViT could not tell it from the body: its patch
+embedding has no bias at initialisation and a LayerNorm follows, so a uniform patch of any intensity
+below the normaliser's mid-gray maps onto the same vector, and only the band's edge differed. The
+demo then answered "Is there an effusion?" at chance while learning the same question alone."""
 BODY_INTENSITY = 95
 BACKGROUND_INTENSITY = 8
 
