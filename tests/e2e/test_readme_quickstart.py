@@ -146,6 +146,10 @@ def test_the_readme_quickstart_command_succeeds_from_a_fresh_clone_and_again_pri
     # What the README says the demo shows: GRPO raises held-out grounding IoU over the SFT model.
     bench = status["stages"][-1]["metrics"]
     assert bench["heldout/groundingMiou"] > bench["instruct/heldout/groundingMiou"], bench
+    # ... and both models answer yes/no and counting questions from the scan, not by the majority
+    # answer (about 0.55 on these questions), before and after RL.
+    for model in ("", "instruct/"):
+        assert bench[f"{model}heldout/vqaClosedAcc"] >= 0.8, bench
     # Both models write answers the scorer reads: boxes digit by digit, a word for a question.
     counts = status["stages"][-1]["counters"]
     for model in ("", "instruct/"):
