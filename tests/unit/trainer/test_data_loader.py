@@ -235,3 +235,58 @@ def test_images_missing_in_a_folder_of_shards_do_not_stop_training(tmp_path, tin
         loader.next_batch()
     assert loader.stats.skipped["missingImage"] > 0
     assert all(i.startswith(("train-000002", "train-000003")) for i in loader.last_record_ids)
+
+
+def _passes(loader, batches: int) -> list[dict]:
+    return [loader.next_batch() for _ in range(batches)]
+
+
+def _same_batches(a: list[dict], b: list[dict]) -> bool:
+    return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
+
+
+def test_second_pass_reuses_encoded_samples_and_yields_the_same_batches(tmp_path, synthetic_train, tiny_qwen3,
+                                                                        monkeypatch):
+    _write_malformed_dataset(tmp_path / "mixed", synthetic_train)
+    spec = [DatasetSpec(name="mixed", uri=str(tmp_path / "mixed"))]
+    hp = Hyperparameters(per_device_batch_size=19, image_size=32, max_seq_length=128)  # a batch is a pass
+    monkeypatch.setenv("MEDMO_ENCODED_CACHE_MIB", "0")
+    uncached = _loader(spec, tiny_qwen3.processor, hp)
+    monkeypatch.setenv("MEDMO_ENCODED_CACHE_MIB", "64")
+    cached = _loader(spec, tiny_qwen3.processor, hp)
+    assert _same_batches(_passes(cached, 3), _passes(uncached, 3))
+    # one encoding per record (malformed ones included), then every pass from memory
+    assert (cached.source.encoded.misses, cached.source.encoded.hits) == (19, 38)
+    assert uncached.source.encoded.hits == 0 and not uncached.source.encoded.entries
+    assert cached.stats == uncached.stats  # skipped records are still counted on every pass
+
+
+def test_encoded_samples_stay_within_their_memory_budget(synthetic_train, tiny_qwen3, monkeypatch):
+    spec = [DatasetSpec(name="syn", uri=str(synthetic_train))]
+    hp = Hyperparameters(per_device_batch_size=8, image_size=64, max_seq_length=256)
+    monkeypatch.setenv("MEDMO_ENCODED_CACHE_MIB", "0.25")
+    small = _loader(spec, tiny_qwen3.processor, hp)
+    monkeypatch.setenv("MEDMO_ENCODED_CACHE_MIB", "0")
+    uncached = _loader(spec, tiny_qwen3.processor, hp)
+    budget = 0.25 * 2**20
+    batches = []
+    for _ in range(40):
+        batches.append(small.next_batch())
+        assert small.source.encoded.used <= budget
+    assert small.source.encoded.used > budget / 2  # it does hold samples, just not all of them
+    assert len(small.source.encoded.entries) < sum(1 for _ in iter_records(str(synthetic_train)))
+    assert _same_batches(batches, _passes(uncached, 40))
+
+
+def test_a_share_too_large_to_revisit_keeps_no_encoded_samples(synthetic_train, tiny_qwen3, monkeypatch):
+    import medmo_trainer.inputs.loader as loader_module
+
+    total = sum(1 for _ in iter_records(str(synthetic_train)))
+    monkeypatch.setattr(loader_module, "CACHE_MAX_RECORDS", total // 2)
+    spec = [DatasetSpec(name="syn", uri=str(synthetic_train))]
+    hp = Hyperparameters(per_device_batch_size=8, image_size=32)
+    whole = _loader(spec, tiny_qwen3.processor, hp)  # the whole dataset for one rank: streamed only
+    half = _loader(spec, tiny_qwen3.processor, hp, rank=0, world_size=2)  # half of it: kept
+    _passes(whole, 3), _passes(half, 3)
+    assert not whole.source.encoded.entries and whole.source.encoded.budget == 0
+    assert len(half.source.encoded.entries) == 24
