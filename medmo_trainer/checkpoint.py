@@ -109,7 +109,7 @@ class CheckpointManager:
         # DCP and DeepSpeed uploads open their own filesystems from the URI: they get the same options.
         self.options = s3_options() if self.root.startswith(("s3://", "s3a://")) else {}
         self.fs, self.root_path = url_to_fs(self.root)
-        self.staging = Path(tempfile.mkdtemp(prefix="medmo-checkpoint-"))
+        self._staging: Path | None = None
         self.last_committed_uri: str | None = None
         self.asynchronous = self.policy.asynchronous and strategy.saves_asynchronously
         if self.policy.asynchronous and not self.asynchronous and context.is_main:
@@ -129,7 +129,17 @@ class CheckpointManager:
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
-        shutil.rmtree(self.staging, ignore_errors=True)
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+    @property
+    def staging(self) -> Path:
+        """A local folder for strategies whose state passes through files (DeepSpeed), made on first
+        use: a stage that never needs one leaves nothing behind, even when it is killed."""
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix="medmo-checkpoint-"))
+        return self._staging
 
     def uri_of(self, step: int) -> str:
         return f"{self.root}/step-{step}"

@@ -34,3 +34,16 @@ def test_deepspeed_saves_synchronously_even_when_async_is_asked(strategy, asynch
     finally:
         manager.close()
     assert signal.getsignal(signal.SIGTERM) == before, "close() gives SIGTERM back"
+
+
+def test_a_manager_makes_no_staging_folder_until_a_strategy_needs_one(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = rl_config(strategy={"name": "ddp"})
+    manager = CheckpointManager(config, ONE_RANK, build_strategy(config, ONE_RANK))
+    assert list(tmp_path.iterdir()) == []  # a trainer killed now leaves nothing in /tmp
+    staging = manager.staging  # what DeepSpeed's save and load use
+    assert staging.parent == tmp_path and staging.is_dir() and manager.staging == staging
+    manager.close()
+    assert list(tmp_path.iterdir()) == []
