@@ -14,51 +14,21 @@ The three seeds' chains run side by side, one thread each. GRPO's gain over SFT 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from medmo_trainer.data import iter_records
 from medmo_trainer.data.records import load_images
 from medmo_trainer.inputs.encode import encode_sample, pad
 from medmo_trainer.model import load_model
 from integration.rl.pipeline import synthetic
+from integration.trainer.chains import IMAGE_SIZE, run_stage, stage, training
 
 SEEDS = (0, 1, 2)
-IMAGE_SIZE = 112
-ALIGN_STEPS, SFT_STEPS, LEARNING_RATE, BATCH = 60, 500, 2e-3, 8
-
-
-def stage(root: Path, name: str, kind: str, base: str, seed: int, **fields) -> dict:
-    return {
-        "run": f"learning-seed{seed}", "stage": name, "type": kind, "model": {"base": base},
-        "storage": {"uri": str(root)}, "outputUri": str(root / name / "model"),
-        "checkpointUri": str(root / name / "checkpoints"),
-        "strategy": {"name": "ddp"}, "checkpoint": {"everySteps": 1000, "keepLast": 1}, **fields,
-    }
-
-
-def training(steps: int, seed: int) -> dict:
-    return {"learningRate": LEARNING_RATE, "maxSteps": steps, "perDeviceBatchSize": BATCH, "imageSize": IMAGE_SIZE,
-            "maxSeqLength": 512, "seed": seed, "lrScheduler": "constant", "warmupRatio": 0.0}
-
-
-def run_stage(root: Path, config: dict) -> None:
-    path = root / f"{config['stage']}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    log = root / f"{config['stage']}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDMO_TERMINATION_LOG": str(log) + ".term"}
-    env.pop("MEDMO_PROGRESS_URL", None)
-    with open(log, "w") as out:
-        code = subprocess.run([sys.executable, "-m", "medmo_trainer", "--config", str(path)], stdout=out,
-                              stderr=subprocess.STDOUT, env=env, timeout=1200).returncode
-    assert code == 0, f"stage {config['stage']} exited {code}:\n{log.read_text()[-3000:]}"
+ALIGN_STEPS, SFT_STEPS = 60, 500
 
 
 def chain(root: Path, train: Path, heldout: Path, seed: int) -> dict:
