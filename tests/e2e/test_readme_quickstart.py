@@ -24,7 +24,7 @@ from PIL import Image
 
 DEMO_STORAGE = Path(urlparse(load_sample("medmo-tiny.yaml")["spec"]["storage"]["uri"]).path)
 """Where the README's demo keeps checkpoints and models (the sample's file:// storage)."""
-RUN_TIMEOUT_S = 3600  # a guard against a hang: about 3 minutes on 2 idle cores, 40+ on a crowded machine
+RUN_TIMEOUT_S = 3600  # a guard against a hang: about 5 minutes on 2 idle cores, 40+ on a crowded machine
 STOP_GRACE_S = 120
 
 
