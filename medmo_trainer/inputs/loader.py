@@ -78,8 +78,8 @@ CACHE_MAX_RECORDS = 8192
 
 
 class EncodedCache:
-    """Encoded samples (or the MalformedRecordError a record raised) by record place, least recently
-    used evicted first, holding at most `budget` bytes of tensors."""
+    """Encoded samples with their record ids (or a malformed record's reason and message) by record
+    place, least recently used evicted first, holding at most `budget` bytes of tensors."""
 
     def __init__(self, budget: int):
         self.budget = budget
@@ -114,9 +114,9 @@ class EncodedCache:
 
 
 def _size_of(value) -> int:
-    if not isinstance(value, tuple):  # a MalformedRecordError
-        return 256
     sample = value[0]
+    if isinstance(sample, str):  # a malformed record's reason
+        return 256
     tensors = (sample.input_ids, sample.labels, sample.position_ids, sample.pixel_values,
                sample.image_grid_thw, sample.encoder_pixel_values)
     return 256 + sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -352,10 +352,13 @@ class BatchSource(Dataset):
             try:
                 cached = self._encode(self.shards.records(dataset, shard, following)[place])
             except MalformedRecordError as error:
-                cached = error
+                # its reason and message only: a stored exception would keep the frames of its traceback
+                cached = (error.reason, str(error).removeprefix(f"{error.reason}: "))
+                self.encoded.put(key, cached)
+                raise
             self.encoded.put(key, cached)
-        if isinstance(cached, MalformedRecordError):
-            raise cached
+        if isinstance(cached[0], str):
+            raise MalformedRecordError(*cached)
         return cached
 
     def _encode(self, raw: RawRecord) -> tuple[EncodedSample, str]:
