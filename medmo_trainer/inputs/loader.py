@@ -354,8 +354,6 @@ class BatchSource(Dataset):
             except MalformedRecordError as error:
                 # its reason and message only: a stored exception would keep the frames of its traceback
                 cached = (error.reason, str(error).removeprefix(f"{error.reason}: "))
-                self.encoded.put(key, cached)
-                raise
             self.encoded.put(key, cached)
         if isinstance(cached[0], str):
             raise MalformedRecordError(*cached)

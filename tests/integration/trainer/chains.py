@@ -24,7 +24,7 @@ def stage(root: Path, name: str, kind: str, base: str, seed: int, **fields) -> d
 
 
 def training(steps: int, seed: int, image_size: int = IMAGE_SIZE) -> dict:
-    """Constant learning rate 2e-3, 8 samples a step, 112 px images."""
+    """Constant learning rate 2e-3, 8 samples a step, `image_size` px images (112 unless given)."""
     return {"learningRate": LEARNING_RATE, "maxSteps": steps, "perDeviceBatchSize": BATCH, "imageSize": image_size,
             "maxSeqLength": 512, "seed": seed, "lrScheduler": "constant", "warmupRatio": 0.0}
 
