@@ -1,7 +1,9 @@
 """Boxes in model text: the `<box>` grammar, reading and writing it, and box geometry (IoU, GIoU, L1).
 
 One module for every reader of boxes: the record schema (a grounding answer writes its record's
-boxes), evaluation (grounding IoU) and the RL box reward. Pure Python; nothing here raises on bad text.
+boxes), evaluation (grounding IoU) and the RL box reward. Nothing here raises on bad text. `read_boxes` and
+`coerce_boxes` read a whole batch into numpy arrays for the RL reward; they follow the same rules as
+`parse_boxes` and `coerce_box`, box for box.
 
 Boxes are XYXY on Qwen3-VL's 0-1000 relative grid, written `Lesion <box>[[x1, y1, x2, y2], ...]</box>`,
 one group per label, groups joined with `; `. Decisions about odd boxes, shared by predictions and
@@ -25,6 +27,8 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 GRID = 1000
 """Side of Qwen3-VL's relative box grid; record boxes are integers on it."""
@@ -125,6 +129,81 @@ def coerce_box(values: object) -> Box | None:
     if x2 < x1 or y2 < y1:
         return None
     return (x1, y1, x2, y2)
+
+
+@dataclass
+class BoxBatch:
+    """The valid boxes of a batch of texts, in one array, with the text each came from."""
+
+    boxes: np.ndarray
+    """(N, 4) float64, grid-clipped, texts in order and each text's boxes in the order written."""
+    owner: np.ndarray
+    """(N,) int64: the index of the text (or record) each box belongs to; non-decreasing."""
+    malformed: list[int]
+    """Per text: entries that are not a valid box (as `ParsedBoxes.malformed`)."""
+    found_block: list[bool]
+    """Per text: whether it had a `<box>...</box>` block."""
+
+
+def read_boxes(texts: Sequence[object]) -> BoxBatch:
+    """`parse_boxes` for a batch (boxes and malformed counts, without labels), checked and clipped at once."""
+    values: list[float] = []  # four per entry that float() reads; range and order are checked at once below
+    entry_owner: list[int] = []
+    malformed = [0] * len(texts)
+    found = [False] * len(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            continue
+        blocks = _BOX_BLOCK.findall(text)
+        if not blocks:
+            continue
+        found[index] = True
+        bad = 0
+        for block in blocks:
+            entries = _INNER_LIST.findall(block)
+            if not entries:
+                bad += 1
+            for entry in entries:
+                parts = entry.split(",")
+                if len(parts) != 4:
+                    bad += 1
+                    continue
+                try:
+                    box = (float(parts[0]), float(parts[1]), float(parts[2]), float(parts[3]))
+                except ValueError:
+                    bad += 1
+                    continue
+                values += box
+                entry_owner.append(index)
+        malformed[index] = bad
+    boxes, valid = _checked(np.array(values, dtype=float).reshape(-1, 4))
+    owner = np.array(entry_owner, dtype=np.int64)
+    if not valid.all():
+        for index in owner[~valid].tolist():
+            malformed[index] += 1
+        boxes, owner = boxes[valid], owner[valid]
+    return BoxBatch(boxes, owner, malformed, found)
+
+
+def coerce_boxes(values: Sequence[object]) -> tuple[np.ndarray, np.ndarray]:
+    """`coerce_box` of each value at once: the (N, 4) clipped boxes and a mask of the valid ones."""
+    if all(type(v) in (list, tuple) and len(v) == 4 for v in values):
+        try:
+            return _checked(np.array(values, dtype=float).reshape(-1, 4))
+        except (TypeError, ValueError):  # a coordinate float() cannot read: box by box below
+            pass
+    boxes = [coerce_box(v) for v in values]
+    valid = np.array([box is not None for box in boxes], dtype=bool)
+    return np.array([box or (0.0, 0.0, 0.0, 0.0) for box in boxes], dtype=float).reshape(-1, 4), valid
+
+
+def _checked(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`coerce_box`'s checks on rows of four floats: rows within the overshoot, clipped, corners in order."""
+    with np.errstate(invalid="ignore"):
+        valid = ((raw >= -OVERSHOOT) & (raw <= GRID + OVERSHOOT)).all(axis=1)  # NaN fails both
+    boxes = np.clip(np.where(valid[:, None], raw, 0.0), 0.0, _GRID_F)
+    valid &= (boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])
+    return boxes, valid
 
 
 def format_box_group(label: str, boxes: Sequence[Sequence[int]]) -> str:

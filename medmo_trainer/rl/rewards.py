@@ -17,6 +17,8 @@ reads and resets); nothing here raises on model output.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,7 +29,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from medmo_trainer.answers import extract_answer, finding_f1, normalize_text, vqa_accuracy
-from medmo_trainer.boxes import L1_NORMALIZER, Box, coerce_box, generalized_iou, normalized_l1, parse_boxes
+from medmo_trainer.boxes import L1_NORMALIZER, Box, coerce_boxes, generalized_iou, normalized_l1, parse_boxes, read_boxes
 from medmo_trainer.config import RewardWeights
 
 RewardFn = Callable[..., list[float | None]]
@@ -88,41 +90,130 @@ def box_rewards(
     Pen = [lambda_fn*(G-|M|) + lambda_fp*(P-|M|)] / max(1, G); R = clip01(B - Pen).
     `malformed` boxes count in P but are never matched. Edge cases: no truths and no predictions
     is a correct abstention (1.0); predictions where there are no truths score 0 (B is 0).
-    Every pair's C and s come from one `pair_terms` call for the whole batch (the per-pair Python
-    arithmetic was most of a scoring's time); a one-row or one-column matching is a plain argmin.
     """
-    pair_predicted: list[float] = []  # coordinates of every pair, flat: row r = truth r, column c = prediction c
-    pair_truths: list[float] = []
-    for (predicted, _), true_boxes in zip(predictions, truths):
-        if predicted and true_boxes:
-            pair_predicted.extend(chain.from_iterable(predicted * len(true_boxes)))
-            pair_truths.extend(chain.from_iterable(tuple(t) * len(predicted) for t in true_boxes))
-    cost_array = score_array = np.empty(0)
-    if pair_predicted:
-        cost_array, score_array = pair_terms(np.array(pair_predicted, dtype=float).reshape(-1, 4),
-                                             np.array(pair_truths, dtype=float).reshape(-1, 4))
-    cost, score = cost_array.tolist(), score_array.tolist()
-    rewards = []
-    offset = 0
-    for (predicted, malformed), true_boxes in zip(predictions, truths):
-        g, n, p = len(true_boxes), len(predicted), len(predicted) + malformed
-        if g == 0:
-            rewards.append(1.0 if p == 0 else 0.0)
+    def rows(lists: Sequence[Sequence[Box]]) -> tuple[np.ndarray, np.ndarray]:
+        flat = [tuple(box) for boxes in lists for box in boxes]
+        return (np.array(flat, dtype=float).reshape(-1, 4),
+                np.repeat(np.arange(len(lists)), [len(boxes) for boxes in lists]))
+
+    predicted, predicted_owner = rows([boxes for boxes, _ in predictions])
+    true_boxes, truth_owner = rows(truths)
+    return batch_box_rewards(predicted, predicted_owner, true_boxes, truth_owner,
+                             [malformed for _, malformed in predictions], lambda_fn, lambda_fp)
+
+
+ENUMERATED_MATCHING = 5
+"""Completions with at most this many truths and predictions are matched by trying every assignment at once."""
+
+_TIE = 1e-9
+
+
+@functools.cache
+def _assignments(larger: int, smaller: int) -> np.ndarray:
+    """Every injective map of `smaller` items into `larger`, one per row: (larger!/(larger-smaller)!, smaller)."""
+    return np.array(list(itertools.permutations(range(larger), smaller)), dtype=np.int64).reshape(-1, smaller)
+
+
+def _enumerated_matching(cost: np.ndarray, score: np.ndarray, starts: np.ndarray, rows: int, columns: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """The optimal matching of M completions that share a G x N shape, by trying every assignment.
+
+    Returns each completion's sum of matched scores (summed row by row, as `linear_sum_assignment`'s
+    rows come) and a mask of those whose best total cost is within `_TIE` of another assignment's:
+    for those the enumeration and the solver may pick different optima, so the caller asks the solver.
+    """
+    index = starts[:, None] + np.arange(rows * columns)
+    costs, scores = cost[index].reshape(-1, rows, columns), score[index].reshape(-1, rows, columns)
+    everyone = np.arange(len(starts))[:, None]
+    if rows <= columns:  # each truth (row) takes a distinct prediction
+        picked = _assignments(columns, rows)
+        totals = costs[:, np.arange(rows), picked].sum(axis=2)
+        best = totals.argmin(axis=1)
+        matched = scores[everyone, np.arange(rows), picked[best]]
+    else:  # each prediction (column) takes a distinct truth; the matched pairs are then put in row order
+        picked = _assignments(rows, columns)
+        totals = costs[:, picked, np.arange(columns)].sum(axis=2)
+        best = totals.argmin(axis=1)
+        chosen_rows = picked[best]
+        order = np.argsort(chosen_rows, axis=1)
+        matched = scores[everyone, np.take_along_axis(chosen_rows, order, axis=1), order]
+    lowest = totals[everyone[:, 0], best]
+    ties = (totals <= (lowest + _TIE * (1.0 + np.abs(lowest)))[:, None]).sum(axis=1) > 1
+    sums = matched[:, 0]
+    for j in range(1, matched.shape[1]):
+        sums = sums + matched[:, j]
+    return sums, ties
+
+
+def batch_box_rewards(
+    predicted: np.ndarray,
+    predicted_owner: np.ndarray,
+    truths: np.ndarray,
+    truth_owner: np.ndarray,
+    malformed: Sequence[int],
+    lambda_fn: float = 0.0,
+    lambda_fp: float = 0.0,
+) -> list[float]:
+    """`box_rewards` on arrays: (N, 4) boxes with the completion each belongs to (non-decreasing), for
+    `len(malformed)` completions.
+
+    Every pair's C and s come from one `pair_terms` call for the whole batch, and a completion with one
+    truth or one prediction (a plain argmin) is matched with the others of its kind at once, and so are
+    small ones of one shape (`_enumerated_matching`); larger ones and near-ties go to
+    `linear_sum_assignment` one by one. Same arithmetic, in the same order, as one completion alone.
+    """
+    size = len(malformed)
+    n = np.bincount(predicted_owner, minlength=size)
+    g = np.bincount(truth_owner, minlength=size)
+    pair_counts = g * n
+    first_prediction = np.cumsum(n) - n
+    first_truth = np.cumsum(g) - g
+    first_pair = np.cumsum(pair_counts) - pair_counts
+    # Pair k of completion i is (truth r, prediction c) with k = r * n_i + c, as in its G x N cost matrix.
+    pair_owner = np.repeat(np.arange(size), pair_counts)
+    local = np.arange(int(pair_counts.sum())) - first_pair[pair_owner]
+    row, column = np.divmod(local, np.maximum(n, 1)[pair_owner])
+    cost, score = pair_terms(predicted[first_prediction[pair_owner] + column], truths[first_truth[pair_owner] + row])
+
+    matched_sum = np.zeros(size)
+    matched = np.minimum(g, n)
+    single = np.flatnonzero((pair_counts > 0) & (matched == 1))
+    if single.size:  # argmin of the one row or column: the first of equal costs, as the assignment takes it
+        paired = np.flatnonzero(pair_counts)
+        lowest = np.full(size, np.inf)
+        lowest[paired] = np.minimum.reduceat(cost, first_pair[paired])
+        is_single = np.zeros(size, dtype=bool)
+        is_single[single] = True
+        at_lowest = np.flatnonzero((cost == lowest[pair_owner]) & is_single[pair_owner])
+        owners = pair_owner[at_lowest]
+        first = np.ones(len(owners), dtype=bool)
+        first[1:] = owners[1:] != owners[:-1]
+        matched_sum[owners[first]] = score[at_lowest[first]]
+    several = matched > 1
+    one_by_one = np.zeros(size, dtype=bool)
+    for rows, columns in set(zip(g[several].tolist(), n[several].tolist())):
+        items = np.flatnonzero(several & (g == rows) & (n == columns))
+        if max(rows, columns) > ENUMERATED_MATCHING:
+            one_by_one[items] = True
             continue
-        matched_scores: list[float] = []
-        if n:
-            pairs = range(offset, offset + g * n)
-            if g == 1 or n == 1:  # argmin of the one row or column (the first of equal costs, as the assignment)
-                matched_scores = [score[min(pairs, key=cost.__getitem__)]]
-            else:
-                rows, cols = linear_sum_assignment(cost_array[offset:offset + g * n].reshape(g, n))
-                matched_scores = [score[offset + r * n + c] for r, c in zip(rows.tolist(), cols.tolist())]
-            offset += g * n
-        matched = len(matched_scores)
-        coverage = sum(matched_scores) / g
-        penalty = (lambda_fn * (g - matched) + lambda_fp * (p - matched)) / max(1, g)
-        rewards.append(min(max(coverage - penalty, 0.0), 1.0))
-    return rewards
+        sums, ties = _enumerated_matching(cost, score, first_pair[items], rows, columns)
+        matched_sum[items] = sums
+        one_by_one[items[ties]] = True
+    for i in np.flatnonzero(one_by_one).tolist():
+        rows, columns, start = int(g[i]), int(n[i]), int(first_pair[i])
+        r, c = linear_sum_assignment(cost[start:start + rows * columns].reshape(rows, columns))
+        total = 0
+        for value in score[start + r * columns + c].tolist():
+            total += value  # row by row, as `sum` of the matched scores
+        matched_sum[i] = total
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        coverage = matched_sum / g
+    predicted_count = n + np.asarray(malformed, dtype=np.int64)
+    penalty = (lambda_fn * (g - matched) + lambda_fp * (predicted_count - matched)) / np.maximum(1, g)
+    reward = np.minimum(np.maximum(coverage - penalty, 0.0), 1.0)
+    reward = np.where(g == 0, np.where(predicted_count == 0, 1.0, 0.0), reward)
+    return reward.tolist()
 
 
 def box_reward(
@@ -149,37 +240,48 @@ class BoxReward:
     def __call__(self, prompts: Sequence, completions: Sequence[str], **columns) -> list[float | None]:
         size = len(completions)
         tasks, answers, boxes = (_column(columns, c, size) for c in ("task", "answer", "boxes"))
-        scored: list[int] = []  # the completions that have reference boxes, scored together
-        predictions: list[tuple[list[Box], int]] = []
-        references: list[list[Box]] = []
-        for index, (completion, task, answer, reference_boxes) in enumerate(zip(completions, tasks, answers, boxes)):
-            truths = self._truths(task, answer, reference_boxes)
-            if truths is not None:
-                scored.append(index)
-                predictions.append(self._parse(completion, truths))
-                references.append(truths)
+        # The completions that have reference boxes are scored together: their labelled boxes (one flat
+        # list), or, for a grounding record sent without them, the boxes of its answer text.
+        scored: list[int] = []
+        labelled: list = []
+        labelled_owner: list[int] = []
+        from_answers: list[tuple[int, str]] = []  # (position among the scored, answer)
+        for index, (task, answer, reference_boxes) in enumerate(zip(tasks, answers, boxes)):
+            if reference_boxes is not None:
+                labelled += [b.get("box") if isinstance(b, dict) else b for b in reference_boxes]
+                labelled_owner += [len(scored)] * len(reference_boxes)
+            elif task == "grounding" and answer is not None:
+                from_answers.append((len(scored), answer))
+            else:
+                continue
+            scored.append(index)
         values: list[float | None] = [None] * size
-        for index, value in zip(scored, box_rewards(predictions, references, self.lambda_fn, self.lambda_fp)):
+        if not scored:
+            return values
+        truths, truth_owner = self._truths(labelled, labelled_owner, from_answers)
+        parsed = read_boxes([completions[i] for i in scored])
+        self.stats["malformedBoxes"] += sum(parsed.malformed)
+        has_truths = np.bincount(truth_owner, minlength=len(scored)) > 0
+        self.stats["unparseable"] += sum(t and not found for t, found in zip(has_truths.tolist(), parsed.found_block))
+        rewards = batch_box_rewards(parsed.boxes, parsed.owner, truths, truth_owner, parsed.malformed,
+                                    self.lambda_fn, self.lambda_fp)
+        for index, value in zip(scored, rewards):
             values[index] = value
         return values
 
-    def _truths(self, task: str | None, answer: str | None, reference_boxes: list | None) -> list[Box] | None:
-        if reference_boxes is not None:
-            truths = [coerce_box(b.get("box") if isinstance(b, dict) else b) for b in reference_boxes]
-            self.stats["malformedReference"] += sum(t is None for t in truths)
-            return [t for t in truths if t is not None]
-        if task == "grounding" and answer is not None:
-            return parse_boxes(answer).boxes
-        return None
-
-    def _parse(self, completion: str, truths: list[Box]) -> tuple[list[Box], int]:
-        """The completion's valid boxes and its count of malformed ones (both counted in `stats`)."""
-        parsed = parse_boxes(completion)
-        malformed = parsed.malformed
-        self.stats["malformedBoxes"] += malformed
-        if truths and not parsed.found_block:
-            self.stats["unparseable"] += 1
-        return parsed.boxes, malformed
+    def _truths(self, labelled: list, labelled_owner: list[int], from_answers: list[tuple[int, str]]
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """The valid reference boxes of the scored completions, rows in completion order, and their owners."""
+        truths, valid = coerce_boxes(labelled)
+        self.stats["malformedReference"] += int((~valid).sum())
+        truths, owner = truths[valid], np.array(labelled_owner, dtype=np.int64)[valid]
+        if from_answers:  # records sent without labelled boxes: rare, merged in completion order
+            positions, answers = zip(*from_answers)
+            parsed = read_boxes(answers)
+            order = np.argsort(np.concatenate([owner, np.array(positions)[parsed.owner]]), kind="stable")
+            truths = np.concatenate([truths, parsed.boxes])[order]
+            owner = np.concatenate([owner, np.array(positions)[parsed.owner]])[order]
+        return truths, owner
 
 
 # ---------------------------------------------------------------------------------------------
