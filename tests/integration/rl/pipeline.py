@@ -73,9 +73,12 @@ def train_stage(config: Path, log: Path, nproc: int = 1, timeout: float = 900, e
              "-m", "medmo_trainer", "--config", str(config)], log, timeout, env)
 
 
-def heldout_box_reward(model_uri: str, data: Path, limit: int = 24, samples: int = 0, seed: int = 0) -> float:
-    """Mean box reward on held-out grounding records: of greedy answers (`samples` 0), or of
-    `samples` answers per record drawn at temperature 1 (the policy's expected reward), seeded."""
+def heldout_grounding(model_uri: str, data: Path, limit: int = 24, samples: int = 0, seed: int = 0) -> dict[str, float]:
+    """Mean box reward and mean IoU (the eval stage's: each true box's matched IoU) on held-out
+    grounding records: of greedy answers (`samples` 0), or of `samples` answers per record drawn at
+    temperature 1 (the policy's expected reward and IoU), seeded."""
+    from medmo_trainer.eval.metrics import grounding_summary, score_grounding
+
     from medmo_trainer.data import iter_records
     from medmo_trainer.model import load_model
     from medmo_trainer.rl.prompts import Prompt, encode_prompts
@@ -98,7 +101,8 @@ def heldout_box_reward(model_uri: str, data: Path, limit: int = 24, samples: int
             texts += processor.batch_decode(out[:, inputs["input_ids"].shape[1] :])
     boxes = [[b.model_dump(mode="json") for b in r.boxes] for r in records for _ in range(per_record)]
     rewards = BoxReward()([None] * len(texts), texts, task=["grounding"] * len(texts), boxes=boxes)
-    return float(sum(rewards) / len(rewards))
+    ious = [iou for text, truths in zip(texts, boxes) for iou in score_grounding(text, [t["box"] for t in truths]).ious]
+    return {"boxReward": float(sum(rewards) / len(rewards)), "iou": grounding_summary(ious)["groundingMiou"]}
 
 
 def progress_lines(log: Path) -> list[dict]:

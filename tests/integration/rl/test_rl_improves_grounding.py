@@ -21,7 +21,7 @@ import medmo_trainer.data.synthetic as synthetic_data
 from medmo_trainer.model import presets, tokenizer
 from integration.rl.pipeline import (
     MAX_COMPLETION_TOKENS,
-    heldout_box_reward,
+    heldout_grounding,
     progress_lines,
     stage_config,
     synthetic,
@@ -78,7 +78,7 @@ def test_grpo_raises_heldout_box_reward_over_sft_for_most_seeds(start_worker, tm
     train = synthetic(root / "train", 300, 0, "train")
     heldout = synthetic(root / "heldout", 40, 1, "heldout")
     sft_models = {seed: sft_model(root, train, seed) for seed in SEEDS}
-    score = lambda model: heldout_box_reward(model, heldout, limit=EVAL_PROMPTS, samples=EVAL_SAMPLES)  # noqa: E731
+    score = lambda model: heldout_grounding(model, heldout, limit=EVAL_PROMPTS, samples=EVAL_SAMPLES)  # noqa: E731
     sft_scores = {seed: score(model) for seed, model in sft_models.items()}
     rl_scores = {}
     with contextlib.ExitStack() as stack:
@@ -90,8 +90,13 @@ def test_grpo_raises_heldout_box_reward_over_sft_for_most_seeds(start_worker, tm
             out, reports = grpo(tmp_path / f"seed{seed}", model, train, seed, rollouts, rewards)
             assert reports[-1]["phase"] == "Succeeded"
             rl_scores[seed] = score(out)
-    spread = max(sft_scores.values()) - min(sft_scores.values())
-    table = "\n".join(f"seed {s}: SFT {sft_scores[s]:.3f} -> GRPO {rl_scores[s]:.3f}" for s in SEEDS)
-    print(f"\nheld-out expected box reward, SFT spread {spread:.3f}\n{table}")
-    improved = [s for s in SEEDS if rl_scores[s] - sft_scores[s] > spread]
+    # The expected IoU is printed beside the reward but not asserted: after this short SFT it is low
+    # (0.03-0.06 at temperature 1) and its gain across seeds is not above the spread (README, #13's note).
+    for metric in ("iou", "boxReward"):
+        sft = {seed: scores[metric] for seed, scores in sft_scores.items()}
+        rl = {seed: scores[metric] for seed, scores in rl_scores.items()}
+        spread = max(sft.values()) - min(sft.values())
+        table = "\n".join(f"seed {s}: SFT {sft[s]:.3f} -> GRPO {rl[s]:.3f}" for s in SEEDS)
+        print(f"\nheld-out expected {metric}, SFT spread {spread:.3f}\n{table}")
+    improved = [s for s in SEEDS if rl[s] - sft[s] > spread]  # the box reward's, the loop's last metric
     assert len(improved) >= 2, f"GRPO beat SFT by more than the SFT spread {spread:.3f} only for seeds {improved}:\n{table}"
