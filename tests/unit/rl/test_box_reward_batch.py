@@ -44,6 +44,13 @@ def test_pair_terms_equal_the_scalar_definitions_including_degenerate_boxes():
         assert c == 5 * normalized_l1(p, t) + 2 * (1 - generalized_iou(p, t))
 
 
+def assert_batch_scores_each_as_alone(cases: list) -> None:
+    """`cases`: (predicted, truths, malformed) per completion; with and without the penalties."""
+    for lambdas in [(0.0, 0.0), (0.3, 0.5)]:
+        batched = box_rewards([(p, m) for p, _, m in cases], [t for _, t, _ in cases], *lambdas)
+        assert batched == [one_by_one(p, t, m, *lambdas) for p, t, m in cases]
+
+
 def test_a_batch_scores_each_completion_as_alone():
     rng = random.Random(1)
     cases = []
@@ -51,9 +58,7 @@ def test_a_batch_scores_each_completion_as_alone():
         truths = [random_box(rng) for _ in range(rng.randint(0, 5))]
         predicted = [random_box(rng) for _ in range(rng.randint(0, 5))]
         cases.append((predicted, truths, rng.randint(0, 2) * (rng.random() < 0.2)))
-    for lambdas in [(0.0, 0.0), (0.3, 0.5)]:
-        batched = box_rewards([(p, m) for p, _, m in cases], [t for _, t, _ in cases], *lambdas)
-        assert batched == [one_by_one(p, t, m, *lambdas) for p, t, m in cases]
+    assert_batch_scores_each_as_alone(cases)
 
 
 def test_completions_without_references_are_none_in_a_mixed_batch():
@@ -74,9 +79,7 @@ def test_large_matchings_and_tied_costs_give_the_solver_s_answer():
             predicted.append(predicted[0])
             truths.append(rng.choice(predicted))
         cases.append((predicted, truths, 0))
-    for lambdas in [(0.0, 0.0), (0.3, 0.5)]:
-        batched = box_rewards([(p, m) for p, _, m in cases], [t for _, t, _ in cases], *lambdas)
-        assert batched == [one_by_one(p, t, m, *lambdas) for p, t, m in cases]
+    assert_batch_scores_each_as_alone(cases)
 
 
 NUMBERS = ["7", "1000", "1100", "1101", "-100", "-101", "+.5", "5.", "1e2", "1E+3", "1e999", "inf", "nan", "1_0",
