@@ -120,7 +120,7 @@ def coerce_box(values: object) -> Box | None:
         return None
     try:
         x1, y1, x2, y2 = map(float, values)  # float() strips a string's surrounding whitespace itself
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
         return None
     low, high = -OVERSHOOT, GRID + OVERSHOOT  # NaN fails these comparisons and infinities lie outside
     if not (low <= x1 <= high and low <= y1 <= high and low <= x2 <= high and low <= y2 <= high):
@@ -190,7 +190,7 @@ def coerce_boxes(values: Sequence[object]) -> tuple[np.ndarray, np.ndarray]:
     if all(type(v) in (list, tuple) and len(v) == 4 for v in values):
         try:
             return _checked(np.array(values, dtype=float).reshape(-1, 4))
-        except (TypeError, ValueError):  # a coordinate float() cannot read: box by box below
+        except (TypeError, ValueError, OverflowError):  # a coordinate float() cannot read: box by box below
             pass
     boxes = [coerce_box(v) for v in values]
     valid = np.array([box is not None for box in boxes], dtype=bool)

@@ -113,7 +113,7 @@ def test_coercing_a_batch_of_values_gives_each_value_s_box():
     values = [[x, y, x + rng.randint(-20, 300), y + rng.randint(-20, 300)] for x, y in corners]
     assert 100 < coerce_boxes(values)[1].sum() < 500  # plain lists (one array at once), valid and not
     odd = values + [[1, 2, 3], (1, 2, 3, 4), [1, "2", 3, 4], [1, " 3 ", 5, 9], [True, 2, 3, 4], [None, 1, 2, 3],
-                    [float("nan"), 1, 2, 3], [1, "x", 3, 4], "1234", None, {"box": [1, 2, 3, 4]}, np.array([1, 2, 3, 4])]
+                    [float("nan"), 1, 2, 3], [1, "x", 3, 4], [10**400, 1, 2, 3], "1234", None, {"box": [1, 2, 3, 4]}, np.array([1, 2, 3, 4])]
     for batch in (values, odd):
         boxes, valid = coerce_boxes(batch)
         expected = [coerce_box(v) for v in batch]
