@@ -278,9 +278,9 @@ class BoxReward:
         if from_answers:  # records sent without labelled boxes: rare, merged in completion order
             positions, answers = zip(*from_answers)
             parsed = read_boxes(answers)
-            order = np.argsort(np.concatenate([owner, np.array(positions)[parsed.owner]]), kind="stable")
-            truths = np.concatenate([truths, parsed.boxes])[order]
-            owner = np.concatenate([owner, np.array(positions)[parsed.owner]])[order]
+            owner = np.concatenate([owner, np.array(positions)[parsed.owner]])
+            order = np.argsort(owner, kind="stable")
+            truths, owner = np.concatenate([truths, parsed.boxes])[order], owner[order]
         return truths, owner
 
 
